@@ -1,0 +1,3 @@
+from moe_cli.cli.app import main
+
+main()

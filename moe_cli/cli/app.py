@@ -1,0 +1,42 @@
+"""The `moe` command: root Typer app and global options."""
+
+from __future__ import annotations
+
+import typer
+
+from moe_cli import __version__
+from moe_cli.cli import export as export_cmd
+from moe_cli.cli import upcycle as upcycle_cmd
+from moe_cli.cli.common import STATE
+
+app = typer.Typer(
+    name="moe",
+    help="Turn dense transformer checkpoints into Mixture-of-Experts models; train, distil, evaluate, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moe-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
+    seed: int = typer.Option(0, help="Global random seed."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors and final results."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    STATE.update(device=device, seed=seed, quiet=quiet)
+
+
+app.command("upcycle")(upcycle_cmd.upcycle)
+app.command("export")(export_cmd.export)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,17 @@
+"""User-facing errors: each carries one line that the CLI prints without a traceback (exit code 2)."""
+
+
+class MoeError(Exception):
+    """An error caused by the user's input; its message is one line that names what was expected."""
+
+
+class ConfigError(MoeError):
+    """A bad option, recipe field or combination of settings."""
+
+
+class CheckpointError(MoeError):
+    """A missing, corrupt or mismatching checkpoint file."""
+
+
+class ModelSourceError(MoeError):
+    """A model name, hub id or weights file that cannot be resolved or loaded."""

@@ -1,0 +1,155 @@
+"""moe-cli checkpoints: ``model.safetensors`` whose ``__metadata__`` holds everything needed to rebuild the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+
+from moe_cli.errors import CheckpointError, ModelSourceError
+from moe_cli.models.surgery import MoEConfig, apply_moe
+
+FORMAT = "moe-cli/1"
+WEIGHTS_NAME = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Checkpoint:
+    """A model together with what is needed to rebuild it: timm architecture, MoE config, source, task."""
+
+    model: nn.Module
+    architecture: dict  # {"name": timm model name, "kwargs": {...}}
+    moe: MoEConfig | None = None
+    source: str = ""
+    task: str = "classify"
+    extra: dict = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        from moe_cli import __version__
+
+        return {
+            "format": FORMAT,
+            "moe_cli_version": __version__,
+            "source": self.source,
+            "architecture": json.dumps(self.architecture),
+            "moe": json.dumps(self.moe.to_dict() if self.moe else None),
+            "task": self.task,
+            "extra": json.dumps(self.extra),
+        }
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """``dir/`` -> ``dir/model.safetensors``; a ``.safetensors`` file stays as it is."""
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p / WEIGHTS_NAME
+
+
+def atomic_write(target: Path, write) -> None:
+    """Call ``write(tmp_path)`` and rename onto ``target``, so no half-written file is ever visible."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None) -> Path:
+    """Write ``ckpt`` to ``path`` (a folder, or a ``.safetensors`` file), optionally casting floats to ``dtype``."""
+    target = weights_path(path)
+    cast = DTYPES[dtype] if dtype else None
+    tensors = {}
+    for name, t in ckpt.model.state_dict().items():
+        t = t.detach()
+        if cast is not None and t.is_floating_point():
+            t = t.to(cast)
+        tensors[name] = t.contiguous().cpu()
+    meta = ckpt.metadata() | ({"dtype": dtype} if dtype else {})
+    atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    return target
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file; a missing or corrupt file is a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for bad headers
+        raise CheckpointError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def is_moe_checkpoint(path: str | os.PathLike) -> bool:
+    p = weights_path(path)
+    return p.is_file() and read_metadata(p).get("format") == FORMAT
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` strictly, turning key or shape mismatches into one-line CheckpointErrors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = f"missing `{missing[0]}`" if missing else f"unexpected `{unexpected[0]}`"
+        raise CheckpointError(f"{path} does not match the architecture: {what} "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    for k, t in state.items():
+        if t.shape != own[k].shape:
+            raise CheckpointError(f"{path} does not match the architecture: `{k}` has shape {tuple(t.shape)}, "
+                                  f"the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def create_timm(name: str, kwargs: dict) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ModelSourceError(f"cannot build timm model `{name}` with {kwargs}: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Rebuild the exact model saved by :func:`save` from the file alone."""
+    target = weights_path(path)
+    meta = read_metadata(target)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{target} is not a moe-cli checkpoint (no `format: {FORMAT}` in its metadata); "
+                              "load plain weights with --arch NAME")
+    try:
+        arch = json.loads(meta["architecture"])
+        moe_dict = json.loads(meta["moe"])
+        extra = json.loads(meta.get("extra", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{target}: corrupt moe-cli metadata ({e})") from None
+    model = create_timm(arch["name"], arch.get("kwargs", {}))
+    moe = MoEConfig.from_dict(moe_dict) if moe_dict else None
+    if moe:
+        apply_moe(model, moe)
+    load_state(model, read_tensors(target), target)
+    if meta.get("dtype") in DTYPES:
+        model.to(DTYPES[meta["dtype"]])
+    return Checkpoint(model.eval(), arch, moe, meta.get("source", ""), meta.get("task", "classify"), extra)
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Load a moe-cli checkpoint (folder or ``.safetensors`` file) as a ready model in eval mode."""
+    return load_checkpoint(path).model

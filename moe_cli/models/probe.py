@@ -1,0 +1,24 @@
+"""Probe inputs: a small deterministic batch shaped like what a model expects."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was built for: a patch embedding's img_size, else its pretrained_cfg."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, h, w = cfg.get("input_size", (3, 224, 224))
+    for m in model.modules():
+        size = getattr(m, "img_size", None)
+        if isinstance(size, (tuple, list)) and len(size) == 2 and hasattr(m, "proj"):
+            return int(getattr(m.proj, "in_channels", chans)), int(size[0]), int(size[1])
+    return chans, h, w
+
+
+def probe_batch(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    c, h, w = input_size(model)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    return torch.randn(batch, c, h, w, generator=gen).to(device)

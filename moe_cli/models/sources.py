@@ -1,0 +1,125 @@
+"""Model sources: a timm name, ``hf-hub:org/name``, a local ``.safetensors`` file or folder, a moe-cli checkpoint."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+import timm
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from timm.models import load_model_config_from_hf
+
+from moe_cli.errors import ModelSourceError
+from moe_cli.io.checkpoint import (
+    Checkpoint,
+    create_timm,
+    is_moe_checkpoint,
+    load_checkpoint,
+    load_state,
+    read_metadata,
+    read_tensors,
+    weights_path,
+)
+
+# short forms users type -> the timm default they mean
+ALIASES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "eva02_tiny": "eva02_tiny_patch14_224",
+    "eva02_small": "eva02_small_patch14_224",
+    "mixer_small": "mixer_s16_224",
+    "mixer_base": "mixer_b16_224",
+}
+
+DOWNLOAD_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError)
+
+
+def resolve_timm_name(name: str) -> str:
+    """A registered timm name, an alias, or the ``*_224`` default among names starting with ``name_``."""
+    base = name.split(".", 1)[0]  # pretrained tag: vit_small_patch16_224.augreg_in21k
+    if timm.is_model(base):
+        return name
+    if base in ALIASES:
+        return ALIASES[base] + name[len(base):]
+    prefixed = timm.list_models(f"{base}_*")
+    if prefixed:
+        best = sorted(prefixed, key=lambda n: (not n.endswith("_224"), len(n), n))[0]
+        return best + name[len(base):]
+    close = difflib.get_close_matches(base, timm.list_models() + list(ALIASES), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(f'`{c}`' for c in close)}?" if close else "; see `timm.list_models()`"
+    raise ModelSourceError(f"unknown model `{name}`: not a timm model name, hf-hub:org/name or existing file{hint}")
+
+
+def download_hint(what: str, err: Exception) -> ModelSourceError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelSourceError(
+        f"could not fetch {what} ({reason[:160]}); use --no-pretrained for random weights, or fill the "
+        "Hugging Face cache (HF_HOME) on a machine with network and run with HF_HUB_OFFLINE=1")
+
+
+def _from_timm(name: str, pretrained: bool, kwargs: dict) -> Checkpoint:
+    resolved = resolve_timm_name(name)
+    try:
+        model = timm.create_model(resolved, pretrained=pretrained, **kwargs)
+    except DOWNLOAD_ERRORS as e:
+        raise download_hint(f"pretrained weights for `{resolved}`", e) from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ModelSourceError(f"cannot build `{resolved}` with {kwargs}: {str(e).splitlines()[0]}") from None
+    arch = {"name": resolved.split(".", 1)[0], "kwargs": kwargs}
+    return Checkpoint(model, arch, source=resolved)
+
+
+def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
+    hub_id = spec.split(":", 1)[1]
+    if not hub_id or "/" not in hub_id:
+        raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
+    try:
+        _, arch_name, model_args = load_model_config_from_hf(hub_id)
+        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except DOWNLOAD_ERRORS as e:
+        raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise ModelSourceError(f"cannot build `{spec}`: {str(e).splitlines()[0]}") from None
+    arch = {"name": arch_name, "kwargs": {**(model_args or {}), **kwargs}}
+    return Checkpoint(model, arch, source=spec)
+
+
+def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
+    """Plain weights (a .safetensors file, or a folder with model.safetensors and optionally timm's config.json)."""
+    target = weights_path(path)
+    meta = read_metadata(target)
+    if arch is None:
+        arch = meta.get("architecture")
+        config = path / "config.json" if path.is_dir() else None
+        if arch is None and config is not None and config.is_file():
+            cfg = json.loads(config.read_text())
+            arch = cfg.get("architecture")
+            kwargs = {**cfg.get("model_args", {}), **kwargs}
+    if not arch:
+        raise ModelSourceError(f"{target} has no architecture in its metadata; name it with --arch (a timm model)")
+    name = resolve_timm_name(arch)
+    model = create_timm(name, kwargs)
+    load_state(model, read_tensors(target), target)
+    return Checkpoint(model, {"name": name, "kwargs": kwargs}, source=str(path))
+
+
+def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
+                model_kwargs: dict | None = None) -> Checkpoint:
+    """Resolve a model source to a :class:`Checkpoint` (``moe`` set only for moe-cli checkpoints)."""
+    kwargs = dict(model_kwargs or {})
+    path = Path(spec)
+    if spec.startswith("hf-hub:"):
+        return _from_hub(spec, pretrained, kwargs)
+    if path.exists():
+        if is_moe_checkpoint(path):
+            return load_checkpoint(path)
+        return _from_file(path, arch, kwargs)
+    if path.suffix == ".safetensors" or "/" in spec or spec.startswith("."):
+        raise ModelSourceError(f"file not found: {spec}")
+    return _from_timm(spec, pretrained, kwargs)

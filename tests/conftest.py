@@ -1,0 +1,54 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from moe_cli.cli.app import app
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+# tiny configurations of real timm families, each with a different FFN type
+TINY = {
+    "vit": ("vit_tiny_patch16_224", {"depth": 2, "img_size": 32, "num_classes": 10}),
+    "eva_swiglu": ("eva02_tiny_patch14_224", {"depth": 2, "img_size": 28, "scale_mlp": True, "num_classes": 10}),
+    "eva_glu": ("eva02_tiny_patch14_224", {"depth": 2, "img_size": 28, "num_classes": 10}),
+    "convnext": ("convnext_atto", {"depths": (1, 1, 1, 1), "ls_init_value": 1.0, "num_classes": 10}),
+}
+
+
+def tiny_model(family: str = "vit", seed: int = 0) -> torch.nn.Module:
+    name, kwargs = TINY[family]
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    torch.nn.init.normal_(model.get_classifier().weight, std=0.5)  # timm zero-inits some heads
+    return model.eval()
+
+
+def model_args(family: str = "vit") -> list[str]:
+    """The --model-arg options that build TINY[family] from the CLI."""
+    args = []
+    for key, value in TINY[family][1].items():
+        value = list(value) if isinstance(value, tuple) else value
+        args += ["--model-arg", f"{key}={value}"]
+    return args
+
+
+def run_moe(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the real `python -m moe_cli` in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "moe_cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    return invoke
