@@ -13,7 +13,8 @@ from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import save
 from moe_cli.models.probe import probe_batch
 from moe_cli.models.sources import load_source
-from moe_cli.models.surgery import MoEConfig, max_output_diff, param_counts, upcycle as upcycle_model
+from moe_cli.models.surgery import MoEConfig, max_output_diff, param_counts
+from moe_cli.models.surgery import upcycle as upcycle_model
 
 TOLERANCE = 1e-4
 

@@ -63,6 +63,13 @@ def download_hint(what: str, err: Exception) -> ModelSourceError:
         "Hugging Face cache (HF_HOME) on a machine with network and run with HF_HUB_OFFLINE=1")
 
 
+def built_kwargs(model, kwargs: dict) -> dict:
+    """The kwargs that rebuild ``model``, including the head size timm took from a pretrained config."""
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs = {**kwargs, "num_classes": model.num_classes}
+    return kwargs
+
+
 def _from_timm(name: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     resolved = resolve_timm_name(name)
     try:
@@ -71,7 +78,7 @@ def _from_timm(name: str, pretrained: bool, kwargs: dict) -> Checkpoint:
         raise download_hint(f"pretrained weights for `{resolved}`", e) from None
     except (RuntimeError, TypeError, ValueError) as e:
         raise ModelSourceError(f"cannot build `{resolved}` with {kwargs}: {str(e).splitlines()[0]}") from None
-    arch = {"name": resolved.split(".", 1)[0], "kwargs": kwargs}
+    arch = {"name": resolved.split(".", 1)[0], "kwargs": built_kwargs(model, kwargs)}
     return Checkpoint(model, arch, source=resolved)
 
 
@@ -86,7 +93,7 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
         raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
         raise ModelSourceError(f"cannot build `{spec}`: {str(e).splitlines()[0]}") from None
-    arch = {"name": arch_name, "kwargs": {**(model_args or {}), **kwargs}}
+    arch = {"name": arch_name, "kwargs": built_kwargs(model, {**(model_args or {}), **kwargs})}
     return Checkpoint(model, arch, source=spec)
 
 

@@ -60,7 +60,7 @@ class Experts(nn.Module):
         """Run expert e on the e-th contiguous chunk of ``x_sorted`` (``counts[e]`` rows)."""
         names = ("w1", "b1", "wg", "bg", "norm_w", "norm_b", "w2", "b2")
         # unbind once: its backward stacks the per-expert grads in one allocation
-        params = list(zip(*(self._per_expert(n) for n in names)))
+        params = list(zip(*(self._per_expert(n) for n in names), strict=True))
         chunks = x_sorted.split(counts)
         outs = [self.forward_expert(chunk, *params[e]) for e, chunk in enumerate(chunks) if counts[e] > 0]
         if not outs:
