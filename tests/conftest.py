@@ -52,3 +52,29 @@ def cli():
         return runner.invoke(app, list(args), catch_exceptions=False)
 
     return invoke
+
+
+TINY_RECIPE = {
+    "model": {"source": "vit_tiny_patch16_224", "pretrained": False,
+              "kwargs": {"img_size": 32, "patch_size": 16, "depth": 2, "embed_dim": 64, "num_heads": 2,
+                         "num_classes": 10}},
+    "data": {"name": "digits"},
+    "optim": {"lr": 1e-3},
+    "schedule": {"warmup_steps": 5},
+    "train": {"steps": 12, "batch_size": 32, "log_every": 2, "seed": 0},
+    "moe": {"load_balance": 0.01, "z_loss": 0.001},
+}
+
+
+def write_recipe(path, output, **sections) -> str:
+    """A tiny digits recipe (depth-2 ViT, 32 px) with ``sections`` merged over the defaults."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(TINY_RECIPE)
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    data["output"] = str(output)
+    path.write_text(yaml.safe_dump(data))
+    return str(path)

@@ -6,6 +6,7 @@ import typer
 
 from moe_cli import __version__
 from moe_cli.cli import export as export_cmd
+from moe_cli.cli import finetune as finetune_cmd
 from moe_cli.cli import upcycle as upcycle_cmd
 from moe_cli.cli.common import STATE
 
@@ -36,6 +37,7 @@ def root(
 
 app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("export")(export_cmd.export)
+app.command("finetune")(finetune_cmd.finetune)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MoeError as e:
-            fail(str(e))
+            fail(str(e), code=getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             fail("interrupted", code=130)
         except OSError as e:

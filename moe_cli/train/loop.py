@@ -1,0 +1,347 @@
+"""THE shared training loop: device, autocast, accumulation, clipping, schedule, MoE aux losses, periodic eval,
+atomic checkpoints with exact resume, torchrun DDP, metrics log. Every training command runs through `train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
+from moe_cli.errors import ConfigError, MoeError
+from moe_cli.io.checkpoint import Checkpoint, atomic_write, load_checkpoint, save
+from moe_cli.models.probe import input_size
+from moe_cli.models.sources import load_source
+from moe_cli.models.surgery import upcycle
+from moe_cli.train.recipe import Recipe
+from moe_cli.train.tasks import ClassifyTask, autocast, aux_loss, expert_imbalance, make_task
+
+LAST, FINAL, STATE_FILE = "last", "final", "train_state.pt"
+
+
+class TrainingDiverged(MoeError):
+    exit_code = 1
+
+
+class Reporter:
+    """Receives progress from the loop; the CLI subclasses it to draw with rich. Library code never prints."""
+
+    def start(self, total_steps: int, step: int) -> None: ...
+    def log(self, record: dict) -> None: ...
+    def evaluated(self, record: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    eval: dict
+    out_dir: Path
+    final: Path | None
+    ckpt: Checkpoint | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=d.rank, world_size=world)
+    return d
+
+
+def build_model(recipe: Recipe) -> Checkpoint:
+    """The recipe's model: its source, upcycled first when `model.upcycle` is set."""
+    m = recipe.model
+    ckpt = load_source(m.source, pretrained=m.pretrained, arch=m.arch, model_kwargs=m.kwargs)
+    if m.upcycle is not None:
+        if ckpt.moe is not None:
+            raise ConfigError(f"`model.upcycle` is set but {m.source} is already an MoE checkpoint")
+        u = m.upcycle
+        ckpt.extra = {**ckpt.extra, "dense_params": sum(p.numel() for p in ckpt.model.parameters())}
+        ckpt.model, ckpt.moe = upcycle(ckpt.model, experts=u.experts, k=u.k, layers=u.layers, target=u.target,
+                                       gate=u.gate, normalize=u.normalize, noise_std=u.noise_std,
+                                       seed=recipe.train.seed)
+    ckpt.task = recipe.task
+    return ckpt
+
+
+def make_optimizer(recipe: Recipe, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    """No weight decay on biases, norms and other 1-d parameters (timm convention)."""
+    o = recipe.optim
+    decay = [p for n, p in params if p.ndim >= 2 and not n.endswith((".b1", ".b2", ".bg"))]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and not n.endswith((".b1", ".b2", ".bg")))]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=o.betas)
+
+
+def lr_lambda(recipe: Recipe, total: int) -> Callable[[int], float]:
+    s = recipe.schedule
+
+    def factor(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.name == "constant":
+            return 1.0
+        t = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_last(out: Path, ckpt: Checkpoint, state: dict) -> None:
+    """Write model + optimizer/scheduler/RNG/data position into a fresh folder, then swap it in for `last`."""
+    tmp, last, old = out / f".{LAST}.tmp", out / LAST, out / f".{LAST}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(ckpt, tmp)
+    torch.save(state, tmp / STATE_FILE)
+    if last.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        last.rename(old)
+    tmp.rename(last)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_last(out: Path) -> Path | None:
+    """`last`, or the previous one if a run was killed in the middle of swapping checkpoints."""
+    for name in (LAST, f".{LAST}.old"):
+        if (out / name / STATE_FILE).is_file():
+            return out / name
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train(
+    recipe: Recipe,
+    ckpt: Checkpoint | None = None,
+    *,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    task: ClassifyTask | None = None,
+    loss_fn: Callable[[nn.Module, tuple], tuple[torch.Tensor, dict]] | None = None,
+    trainable: Callable[[str, nn.Parameter], bool] | None = None,
+    out_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train ``ckpt`` (default: the recipe's model) as the recipe says; returns the final eval.
+
+    ``loss_fn`` replaces the task loss (stages of other methods plug in here); ``trainable`` selects the
+    parameters to optimise (others are frozen).
+    """
+    reporter = reporter or Reporter()
+    t = recipe.train
+    dev = pick_device(device)
+    dd = init_distributed(dev)
+    out = Path(out_dir or recipe.output)
+    last = find_last(out) if resume else None
+    if resume and last is None:
+        raise ConfigError(f"--resume: no checkpoint to resume in {out} (expected {out / LAST}/{STATE_FILE})")
+    if not resume and not overwrite and find_last(out) is not None:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
+
+    torch.manual_seed(t.seed)  # same initial model on every rank
+    if last is not None:
+        ckpt = load_checkpoint(last)
+    elif ckpt is None:
+        ckpt = build_model(recipe)
+    torch.manual_seed(t.seed + dd.rank)  # per-rank dropout / noise
+    random.seed(t.seed + dd.rank)
+    task = task or make_task(recipe.task, t.label_smoothing)
+    loss_fn = loss_fn or task.loss
+
+    model = ckpt.model.to(dev).train()
+    chans, h, _ = input_size(model)
+    train_ds, val_ds = build_datasets(recipe.data, recipe.data.img_size or h, chans)
+    sampler = ResumableSampler(train_ds, seed=t.seed, rank=dd.rank, world=dd.world)
+    batches_per_epoch = math.ceil(len(sampler) / t.batch_size)
+    total = t.steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+
+    named = [(n, p) for n, p in model.named_parameters() if trainable is None or trainable(n, p)]
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable is None or trainable(n, p))
+    optimizer = make_optimizer(recipe, named)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total))
+    scaler = torch.amp.GradScaler(dev.type, enabled=t.precision == "fp16")
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if last is not None:
+        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        set_rng_state(state["rng"][min(dd.rank, len(state["rng"]) - 1)])
+        reporter.message(f"resumed from {last} at step {step}")
+
+    train_model = model
+    if dd.world > 1:
+        ids = [dev.index] if dev.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    val_loader = make_loader(val_ds, t.batch_size * 2, None, recipe.data.num_workers, dev)
+    val_loader.generator = torch.Generator().manual_seed(0)  # keep the global RNG untouched by eval
+
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    metrics_path = out / "metrics.jsonl"
+    history: list[dict] = []
+
+    def record(rec: dict) -> None:
+        history.append(rec)
+        if dd.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def checkpoint_state() -> dict:
+        rngs = [rng_state()]
+        if dd.world > 1:
+            gathered: list = [None] * dd.world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rngs, "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "recipe": recipe.to_dict()}
+
+    def evaluate() -> dict:
+        res = task.evaluate(model, val_loader, dev, t.precision) if dd.main else {}
+        rec = {"step": step, "split": "val", **res}
+        if dd.main:
+            record(rec)
+            reporter.evaluated(rec)
+        return rec
+
+    reporter.start(total, step)
+    last_eval: dict = {}
+    window_t, window_n = time.perf_counter(), 0
+    optimizer.zero_grad(set_to_none=True)
+    micro = 0
+    while step < total:
+        sampler.set_position(epoch, batch_in_epoch * t.batch_size)
+        loader = make_loader(train_ds, t.batch_size, sampler, recipe.data.num_workers, dev)
+        loader.generator = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
+        for batch in loader:
+            batch = tuple(b.to(dev, non_blocking=True) for b in batch)
+            batch_in_epoch += 1
+            micro += 1
+            sync = micro % t.grad_accum == 0
+            ctx = train_model.no_sync() if (dd.world > 1 and not sync) else nullcontext()
+            with ctx, autocast(dev, t.precision):
+                loss, logs = loss_fn(train_model, batch)
+                aux, aux_logs = aux_loss(model, recipe.moe.load_balance, recipe.moe.z_loss)
+                total_loss = loss + aux if aux is not None else loss
+            value = total_loss.item()
+            if not math.isfinite(value):
+                where = find_last(out)
+                keep = f"last good checkpoint: {where}" if where else "no checkpoint was written yet"
+                raise TrainingDiverged(f"loss became {value} at step {step + 1}; training stopped ({keep})")
+            scaler.scale(total_loss / t.grad_accum).backward()
+            window_n += len(batch[0])
+            if not sync:
+                continue
+            if t.clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for _, p in named], t.clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if step % t.log_every == 0 or step == total:
+                now = time.perf_counter()
+                rec = {"step": step, "split": "train", "loss": value, "lr": scheduler.get_last_lr()[0],
+                       "img_s": window_n * dd.world / max(now - window_t, 1e-9), **logs, **aux_logs}
+                imbalance = expert_imbalance(model)
+                if imbalance is not None:
+                    rec["expert_imbalance"] = imbalance
+                record(rec)
+                reporter.log(rec)
+                window_t, window_n = now, 0
+            if t.eval_every and step % t.eval_every == 0 and step < total:
+                last_eval = evaluate()
+            if t.ckpt_every and step % t.ckpt_every == 0 and step < total:
+                state = checkpoint_state()
+                if dd.main:
+                    save_last(out, ckpt, state)
+            if step >= total:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    last_eval = evaluate()
+    final = None
+    state = checkpoint_state()
+    if dd.main:
+        save_last(out, ckpt, state)
+        final = save(ckpt, out / FINAL)
+        summary = {"step": step, **{k: v for k, v in last_eval.items() if k not in ("step", "split")}}
+        atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+    reporter.close()
+    if dd.world > 1:
+        dist.barrier()
+    return TrainResult(step, last_eval, out, final, ckpt, history)

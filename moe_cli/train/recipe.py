@@ -1,0 +1,230 @@
+"""Recipes: YAML -> typed, frozen dataclasses with strict validation and `--set a.b=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from moe_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class UpcycleCfg:
+    experts: int = 4
+    k: int = 2
+    layers: str = "all"
+    gate: Literal["topk", "soft"] = "topk"
+    normalize: bool = True
+    noise_std: float = 0.0
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    source: str = "vit_tiny_patch16_224"  # timm name, hf-hub:org/name, .safetensors, moe-cli checkpoint
+    arch: str | None = None  # timm architecture of a plain .safetensors file
+    pretrained: bool = False
+    kwargs: dict = field(default_factory=dict)  # passed to timm.create_model
+    upcycle: UpcycleCfg | None = None  # set: turn the dense source into an MoE first
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    name: str = "digits"  # digits (built in), or a timm dataset name ("" = ImageFolder, hfds/NAME, ...)
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    img_size: int | None = None  # default: the model's input size
+    num_workers: int = 0
+    augment: bool = False
+
+
+@dataclass(frozen=True)
+class OptimCfg:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+
+
+@dataclass(frozen=True)
+class ScheduleCfg:
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 64
+    grad_accum: int = 1
+    clip: float | None = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    eval_every: int = 0  # steps; 0 = only at the end
+    ckpt_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 10
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class MoELossCfg:
+    load_balance: float = 0.01
+    z_loss: float = 0.001
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    moe: MoELossCfg = field(default_factory=MoELossCfg)
+    task: Literal["classify"] = "classify"
+    output: str = "runs/run"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {len(typing.get_args(tp))} numbers"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {type(None): "null", float: "number", int: "integer", bool: "true/false", str: "string",
+            dict: "mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        nested = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if nested and isinstance(value, dict):
+            return _build(nested[0], value, where, src)  # report errors inside the section itself
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where, src)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{where}[{i}]", src) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, where, src)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"`{where}` in {src} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data: dict, prefix: str, src: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" — did you mean `{prefix + '.' if prefix else ''}{close[0]}`?" if close else \
+                f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown key `{where}` in {src}{hint}")
+        kwargs[key] = _coerce(value, hints[key], where, src)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Apply one `a.b.c=value` (value parsed as YAML) to a nested dict, returning a new dict."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE like optim.lr=3e-4, got {assignment!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
+    out = dict(data)
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def recipe_from_dict(data: dict, src: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    for assignment in overrides or []:
+        data = apply_override(data, assignment)
+    recipe = _build(Recipe, data, "", src)
+    validate(recipe, src)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe; ``overrides`` are `--set a.b=value` strings applied first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path.name} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name} must be a mapping of sections (model, data, optim, ...)")
+    return recipe_from_dict(data, path.name, overrides)
+
+
+def validate(r: Recipe, src: str) -> None:
+    t = r.train
+    if (t.steps is None) == (t.epochs is None):
+        raise ConfigError(f"{src}: set exactly one of `train.steps` and `train.epochs`")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"`train.{name}` in {src} must be >= 1, got {getattr(t, name)}")
+    if (t.steps is not None and t.steps < 1) or (t.epochs is not None and t.epochs <= 0):
+        raise ConfigError(f"{src}: `train.steps` / `train.epochs` must be positive")
+    if r.optim.lr <= 0:
+        raise ConfigError(f"`optim.lr` in {src} must be > 0, got {r.optim.lr}")
+    if r.model.upcycle is not None:
+        u = r.model.upcycle
+        if u.experts < 1 or (u.gate == "topk" and not 1 <= u.k <= u.experts):
+            raise ConfigError(f"`model.upcycle` in {src}: need experts >= 1 and 1 <= k <= experts, "
+                              f"got experts={u.experts}, k={u.k}")

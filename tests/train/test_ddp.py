@@ -1,0 +1,44 @@
+"""2-process DDP with gloo on CPU: both ranks end with identical weights (and they did change)."""
+
+import os
+import socket
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import write_recipe
+
+from moe_cli.train.loop import build_model, train
+from moe_cli.train.recipe import load_recipe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, recipe_path: str, dump: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train(load_recipe(recipe_path), device="cpu")
+    state = {k: v.contiguous() for k, v in result.ckpt.model.state_dict().items()}
+    safetensors.torch.save_file(state, f"{dump}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_two_rank_gloo_weights_identical(tmp_path):
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "out", model={"upcycle": {"experts": 4, "k": 2}},
+                     train={"steps": 4, "batch_size": 8})
+    mp.spawn(_worker, args=(2, _free_port(), f, str(tmp_path)), nprocs=2, join=True)
+    r0 = safetensors.torch.load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = safetensors.torch.load_file(str(tmp_path / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    saved = safetensors.torch.load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    assert all(torch.equal(saved[k], r0[k]) for k in r0)
+    torch.manual_seed(0)
+    start = build_model(load_recipe(f)).model.state_dict()
+    for key in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.router.weight", "blocks.1.mlp.experts.w1"):
+        assert not torch.equal(start[key], r0[key]), f"{key} did not train"

@@ -1,0 +1,54 @@
+"""Recipe validation messages, --set overrides, and their CLI exit codes."""
+
+import pytest
+from conftest import write_recipe
+
+from moe_cli.errors import ConfigError
+from moe_cli.train.recipe import load_recipe
+
+
+def test_unknown_key_suggests(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  lrr: 0.1\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(f)
+    assert str(e.value) == "unknown key `optim.lrr` in run.yaml — did you mean `optim.lr`?"
+
+
+def test_wrong_type_names_field_and_type(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  steps: 3\n  batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"`train.batch_size` in run.yaml must be integer, got str 'lots'"):
+        load_recipe(f)
+    f.write_text("train:\n  steps: 3\n  precision: fp8\n")
+    with pytest.raises(ConfigError, match=r"`train.precision` in run.yaml must be 'fp32' \| 'bf16' \| 'fp16'"):
+        load_recipe(f)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    f = tmp_path / "bad.yaml"
+    f.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(f)
+
+
+def test_set_overrides(tmp_path):
+    f = write_recipe(tmp_path / "run.yaml", tmp_path / "out")
+    r = load_recipe(f, ["optim.lr=3e-4", "model.upcycle.experts=8", "model.upcycle.k=1", "train.steps=5"])
+    assert r.optim.lr == 3e-4 and r.model.upcycle.experts == 8 and r.model.upcycle.k == 1 and r.train.steps == 5
+    with pytest.raises(ConfigError, match="did you mean `train.steps`"):
+        load_recipe(f, ["train.step=5"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_recipe(f, ["optim.lr"])
+
+
+def test_cli_exit_code_and_one_line(cli, tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  lrr: 0.1\ntrain:\n  steps: 3\n")
+    r = cli("finetune", str(f))
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: unknown key `optim.lrr` in run.yaml — did you mean `optim.lr`?"
+    r = cli("finetune", str(tmp_path / "missing.yaml"))
+    assert r.exit_code == 2 and "recipe not found" in r.stderr
