@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from moe_cli import __version__
+from moe_cli.cli import densify as densify_cmd
 from moe_cli.cli import export as export_cmd
 from moe_cli.cli import finetune as finetune_cmd
 from moe_cli.cli import upcycle as upcycle_cmd
@@ -38,6 +39,7 @@ def root(
 app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("export")(export_cmd.export)
 app.command("finetune")(finetune_cmd.finetune)
+app.command("densify-to-sparse")(densify_cmd.densify)
 
 
 def main() -> None:

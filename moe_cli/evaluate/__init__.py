@@ -1,0 +1,1 @@
+"""Metrics: accuracy/CE (train.tasks), routing statistics, FLOPs and parameters."""

@@ -96,6 +96,9 @@ class MoEMlp(nn.Module):
                                act if act is not None else nn.GELU(), glu, bias, norm_eps, drop)
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_counts: torch.Tensor | None = None
+        self.last_gate: torch.Tensor | None = None
+        # frozen router to distil from (dense-to-sparse stage 2); non-persistent, so never in checkpoints
+        self.register_buffer("teacher_weight", None, persistent=False)
 
     @property
     def active_experts(self) -> int:
@@ -115,9 +118,22 @@ class MoEMlp(nn.Module):
         y, counts = dispatch(tokens, routing.expert, routing.weight, self.num_experts, self.experts)
         self.aux_losses = {"load_balance": load_balance_loss(routing, self.num_experts),
                            "z_loss": z_loss(routing.logits)}
+        if self.teacher_weight is not None:
+            self.aux_losses["distill"] = self._distill_loss(tokens, routing.logits)
         self.last_counts = counts.detach()
+        # per-token gate weights as a (batch, tokens, E) matrix, for the CV losses and routing statistics
+        self.last_gate = gate_matrix(routing, self.num_experts).view(lead[0] if lead else 1, -1, self.num_experts)
         y = y.reshape(*lead, y.shape[-1])
         return y.movedim(-1, 1) if self.channels_first else y
+
+    def set_teacher(self, weight: torch.Tensor | None) -> None:
+        """Distil this router toward a frozen one: aux loss `distill` = KL(softmax(teacher x) || softmax(router x))."""
+        self.teacher_weight = None if weight is None else weight.detach().clone().float()
+
+    def _distill_loss(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=tokens.device.type, enabled=False), torch.no_grad():
+            target = F.log_softmax(F.linear(tokens.float(), self.teacher_weight), dim=-1)
+        return F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, k={self.k}, gate={self.gate}, normalize={self.normalize}"
@@ -140,6 +156,14 @@ class MoEMlp(nn.Module):
                     noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
                     param.add_(noise.to(param.device) * noise_std)
         return moe.to(device=spec["device"])
+
+
+def gate_matrix(routing: Routing, num_experts: int) -> torch.Tensor:
+    """(T, E) combine weights: row t holds the weight each expert's output gets for token t (0 if not routed)."""
+    keep = routing.expert >= 0
+    index = routing.expert.clamp(min=0)
+    weight = torch.where(keep, routing.weight, torch.zeros_like(routing.weight))
+    return weight.new_zeros(routing.expert.shape[0], num_experts).scatter_add(1, index, weight)
 
 
 def _linear_weight(layer: nn.Module) -> torch.Tensor:

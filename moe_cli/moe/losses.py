@@ -18,3 +18,28 @@ def load_balance_loss(routing: Routing, num_experts: int) -> torch.Tensor:
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss mean(logsumexp(g(x))^2): keeps router logits small."""
     return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def token_cv_loss(gate: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """Per-token inverse CV', mean over tokens of mean(G(x)) / (var(G(x)) + eps), var over the E experts
+    (population variance). Minimising it pushes each token's gate toward one-hot."""
+    g = gate.reshape(-1, gate.shape[-1])
+    return (g.mean(-1) / (g.var(-1, unbiased=False) + eps)).mean()
+
+
+def expert_usage(gate: torch.Tensor) -> torch.Tensor:
+    """s_{b,i}: the gate mass each image b gives expert i, summed over its tokens; gate is (B, N, E)."""
+    return gate.sum(dim=1)
+
+
+def expert_cv_loss(gate: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """Per-expert inverse CV', mean_i of mean_b(s_bi) / (var_b(s_bi) + eps): rewards experts whose use
+    varies across the images of a batch (population variance over b)."""
+    s = expert_usage(gate)
+    return (s.mean(0) / (s.var(0, unbiased=False) + eps)).mean()
+
+
+def batch_variation(gate: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """Reported batch-wise variation: mean_i of var_b(s_bi) / (mean_b(s_bi) + eps)."""
+    s = expert_usage(gate)
+    return (s.var(0, unbiased=False) / (s.mean(0) + eps)).mean()

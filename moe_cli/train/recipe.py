@@ -84,6 +84,47 @@ class MoELossCfg:
 
 
 @dataclass(frozen=True)
+class DenseStageCfg:
+    """Stage 1: dense (softmax over all experts) MoE with the two inverse-CV losses."""
+
+    steps: int = 300
+    lr: float | None = None  # default: optim.lr
+    token_cv: float = 0.01  # weight of the per-token CV' loss (toward one-hot gates)
+    expert_cv: float = 0.01  # weight of the per-expert CV' loss (expert use varies across images)
+    cv_eps: float = 0.01
+    noise_std: float = 0.0  # eps in softmax(Wx + eps) during training
+
+
+@dataclass(frozen=True)
+class DistillStageCfg:
+    """Stage 2: new sparse top-k gates trained alone to reproduce the dense gate (KL per token)."""
+
+    steps: int = 200
+    lr: float | None = 1e-2
+    distill: float = 1.0
+    task: float = 0.0  # optional task-loss weight
+    noise_std: float = 0.0
+
+
+@dataclass(frozen=True)
+class FinetuneStageCfg:
+    """Stage 3: everything unfrozen, sparse gate."""
+
+    steps: int = 200
+    lr: float | None = None
+
+
+@dataclass(frozen=True)
+class DensifyCfg:
+    experts: int = 4
+    k: int = 1  # experts per token of the sparse gate
+    layers: str = "all"
+    stage1: DenseStageCfg = field(default_factory=DenseStageCfg)
+    stage2: DistillStageCfg = field(default_factory=DistillStageCfg)
+    stage3: FinetuneStageCfg = field(default_factory=FinetuneStageCfg)
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -91,6 +132,7 @@ class Recipe:
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     moe: MoELossCfg = field(default_factory=MoELossCfg)
+    densify: DensifyCfg | None = None  # only for `moe densify-to-sparse`
     task: Literal["classify"] = "classify"
     output: str = "runs/run"
 
@@ -214,7 +256,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def validate(r: Recipe, src: str) -> None:
     t = r.train
-    if (t.steps is None) == (t.epochs is None):
+    if r.densify is not None:
+        d = r.densify
+        if d.experts < 2 or not 1 <= d.k <= d.experts:
+            raise ConfigError(f"`densify` in {src}: need experts >= 2 and 1 <= k <= experts, "
+                              f"got experts={d.experts}, k={d.k}")
+        if min(d.stage1.steps, d.stage2.steps, d.stage3.steps) < 0:
+            raise ConfigError(f"`densify.stageN.steps` in {src} must be >= 0")
+    elif (t.steps is None) == (t.epochs is None):
         raise ConfigError(f"{src}: set exactly one of `train.steps` and `train.epochs`")
     for name in ("batch_size", "grad_accum"):
         if getattr(t, name) < 1:

@@ -1,0 +1,56 @@
+"""`moe densify-to-sparse run.yaml`: dense-to-sparse gate distillation, stage by stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from moe_cli.cli.common import STATE, console, say, user_errors
+from moe_cli.cli.progress import RichReporter
+from moe_cli.train.recipe import load_recipe
+from moe_cli.train.stages import densify_to_sparse
+
+
+@user_errors
+def densify(
+    recipe: Path = typer.Argument(..., help="YAML recipe with a `densify:` section."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe field: --set densify.k=2."),
+    from_stage: int = typer.Option(1, help="Start at stage 1 (dense), 2 (gate distillation) or 3 (fine-tune)."),
+    init: Path | None = typer.Option(None, help="Checkpoint of the stage before --from-stage (e.g. runs/x/stage1)."),
+    overwrite: bool = typer.Option(False, help="Replace stage folders that already hold a run."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (overrides `output`)."),
+) -> None:
+    """Dense MoE with inverse-CV losses -> sparse gates distilled from the dense gate -> fine-tune."""
+    r = load_recipe(recipe, (set_ or []) + ([f"output={output}"] if output else []))
+    report = densify_to_sparse(r, from_stage=from_stage, init=init, device=STATE["device"], overwrite=overwrite,
+                               reporter=RichReporter, on_stage=lambda _i, msg: say(msg))
+    console.print(report_table(report))
+    say(load_table(report))
+    console.print(f"report: {Path(r.output) / 'report.json'}   final model: {report['final']}", soft_wrap=True)
+
+
+def report_table(report: dict) -> Table:
+    table = Table(title="dense-to-sparse gate distillation")
+    for col in ("stage", "accuracy", "CE", "variation", "GFLOPs/img", "params total", "active", "trainable"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for name, r in report["stages"].items():
+        trainable = f"{r['trainable_params'] / 1e6:.3f}M" if r.get("trainable_params") else "-"
+        table.add_row(name, f"{r['accuracy']:.2%}", f"{r['ce']:.4f}", f"{r['variation']:.3f}",
+                      f"{r['gflops_per_image']:.4f}", f"{r['params_total'] / 1e6:.2f}M",
+                      f"{r['params_active'] / 1e6:.2f}M", trainable)
+    return table
+
+
+def load_table(report: dict) -> Table:
+    """Fraction of routed tokens per expert, one row per MoE layer, one column per stage."""
+    table = Table(title="expert load per layer (fraction of tokens per expert)")
+    table.add_column("layer")
+    stages = report["stages"]
+    for name in stages:
+        table.add_column(name)
+    layers = next(iter(stages.values()))["load"].keys()
+    for layer in layers:
+        table.add_row(layer, *(" ".join(f"{v:.2f}" for v in r["load"][layer]) for r in stages.values()))
+    return table

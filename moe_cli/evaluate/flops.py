@@ -1,0 +1,26 @@
+"""FLOPs per image as executed (only the experts a token is actually routed to count) and parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from moe_cli.models.surgery import param_counts
+
+
+@torch.no_grad()
+def gflops_per_image(model: nn.Module, images: torch.Tensor) -> float:
+    """GFLOPs (2 x multiply-adds) per image of one forward over ``images``, counted by torch's FlopCounterMode
+    on the ops that really run: a top-k MoE layer counts only the experts its tokens went to."""
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(images)
+    model.train(was_training)
+    return counter.get_total_flops() / images.shape[0] / 1e9
+
+
+def compute_report(model: nn.Module, images: torch.Tensor) -> dict:
+    total, active = param_counts(model)
+    return {"gflops_per_image": gflops_per_image(model, images), "params_total": total, "params_active": active}

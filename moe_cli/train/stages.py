@@ -1,0 +1,176 @@
+"""Dense-to-sparse gate distillation (DESIGN.md §3) as stages on top of the shared loop.
+
+Stage 1: dense softmax gate over all experts + the two inverse-CV losses.
+Stage 2: new sparse top-k gates, everything else frozen, trained to reproduce the stage-1 routing (KL).
+Stage 3: everything unfrozen, fine-tuned with the sparse gate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_cli.data.loaders import build_datasets, make_loader
+from moe_cli.errors import ConfigError
+from moe_cli.evaluate.flops import compute_report
+from moe_cli.evaluate.routing import routing_stats
+from moe_cli.io.checkpoint import Checkpoint, atomic_write, load_checkpoint
+from moe_cli.models.probe import input_size
+from moe_cli.models.sources import load_source
+from moe_cli.models.surgery import moe_layers, upcycle
+from moe_cli.moe.layer import ROUTER_STD
+from moe_cli.moe.losses import expert_cv_loss, token_cv_loss
+from moe_cli.train.loop import Reporter, pick_device, train
+from moe_cli.train.recipe import DensifyCfg, Recipe
+from moe_cli.train.tasks import ClassifyTask, make_task
+
+STAGE_NAMES = {1: "dense", 2: "distill", 3: "finetune"}
+
+
+def stage_recipe(recipe: Recipe, steps: int, lr: float | None, name: str, **moe_weights) -> Recipe:
+    train_cfg = dataclasses.replace(recipe.train, steps=max(steps, 1), epochs=None)
+    optim = dataclasses.replace(recipe.optim, lr=lr or recipe.optim.lr)
+    moe = dataclasses.replace(recipe.moe, **moe_weights)
+    return dataclasses.replace(recipe, train=train_cfg, optim=optim, moe=moe, output=str(Path(recipe.output) / name))
+
+
+def dense_moe(recipe: Recipe) -> Checkpoint:
+    """Stage 0: the recipe's source upcycled into a soft-gated MoE, or a soft-gated MoE checkpoint as it is."""
+    d, m = recipe.densify, recipe.model
+    ckpt = load_source(m.source, pretrained=m.pretrained, arch=m.arch, model_kwargs=m.kwargs)
+    if ckpt.moe is None:
+        ckpt.extra = {**ckpt.extra, "dense_params": sum(p.numel() for p in ckpt.model.parameters())}
+        ckpt.model, ckpt.moe = upcycle(ckpt.model, experts=d.experts, k=d.k, layers=d.layers, gate="soft",
+                                       seed=recipe.train.seed)
+    elif ckpt.moe.gate != "soft":
+        raise ConfigError(f"{m.source} is a `{ckpt.moe.gate}` MoE; stage 1 needs a dense (soft) gate or a dense model")
+    for _, layer in moe_layers(ckpt.model):
+        layer.noise_std = d.stage1.noise_std
+    return ckpt
+
+
+def cv_loss(task: ClassifyTask, token_w: float, expert_w: float, eps: float) -> Callable:
+    """Task loss + weighted per-token and per-expert inverse-CV losses, averaged over MoE layers."""
+
+    def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        loss, logs = task.loss(model, batch)
+        gates = [m.last_gate for _, m in moe_layers(model)]
+        tok = torch.stack([token_cv_loss(g, eps) for g in gates]).mean()
+        exp = torch.stack([expert_cv_loss(g, eps) for g in gates]).mean()
+        return loss + token_w * tok + expert_w * exp, {**logs, "token_cv": tok.item(), "expert_cv": exp.item()}
+
+    return loss_fn
+
+
+def sparsify(ckpt: Checkpoint, k: int, seed: int, noise_std: float = 0.0) -> Checkpoint:
+    """Swap every dense gate for a new sparse gate top_k(softmax(W_s x)); the old router becomes the teacher."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _, layer in moe_layers(ckpt.model):
+        layer.set_teacher(layer.router.weight)
+        with torch.no_grad():
+            new = torch.randn(layer.router.weight.shape, generator=gen) * ROUTER_STD
+            layer.router.weight.copy_(new.to(layer.router.weight))
+        layer.gate, layer.k, layer.normalize, layer.noise_std = "topk", k, False, noise_std
+    ckpt.moe = dataclasses.replace(ckpt.moe, gate="topk", k=k, normalize=False)
+    return ckpt
+
+
+def distill_loss(task: ClassifyTask, distill_w: float, task_w: float) -> Callable:
+    def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        loss, logs = task.loss(model, batch)
+        kl = torch.stack([m.aux_losses["distill"] for _, m in moe_layers(model)]).mean()
+        return distill_w * kl + task_w * loss, {**logs, "distill_kl": kl.item()}
+
+    return loss_fn
+
+
+def is_gate(name: str, _param: nn.Parameter) -> bool:
+    return name.endswith(".router.weight")
+
+
+def trainable_count(model: nn.Module, trainable: Callable | None) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if trainable is None or trainable(n, p))
+
+
+def stage_report(ckpt: Checkpoint, recipe: Recipe, device: torch.device, task: ClassifyTask) -> dict:
+    """Accuracy, CE, routing (load per layer, batch-wise variation), GFLOPs/image (active) and parameters."""
+    model = ckpt.model.to(device).eval()
+    chans, h, _ = input_size(model)
+    _, val = build_datasets(recipe.data, recipe.data.img_size or h, chans)
+    loader = make_loader(val, recipe.train.batch_size, None, 0, device)
+    quality = task.evaluate(model, loader, device, recipe.train.precision)
+    routes = routing_stats(model, loader, device, recipe.train.precision)
+    images = next(iter(loader))[0][:16].to(device)
+    variation = sum(r["variation"] for r in routes.values()) / max(len(routes), 1)
+    return {**quality, "variation": variation, "load": {n: r["load"] for n, r in routes.items()},
+            **compute_report(model, images)}
+
+
+def densify_to_sparse(recipe: Recipe, *, from_stage: int = 1, init: str | Path | None = None,
+                      device: str | None = None, overwrite: bool = False,
+                      reporter: Callable[[str], Reporter] | None = None,
+                      on_stage: Callable[[int, str], None] | None = None) -> dict:
+    """Run stages ``from_stage``..3; a later start needs ``init``, the checkpoint of the stage before."""
+    d: DensifyCfg | None = recipe.densify
+    if d is None:
+        raise ConfigError("the recipe has no `densify:` section (experts, k, stage1, stage2, stage3)")
+    if from_stage not in (1, 2, 3):
+        raise ConfigError(f"--from-stage must be 1, 2 or 3, got {from_stage}")
+    if from_stage > 1 and init is None:
+        raise ConfigError(f"--from-stage {from_stage} needs --init, the stage-{from_stage - 1} checkpoint folder")
+    dev = pick_device(device)
+    task = make_task(recipe.task, recipe.train.label_smoothing)
+    make_reporter = reporter or (lambda _name: Reporter())
+    notify = on_stage or (lambda _i, _msg: None)
+    out = Path(recipe.output)
+    report: dict = {"stages": {}}
+
+    def finish(i: int, ckpt: Checkpoint, trainable: int | None) -> Checkpoint:
+        r = stage_report(ckpt, recipe, dev, task)
+        r["trainable_params"] = trainable
+        report["stages"][STAGE_NAMES[i]] = r
+        return ckpt
+
+    if from_stage == 1:
+        ckpt = dense_moe(recipe)
+        s1 = d.stage1
+        res = train(stage_recipe(recipe, s1.steps, s1.lr, "stage1"), ckpt, device=device, overwrite=overwrite,
+                    task=task, loss_fn=cv_loss(task, s1.token_cv, s1.expert_cv, s1.cv_eps),
+                    reporter=make_reporter("stage 1 dense"))
+        ckpt = finish(1, res.ckpt, trainable_count(res.ckpt.model, None))
+    else:
+        init = Path(init)
+        ckpt = load_checkpoint(init / "final" if (init / "final").is_dir() else init)
+        expected = "soft" if from_stage == 2 else "topk"
+        if ckpt.moe is None or ckpt.moe.gate != expected:
+            raise ConfigError(f"--init {init}: stage {from_stage} starts from a `{expected}`-gated MoE checkpoint "
+                              f"(the output of stage {from_stage - 1})")
+        finish(from_stage - 1, ckpt, None)
+
+    if from_stage <= 2:
+        s2 = d.stage2
+        ckpt = sparsify(ckpt, d.k, recipe.train.seed, s2.noise_std)
+        count = trainable_count(ckpt.model, is_gate)
+        notify(2, f"stage 2: training only the {len(moe_layers(ckpt.model))} new gates: {count:,} trainable "
+                  f"of {trainable_count(ckpt.model, None):,} parameters")
+        res = train(stage_recipe(recipe, s2.steps, s2.lr, "stage2", load_balance=0.0, z_loss=0.0), ckpt,
+                    device=device, overwrite=overwrite, task=task, loss_fn=distill_loss(task, s2.distill, s2.task),
+                    trainable=is_gate, reporter=make_reporter("stage 2 distill"))
+        for _, layer in moe_layers(res.ckpt.model):
+            layer.set_teacher(None)
+        ckpt = finish(2, res.ckpt, count)
+
+    s3 = d.stage3
+    res = train(stage_recipe(recipe, s3.steps, s3.lr, "stage3"), ckpt, device=device, overwrite=overwrite,
+                task=task, reporter=make_reporter("stage 3 finetune"))
+    for p in res.ckpt.model.parameters():
+        p.requires_grad_(True)
+    finish(3, res.ckpt, trainable_count(res.ckpt.model, None))
+    report["final"] = str(res.final)
+    atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    return report
