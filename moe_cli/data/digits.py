@@ -5,6 +5,7 @@ Images are upsampled to the model's input size; the train/val split is fixed (se
 
 from __future__ import annotations
 
+import functools
 import gzip
 from importlib import resources
 
@@ -17,6 +18,7 @@ VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
+@functools.cache
 def load_raw() -> tuple[torch.Tensor, torch.Tensor]:
     """(images (1797, 8, 8) float in [0, 1], labels (1797,) long) from the shipped file."""
     with resources.files("moe_cli.data").joinpath("digits.csv.gz").open("rb") as f:
