@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import re
 from dataclasses import asdict, dataclass, field
@@ -12,8 +13,9 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
 
 from moe_cli.errors import ConfigError
+from moe_cli.moe.dispatch import IMPLS
 from moe_cli.moe.layer import MoEMlp, dense_spec
-from moe_cli.moe.routing import GATES
+from moe_cli.moe.routing import GATES, PRIORITIES
 
 FFN_TYPES = (Mlp, GluMlp, SwiGLU)
 
@@ -28,6 +30,10 @@ class MoEConfig:
     normalize: bool = True
     noise_std: float = 0.0
     layers: tuple[str, ...] = field(default_factory=tuple)  # module names of the MoE layers
+    capacity_factor: float | None = None  # None: no token dropping (token choice); expert choice default 1.0
+    eval_capacity_factor: float | None = None  # None: same as capacity_factor
+    priority: str = "slot"  # who keeps its place when an expert overflows: slot order or score (BPR)
+    impl: str = "auto"  # expert dispatch: auto | loop | grouped
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}
@@ -46,6 +52,14 @@ class MoEConfig:
             raise ConfigError(f"--k must be between 1 and --experts ({self.experts}), got {self.k}")
         if self.noise_std < 0:
             raise ConfigError(f"--noise-std must be >= 0, got {self.noise_std}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.priority not in PRIORITIES:
+            raise ConfigError(f"--priority must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
+        if self.impl not in IMPLS:
+            raise ConfigError(f"--impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
 
 
 def _is_ffn_like(module: nn.Module) -> bool:
@@ -98,16 +112,17 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def upcycle(model: nn.Module, experts: int = 4, k: int = 2, layers: str = "all", target: str | None = None,
             gate: str = "topk", normalize: bool = True, noise_std: float = 0.0, seed: int = 0,
-            ) -> tuple[nn.Module, MoEConfig]:
-    """Replace the chosen FFNs of ``model`` (in place) by MoE layers whose experts copy the dense FFN."""
-    cfg = MoEConfig(experts, k, gate, normalize, noise_std)
+            **routing) -> tuple[nn.Module, MoEConfig]:
+    """Replace the chosen FFNs of ``model`` (in place) by MoE layers whose experts copy the dense FFN.
+
+    ``routing``: capacity_factor, eval_capacity_factor, priority, impl (see MoEConfig)."""
+    cfg = MoEConfig(experts, k, gate, normalize, noise_std, **routing)
     cfg.validate()
     ffns = find_ffns(model, target)
     if not ffns:
         raise ConfigError(f"no FFN module (timm {', '.join(t.__name__ for t in FFN_TYPES)}) found in "
                           f"{type(model).__name__}; name the FFNs with --target GLOB")
-    chosen = [ffns[i][0] for i in select_layers(len(ffns), layers)]
-    cfg = MoEConfig(experts, k, gate, normalize, noise_std, tuple(chosen))
+    cfg = dataclasses.replace(cfg, layers=tuple(ffns[i][0] for i in select_layers(len(ffns), layers)))
     apply_moe(model, cfg, seed=seed)
     return model, cfg
 
@@ -122,7 +137,9 @@ def apply_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0) -> nn.Module:
         except (AttributeError, ValueError) as e:
             raise ConfigError(f"cannot upcycle `{name}` ({type(dense).__name__}): {e}") from None
         moe = MoEMlp.from_dense(dense, cfg.experts, cfg.k, noise_std=cfg.noise_std, generator=gen,
-                                gate=cfg.gate, normalize=cfg.normalize)
+                                gate=cfg.gate, normalize=cfg.normalize, capacity_factor=cfg.capacity_factor,
+                                eval_capacity_factor=cfg.eval_capacity_factor, priority=cfg.priority,
+                                impl=cfg.impl)
         _set_module(model, name, moe)
     return model
 
@@ -140,8 +157,18 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def max_output_diff(dense: nn.Module, sparse: nn.Module, probe: torch.Tensor) -> tuple[float, float]:
-    """(max |dense(x) - sparse(x)|, max |dense(x)|) on a probe batch, both models in eval mode."""
-    dense_out, sparse_out = dense.eval()(probe), sparse.eval()(probe)
+    """(max |dense(x) - sparse(x)|, max |dense(x)|) on a probe batch, both models in eval mode.
+
+    Capacity limits are lifted for the check: dropping overflow tokens is routing, not a copy error."""
+    layers = moe_layers(sparse)
+    saved = [(m.capacity_factor, m.eval_capacity_factor) for _, m in layers]
+    for _, m in layers:
+        m.capacity_factor = m.eval_capacity_factor = None
+    try:
+        dense_out, sparse_out = dense.eval()(probe), sparse.eval()(probe)
+    finally:
+        for (_, m), (cf, ecf) in zip(layers, saved, strict=True):
+            m.capacity_factor, m.eval_capacity_factor = cf, ecf
     return (sparse_out - dense_out).abs().max().item(), dense_out.abs().max().item()
 
 

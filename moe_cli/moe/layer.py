@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_cli.moe.dispatch import dispatch
+from moe_cli.moe.dispatch import IMPLS, dispatch, grouped_supported
 from moe_cli.moe.losses import load_balance_loss, z_loss
-from moe_cli.moe.routing import GATES, Routing, route
+from moe_cli.moe.routing import GATES, PRIORITIES, Routing, route
 
 ROUTER_STD = 0.02
 
@@ -56,8 +56,8 @@ class Experts(nn.Module):
             h = F.layer_norm(h, h.shape[-1:], nw, nb, self.norm_eps)
         return F.dropout(F.linear(h, w2, b2), self.drop[1], self.training)
 
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Run expert e on the e-th contiguous chunk of ``x_sorted`` (``counts[e]`` rows)."""
+    def run_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Run expert e on the e-th contiguous chunk of ``x_sorted`` (``counts[e]`` rows), one F.linear each."""
         names = ("w1", "b1", "wg", "bg", "norm_w", "norm_b", "w2", "b2")
         # unbind once: its backward stacks the per-expert grads in one allocation
         params = list(zip(*(self._per_expert(n) for n in names), strict=True))
@@ -66,6 +66,26 @@ class Experts(nn.Module):
         if not outs:
             return x_sorted.new_zeros(0, self.w2.shape[1])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def run_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
+        """All experts in two grouped GEMMs (``F.grouped_mm``) over rows sorted by expert; bf16 on CUDA."""
+        dtype = torch.get_autocast_dtype(x_sorted.device.type) if torch.is_autocast_enabled(x_sorted.device.type) \
+            else x_sorted.dtype
+        offs = counts.cumsum(0).to(torch.int32)
+        x = x_sorted.to(dtype)
+
+        def gmm(inp, w, b):
+            y = F.grouped_mm(inp, w.to(dtype).transpose(-2, -1), offs=offs)
+            return y + b.to(dtype).index_select(0, row_expert) if b is not None else y
+
+        h = gmm(x, self.w1, self.b1)
+        h = self.act(gmm(x, self.wg, self.bg)) * h if self.glu else self.act(h)
+        h = F.dropout(h, self.drop[0], self.training)
+        if self.norm_eps is not None:
+            h = F.layer_norm(h, h.shape[-1:], None, None, self.norm_eps)
+            nw, nb = self.norm_w.to(dtype), self.norm_b.to(dtype)
+            h = h * nw.index_select(0, row_expert) + nb.index_select(0, row_expert)
+        return F.dropout(gmm(h.to(dtype), self.w2, self.b2), self.drop[1], self.training)
 
 
 class MoEMlp(nn.Module):
@@ -79,7 +99,9 @@ class MoEMlp(nn.Module):
                  num_experts: int = 4, k: int = 2, act: nn.Module | None = None, glu: bool = False,
                  bias: tuple[bool, bool] = (True, True), norm_eps: float | None = None,
                  drop: tuple[float, float] = (0.0, 0.0), gate: str = "topk", normalize: bool = True,
-                 noise_std: float = 0.0, channels_first: bool = False, router_std: float = ROUTER_STD):
+                 noise_std: float = 0.0, channels_first: bool = False, router_std: float = ROUTER_STD,
+                 capacity_factor: float | None = None, eval_capacity_factor: float | None = None,
+                 priority: str = "slot", impl: str = "auto"):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -87,9 +109,18 @@ class MoEMlp(nn.Module):
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if gate == "topk" and not 1 <= k <= num_experts:
             raise ValueError(f"k must be between 1 and num_experts={num_experts}, got {k}")
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        for cf in (capacity_factor, eval_capacity_factor):
+            if cf is not None and cf <= 0:
+                raise ValueError(f"capacity factors must be > 0, got {cf}")
         out_features = out_features or in_features
         self.num_experts, self.k, self.gate, self.normalize = num_experts, k, gate, normalize
         self.noise_std, self.channels_first = noise_std, channels_first
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.priority, self.impl = priority, impl
         self.router = nn.Linear(in_features, num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=router_std)
         self.experts = Experts(num_experts, in_features, hidden_features, out_features,
@@ -97,17 +128,38 @@ class MoEMlp(nn.Module):
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_counts: torch.Tensor | None = None
         self.last_gate: torch.Tensor | None = None
+        self.last_dropped: torch.Tensor | None = None
         # frozen router to distil from (dense-to-sparse stage 2); non-persistent, so never in checkpoints
         self.register_buffer("teacher_weight", None, persistent=False)
 
     @property
     def active_experts(self) -> int:
-        return self.num_experts if self.gate == "soft" else self.k
+        if self.gate == "soft":
+            return self.num_experts
+        if self.gate == "expert_choice":  # each expert takes cf * T / N tokens: cf experts per token on average
+            return min(self.num_experts, self.current_capacity_factor or 1.0)
+        return self.k
+
+    @property
+    def current_capacity_factor(self) -> float | None:
+        if not self.training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
+    def resolve_impl(self, x: torch.Tensor) -> str:
+        if self.impl != "auto":
+            return self.impl
+        ex = self.experts
+        dims = (ex.w1.shape[1], ex.w1.shape[2], ex.w2.shape[1])
+        amp_bf16 = torch.is_autocast_enabled(x.device.type) and \
+            torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+        return "grouped" if (x.dtype == torch.bfloat16 or amp_bf16) and grouped_supported(x, dims) else "loop"
 
     def route(self, tokens: torch.Tensor) -> Routing:
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             logits = F.linear(tokens.float(), self.router.weight.float())
-        return route(logits, self.gate, self.k, self.normalize, self.noise_std, self.training)
+        return route(logits, self.gate, self.k, self.normalize, self.noise_std, self.training,
+                     self.current_capacity_factor, self.priority)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_first:
@@ -115,12 +167,13 @@ class MoEMlp(nn.Module):
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])
         routing = self.route(tokens)
-        y, counts = dispatch(tokens, routing.expert, routing.weight, self.num_experts, self.experts)
-        self.aux_losses = {"load_balance": load_balance_loss(routing, self.num_experts),
+        y, counts = dispatch(tokens, routing.expert, routing.weight, self.experts, self.resolve_impl(tokens))
+        self.aux_losses = {"load_balance": load_balance_loss(routing, self.num_experts, counts),
                            "z_loss": z_loss(routing.logits)}
         if self.teacher_weight is not None:
             self.aux_losses["distill"] = self._distill_loss(tokens, routing.logits)
         self.last_counts = counts.detach()
+        self.last_dropped = dropped_fraction(routing)
         # per-token gate weights as a (batch, tokens, E) matrix, for the CV losses and routing statistics
         self.last_gate = gate_matrix(routing, self.num_experts).view(lead[0] if lead else 1, -1, self.num_experts)
         y = y.reshape(*lead, y.shape[-1])
@@ -136,7 +189,9 @@ class MoEMlp(nn.Module):
         return F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, k={self.k}, gate={self.gate}, normalize={self.normalize}"
+        cf = f", capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, " \
+            f"priority={self.priority}" if self.capacity_factor or self.eval_capacity_factor else ""
+        return f"num_experts={self.num_experts}, k={self.k}, gate={self.gate}, normalize={self.normalize}{cf}"
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, num_experts: int, k: int, noise_std: float = 0.0,
@@ -156,6 +211,11 @@ class MoEMlp(nn.Module):
                     noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
                     param.add_(noise.to(param.device) * noise_std)
         return moe.to(device=spec["device"])
+
+
+def dropped_fraction(routing: Routing) -> torch.Tensor:
+    """Share of tokens left without any expert (their residual passes through unchanged)."""
+    return (routing.expert < 0).all(dim=-1).float().mean().detach()
 
 
 def gate_matrix(routing: Routing, num_experts: int) -> torch.Tensor:

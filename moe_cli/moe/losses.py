@@ -7,11 +7,10 @@ import torch
 from moe_cli.moe.routing import Routing
 
 
-def load_balance_loss(routing: Routing, num_experts: int) -> torch.Tensor:
-    """Switch load balance N * sum_i f_i * P_i; f_i = share of kept (token, slot) pairs sent to expert i."""
-    kept = routing.expert[routing.expert >= 0]
-    counts = torch.bincount(kept, minlength=num_experts).float()
-    frac = counts / routing.expert.numel()
+def load_balance_loss(routing: Routing, num_experts: int, counts: torch.Tensor) -> torch.Tensor:
+    """Switch load balance N * sum_i f_i * P_i; f_i = share of (token, slot) pairs sent to expert i,
+    ``counts`` the (E,) slots per expert."""
+    frac = counts.float() / routing.expert.numel()
     return num_experts * (frac * routing.probs.mean(dim=0)).sum()
 
 

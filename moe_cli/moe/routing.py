@@ -6,11 +6,13 @@ token and S slots per token; a slot whose expert is -1 is dropped (the token's r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-GATES = ("topk", "soft")
+GATES = ("topk", "soft", "expert_choice")
+PRIORITIES = ("slot", "score")
 
 
 @dataclass
@@ -21,12 +23,55 @@ class Routing:
     logits: torch.Tensor  # (T, E) fp32 router logits
 
 
+def capacity(capacity_factor: float, tokens: int, num_experts: int, k: int = 1) -> int:
+    """C = ceil(cf * k * T / N) tokens per expert."""
+    return max(1, math.ceil(capacity_factor * k * tokens / num_experts))
+
+
 def top_k(logits: torch.Tensor, k: int, normalize: bool = True) -> Routing:
     """Token-choice top-k: softmax over the k kept logits, or top-k of the full softmax if not normalize."""
     probs = logits.softmax(dim=-1)
     top_logits, expert = logits.topk(k, dim=-1)
     weight = top_logits.softmax(dim=-1) if normalize else probs.gather(-1, expert)
     return Routing(expert=expert, weight=weight, probs=probs, logits=logits)
+
+
+def apply_capacity(r: Routing, capacity_factor: float, priority: str = "slot") -> Routing:
+    """Drop the (token, slot) pairs that overflow C = ceil(cf * k * T / N) per expert.
+
+    Pairs claim places slot by slot (all first choices before any second choice); within a slot, tokens go in
+    order (``slot``) or by their top gate weight, highest first (``score``: Batch Prioritized Routing)."""
+    T, k = r.expert.shape
+    E = r.probs.shape[-1]
+    cap = capacity(capacity_factor, T, E, k)
+    if priority == "score":
+        token_order = torch.argsort(r.weight[:, 0], descending=True, stable=True)
+    else:
+        token_order = torch.arange(T, device=r.expert.device)
+    # queue of pairs in priority order: slot-major, then token_order
+    queue_expert = r.expert[token_order].t().reshape(-1)  # (k*T,)
+    one_hot = torch.nn.functional.one_hot(queue_expert, E)
+    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # place of each pair in its expert's queue
+    keep_queue = position < cap
+    keep = torch.empty_like(keep_queue)
+    pair_index = (torch.arange(k, device=r.expert.device)[:, None] * T + token_order[None, :]).reshape(-1)
+    keep[pair_index] = keep_queue  # back to (slot, token) order
+    keep = keep.view(k, T).t()
+    return Routing(expert=torch.where(keep, r.expert, -1), weight=torch.where(keep, r.weight, 0.0),
+                   probs=r.probs, logits=r.logits)
+
+
+def expert_choice(logits: torch.Tensor, capacity_factor: float = 1.0) -> Routing:
+    """Each expert takes its top C = ceil(cf * T / N) tokens by softmax score; slots are (T, E)."""
+    T, E = logits.shape
+    probs = logits.softmax(dim=-1)
+    cap = min(T, capacity(capacity_factor, T, E))
+    top_tokens = probs.topk(cap, dim=0).indices  # (C, E)
+    chosen = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+    chosen.scatter_(0, top_tokens, True)
+    experts = torch.arange(E, device=logits.device).expand(T, E)
+    return Routing(expert=torch.where(chosen, experts, -1), weight=torch.where(chosen, probs, 0.0),
+                   probs=probs, logits=logits)
 
 
 def soft(logits: torch.Tensor, noise_std: float = 0.0, training: bool = False) -> Routing:
@@ -39,10 +84,15 @@ def soft(logits: torch.Tensor, noise_std: float = 0.0, training: bool = False) -
 
 
 def route(logits: torch.Tensor, gate: str, k: int, normalize: bool = True, noise_std: float = 0.0,
-          training: bool = False) -> Routing:
-    """Dispatch to the router named by ``gate``."""
+          training: bool = False, capacity_factor: float | None = None, priority: str = "slot") -> Routing:
+    """Dispatch to the router named by ``gate``; ``capacity_factor`` None = no capacity limit."""
     if gate == "topk":
-        return top_k(logits, k, normalize)
+        if training and noise_std > 0:
+            logits = logits + noise_std * torch.randn_like(logits)
+        r = top_k(logits, k, normalize)
+        return apply_capacity(r, capacity_factor, priority) if capacity_factor is not None else r
     if gate == "soft":
         return soft(logits, noise_std, training)
+    if gate == "expert_choice":
+        return expert_choice(logits, capacity_factor if capacity_factor is not None else 1.0)
     raise ValueError(f"unknown gate {gate!r}")

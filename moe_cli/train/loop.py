@@ -101,7 +101,9 @@ def build_model(recipe: Recipe) -> Checkpoint:
         ckpt.extra = {**ckpt.extra, "dense_params": sum(p.numel() for p in ckpt.model.parameters())}
         ckpt.model, ckpt.moe = upcycle(ckpt.model, experts=u.experts, k=u.k, layers=u.layers, target=u.target,
                                        gate=u.gate, normalize=u.normalize, noise_std=u.noise_std,
-                                       seed=recipe.train.seed)
+                                       seed=recipe.train.seed, capacity_factor=u.capacity_factor,
+                                       eval_capacity_factor=u.eval_capacity_factor, priority=u.priority,
+                                       impl=u.impl)
     ckpt.task = recipe.task
     return ckpt
 

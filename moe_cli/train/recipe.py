@@ -20,10 +20,14 @@ class UpcycleCfg:
     experts: int = 4
     k: int = 2
     layers: str = "all"
-    gate: Literal["topk", "soft"] = "topk"
+    gate: Literal["topk", "soft", "expert_choice"] = "topk"
     normalize: bool = True
     noise_std: float = 0.0
     target: str | None = None
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    priority: Literal["slot", "score"] = "slot"
+    impl: Literal["auto", "loop", "grouped"] = "auto"
 
 
 @dataclass(frozen=True)

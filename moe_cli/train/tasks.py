@@ -27,7 +27,9 @@ def aux_loss(model: nn.Module, load_balance: float, z_loss: float) -> tuple[torc
         return None, {}
     lb = torch.stack([m.aux_losses["load_balance"] for m in layers]).mean()
     z = torch.stack([m.aux_losses["z_loss"] for m in layers]).mean()
-    return load_balance * lb + z_loss * z, {"load_balance": lb.item(), "z_loss": z.item()}
+    dropped = torch.stack([m.last_dropped for m in layers]).mean()
+    return load_balance * lb + z_loss * z, {"load_balance": lb.item(), "z_loss": z.item(),
+                                            "dropped": dropped.item()}
 
 
 def expert_imbalance(model: nn.Module) -> float | None:
