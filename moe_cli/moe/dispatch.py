@@ -38,6 +38,10 @@ def grouped_supported(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
     return all(d % 8 == 0 for d in dims)
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def dispatch(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, bank: ExpertBank,
              impl: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
     """y[t] = sum_s weight[t, s] * f_{expert[t, s]}(x[t]); slots with expert -1 contribute nothing.
@@ -49,25 +53,25 @@ def dispatch(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, bank: 
     counts = expert_counts(expert, E)
     if impl == "grouped":
         # dropped slots sort last (key E) and ride along in the last expert's group, so no host sync is needed
-        # to cut them off; their outputs are masked before the combine, so they get no gradient either
+        # to cut them off; their outputs are zeroed before the combine, so they get no gradient either
         key = torch.where(flat < 0, E, flat)
         order = torch.argsort(key, stable=True)
         row_expert = key.index_select(0, order)
         x_sorted = x.index_select(0, torch.div(order, S, rounding_mode="floor"))
         group_sizes = counts[1:] + F.one_hot(torch.tensor(E - 1, device=counts.device), E) * counts[0]
         y_sorted = bank.run_grouped(x_sorted, group_sizes, row_expert.clamp(max=E - 1))
-        w_sorted = weight.reshape(-1).index_select(0, order).unsqueeze(-1)
-        y_sorted = torch.where(row_expert.unsqueeze(-1) < E, y_sorted, 0.0) * w_sorted.to(y_sorted.dtype)
-        slots = order
+        y_sorted = torch.where(row_expert.unsqueeze(-1) < E, y_sorted, 0.0)
+        y_slots = y_sorted.index_select(0, inverse_permutation(order))
     else:
         order = torch.argsort(flat, stable=True)  # dropped slots (-1) sort first
         count_list = counts.tolist()
         slots = order[count_list[0]:]
         x_sorted = x.index_select(0, torch.div(slots, S, rounding_mode="floor"))
         y_sorted = bank.run_loop(x_sorted, count_list[1:])
-        y_sorted = y_sorted * weight.reshape(-1).index_select(0, slots).unsqueeze(-1).to(y_sorted.dtype)
-    if S == 1 and slots.numel() == T:
-        out = y_sorted.new_empty(T, y_sorted.shape[-1]).index_copy(0, slots, y_sorted)
-        return out, counts[1:]
-    out = y_sorted.new_zeros(T * S, y_sorted.shape[-1]).index_copy(0, slots, y_sorted)
-    return out.view(T, S, -1).sum(dim=1), counts[1:]
+        if count_list[0]:
+            y_slots = y_sorted.new_zeros(T * S, y_sorted.shape[-1]).index_copy(0, slots, y_sorted)
+        else:
+            y_slots = y_sorted.index_select(0, inverse_permutation(order))
+    # weighted sum over each token's slots as one batched matmul: (T, 1, S) @ (T, S, D)
+    out = torch.bmm(weight.to(y_slots.dtype).unsqueeze(1), y_slots.view(T, S, -1)).squeeze(1)
+    return out, counts[1:]

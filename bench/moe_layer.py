@@ -1,0 +1,147 @@
+"""Benchmark the MoE layer's dispatch + experts against the ideal (the dense FFN on k*T tokens) and a naive
+one-hot/where/index_add_ loop, forward and forward+backward, for ViT-S and ViT-B FFN shapes.
+
+    python bench/moe_layer.py                                  # full grid on CPU fp32, writes bench/RESULTS.md
+    python bench/moe_layer.py --shapes vit_s --experts 4 --k 2 --routing balanced      # one row
+    python bench/moe_layer.py --device cuda --dtype bf16 --shapes vit_b --experts 8 --k 2
+
+Routing is fixed (balanced: token t -> experts t, t+1, ... mod E; skewed: Zipf(1.5) over experts) so the
+expert loads are controlled; the router itself (a D x E matmul, <1% of the FLOPs) is not timed. Each figure is
+the median of --repeats timed runs after warm-up; ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+from moe_cli.moe.dispatch import dispatch
+from moe_cli.moe.layer import MoEMlp
+
+SHAPES = {"vit_s": (384, 1536), "vit_b": (768, 3072)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def routing(kind: str, T: int, E: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    if kind == "balanced":
+        expert = (torch.arange(T)[:, None] + torch.arange(k)[None, :]) % E
+    else:
+        p = 1.0 / torch.arange(1, E + 1).float() ** 1.5
+        expert = torch.stack([torch.multinomial(p, k, replacement=False, generator=gen) for _ in range(T)])
+    weight = torch.rand(T, k, generator=gen).softmax(-1)
+    return expert.to(device), weight.to(device)
+
+
+def naive(x, expert, weight, ex):
+    """The pattern most public MoE blocks use: a mask per expert, torch.where, index_add_."""
+    out = torch.zeros(x.shape[0], ex.w2.shape[1], dtype=x.dtype, device=x.device)
+    for e in range(ex.num_experts):
+        tok, slot = torch.where(expert == e)
+        if tok.numel() == 0:
+            continue
+        h = ex.act(F.linear(x[tok], ex.w1[e], ex.b1[e]))
+        y = F.linear(h, ex.w2[e], ex.b2[e]) * weight[tok, slot, None].to(x.dtype)
+        out = out.index_add(0, tok, y)
+    return out
+
+
+def timed_interleaved(fns: dict, backward: bool, repeats: int, sync) -> dict[str, float]:
+    """Median seconds per call of each fn; the fns take turns in every repeat so drift hits all alike."""
+    def once(fn):
+        out = fn()
+        if backward:
+            out.backward(torch.ones_like(out))
+        sync()
+
+    for fn in fns.values():
+        once(fn)
+        once(fn)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            once(fn)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_one(shape, E, k, kind, T, device, dtype, repeats, impl):
+    D, H = SHAPES[shape]
+    torch.manual_seed(0)
+    moe = MoEMlp.from_dense(Mlp(D, H), E, k, impl=impl).to(device)
+    ex = moe.experts
+    dense = Mlp(D, H).to(device)
+    expert, weight = routing(kind, T, E, k, device)
+    x = torch.randn(T, D, device=device, requires_grad=True)
+    xk = torch.randn(k * T, D, device=device, requires_grad=True)
+    amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type,
+                                                                                                 enabled=False)
+    resolved = moe.resolve_impl(x.to(dtype))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(fn):
+        def call():
+            with amp:
+                return fn()
+        return call
+
+    fns = {
+        "ideal": run(lambda: dense(xk)),
+        "moe": run(lambda: dispatch(x, expert, weight, ex, resolved)[0]),
+        "naive": run(lambda: naive(x, expert, weight, ex)),
+    }
+    res = {}
+    for suffix, backward in (("fwd", False), ("fwdbwd", True)):
+        for name, t in timed_interleaved(fns, backward, repeats, sync).items():
+            res[f"{name}_{suffix}"] = t
+    return resolved, res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--experts", nargs="+", type=int, default=[4, 8, 16])
+    ap.add_argument("--k", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--routing", nargs="+", default=["balanced", "skewed"], choices=["balanced", "skewed"])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--impl", default="auto", choices=["auto", "loop", "grouped"])
+    ap.add_argument("--out", default=None, help="Markdown file to append the table to (e.g. bench/RESULTS.md).")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    header = ("| shape | E | k | routing | path | fwd ms | fwd / ideal | fwd / naive | fwd+bwd ms | fwd+bwd / ideal "
+              "| fwd+bwd / naive |")
+    lines = [header, "|" + "---|" * 11]
+    print(header)
+    for shape in args.shapes:
+        for E in args.experts:
+            for k in args.k:
+                for kind in args.routing:
+                    path, r = bench_one(shape, E, k, kind, args.tokens, device, dtype, args.repeats, args.impl)
+                    row = (f"| {shape} | {E} | {k} | {kind} | {path} | {r['moe_fwd'] * 1e3:.1f} | "
+                           f"{r['moe_fwd'] / r['ideal_fwd']:.3f} | {r['moe_fwd'] / r['naive_fwd']:.3f} | "
+                           f"{r['moe_fwdbwd'] * 1e3:.1f} | {r['moe_fwdbwd'] / r['ideal_fwdbwd']:.3f} | "
+                           f"{r['moe_fwdbwd'] / r['naive_fwdbwd']:.3f} |")
+                    print(row, flush=True)
+                    lines.append(row)
+    if args.out:
+        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+        with open(args.out, "a") as f:
+            f.write(f"\n### {name}, {args.dtype}, T={args.tokens} tokens, torch {torch.__version__}\n\n"
+                    f"Command: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
