@@ -6,6 +6,7 @@ import typer
 
 from moe_cli import __version__
 from moe_cli.cli import densify as densify_cmd
+from moe_cli.cli import eval as eval_cmd
 from moe_cli.cli import export as export_cmd
 from moe_cli.cli import finetune as finetune_cmd
 from moe_cli.cli import upcycle as upcycle_cmd
@@ -40,6 +41,7 @@ app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("export")(export_cmd.export)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("densify-to-sparse")(densify_cmd.densify)
+app.command("eval")(eval_cmd.eval_cmd)
 
 
 def main() -> None:

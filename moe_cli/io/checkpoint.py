@@ -150,6 +150,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(model.eval(), arch, moe, meta.get("source", ""), meta.get("task", "classify"), extra)
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load a moe-cli checkpoint (folder or ``.safetensors`` file) as a ready model in eval mode."""
-    return load_checkpoint(path).model
+def load(path: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,
+         disable_experts: str | None = None) -> nn.Module:
+    """Load a moe-cli checkpoint (folder or ``.safetensors`` file) as a ready model in eval mode, optionally
+    with inference-time routing overrides (``disable_experts`` as 'layer:expert,...')."""
+    from moe_cli.models.overrides import apply_overrides
+
+    return apply_overrides(load_checkpoint(path).model, top_k, capacity_factor, disable_experts)

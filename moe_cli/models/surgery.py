@@ -152,7 +152,7 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     """(total parameters, parameters active per token): each MoE layer counts only its k used experts."""
     total = sum(p.numel() for p in model.parameters())
     inactive = sum((m.num_experts - m.active_experts) * m.experts.params_per_expert() for _, m in moe_layers(model))
-    return total, total - inactive
+    return total, round(total - inactive)
 
 
 @torch.no_grad()

@@ -129,16 +129,18 @@ class MoEMlp(nn.Module):
         self.last_counts: torch.Tensor | None = None
         self.last_gate: torch.Tensor | None = None
         self.last_dropped: torch.Tensor | None = None
+        self.disabled_experts: set[int] = set()
         # frozen router to distil from (dense-to-sparse stage 2); non-persistent, so never in checkpoints
         self.register_buffer("teacher_weight", None, persistent=False)
 
     @property
     def active_experts(self) -> int:
+        enabled = self.num_experts - len(self.disabled_experts)
         if self.gate == "soft":
-            return self.num_experts
+            return enabled
         if self.gate == "expert_choice":  # each expert takes cf * T / N tokens: cf experts per token on average
-            return min(self.num_experts, self.current_capacity_factor or 1.0)
-        return self.k
+            return min(enabled, (self.current_capacity_factor or 1.0) * enabled / self.num_experts)
+        return min(self.k, enabled)
 
     @property
     def current_capacity_factor(self) -> float | None:
@@ -158,8 +160,26 @@ class MoEMlp(nn.Module):
     def route(self, tokens: torch.Tensor) -> Routing:
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             logits = F.linear(tokens.float(), self.router.weight.float())
-        return route(logits, self.gate, self.k, self.normalize, self.noise_std, self.training,
-                     self.current_capacity_factor, self.priority)
+        if self.disabled_experts:
+            off = torch.zeros(self.num_experts, dtype=torch.bool, device=logits.device)
+            off[list(self.disabled_experts)] = True
+            logits = logits.masked_fill(off, float("-inf"))
+        r = route(logits, self.gate, self.k, self.normalize, self.noise_std, self.training,
+                  self.current_capacity_factor, self.priority)
+        if self.disabled_experts:  # soft and expert-choice gates list every expert: drop the disabled ones
+            dead = off[r.expert.clamp(min=0)] & (r.expert >= 0)
+            r = Routing(torch.where(dead, -1, r.expert), torch.where(dead, 0.0, r.weight), r.probs, r.logits)
+        return r
+
+    def disable_experts(self, experts: set[int]) -> None:
+        """Switch experts off at inference: -inf router logits, so no token is sent to them."""
+        bad = [e for e in experts if not 0 <= e < self.num_experts]
+        if bad:
+            raise ValueError(f"expert {bad[0]} does not exist (the layer has {self.num_experts})")
+        enabled = self.num_experts - len(set(experts))
+        if enabled < 1 or (self.gate == "topk" and enabled < self.k):
+            raise ValueError(f"disabling {sorted(experts)} leaves {enabled} expert(s), fewer than k={self.k}")
+        self.disabled_experts = set(experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_first:

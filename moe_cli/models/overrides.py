@@ -1,0 +1,53 @@
+"""Inference-time expert control: top-k, capacity factor, and switching experts off per layer."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from moe_cli.errors import ConfigError
+from moe_cli.models.surgery import moe_layers
+
+
+def parse_disabled(spec: str | None) -> dict[int, set[int]]:
+    """'3:1,5:0' -> {3: {1}, 5: {0}} (MoE layer index : expert index)."""
+    out: dict[int, set[int]] = {}
+    if not spec:
+        return out
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+        if not m:
+            raise ConfigError(f"--disable-experts expects LAYER:EXPERT pairs like 3:1,5:0; got {part!r}")
+        out.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return out
+
+
+def apply_overrides(model: nn.Module, top_k: int | None = None, capacity_factor: float | None = None,
+                    disable_experts: str | dict[int, set[int]] | None = None) -> nn.Module:
+    """Change routing of every MoE layer in place (a soft gate given ``top_k`` becomes a top-k gate)."""
+    layers = moe_layers(model)
+    if (top_k or capacity_factor or disable_experts) and not layers:
+        raise ConfigError("routing overrides need an MoE model; this checkpoint has no MoE layers")
+    disabled = parse_disabled(disable_experts) if isinstance(disable_experts, str) or disable_experts is None \
+        else disable_experts
+    for index in disabled:
+        if not 0 <= index < len(layers):
+            raise ConfigError(f"--disable-experts: MoE layer {index} does not exist (0..{len(layers) - 1})")
+    for i, (name, m) in enumerate(layers):
+        if top_k is not None:
+            if not 1 <= top_k <= m.num_experts:
+                raise ConfigError(f"--top-k must be between 1 and {m.num_experts} (experts in `{name}`), got {top_k}")
+            if m.gate == "soft":
+                m.gate = "topk"
+            m.k = top_k
+        if capacity_factor is not None:
+            if capacity_factor <= 0:
+                raise ConfigError(f"--capacity-factor must be > 0, got {capacity_factor}")
+            m.capacity_factor = m.eval_capacity_factor = capacity_factor
+        if i in disabled:
+            try:
+                m.disable_experts(disabled[i])
+            except ValueError as e:
+                raise ConfigError(f"--disable-experts layer {i} (`{name}`): {e}") from None
+    return model
