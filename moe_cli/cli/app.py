@@ -9,6 +9,7 @@ from moe_cli.cli import densify as densify_cmd
 from moe_cli.cli import eval as eval_cmd
 from moe_cli.cli import export as export_cmd
 from moe_cli.cli import finetune as finetune_cmd
+from moe_cli.cli import inspect as inspect_cmd
 from moe_cli.cli import upcycle as upcycle_cmd
 from moe_cli.cli.common import STATE
 
@@ -42,6 +43,7 @@ app.command("export")(export_cmd.export)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("densify-to-sparse")(densify_cmd.densify)
 app.command("eval")(eval_cmd.eval_cmd)
+app.command("inspect")(inspect_cmd.inspect_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,40 @@
+"""`moe inspect CKPT`: PNG figures of where tokens go, plus routes.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moe_cli.cli.common import STATE, console, user_errors
+from moe_cli.data.loaders import build_datasets, make_loader
+from moe_cli.evaluate.inspect import collect_routes, write_figures, write_routes_json
+from moe_cli.evaluate.report import data_config
+from moe_cli.io.checkpoint import load_checkpoint
+from moe_cli.models.overrides import apply_overrides
+from moe_cli.models.probe import input_size
+from moe_cli.train.loop import pick_device
+
+
+@user_errors
+def inspect_cmd(
+    ckpt: Path = typer.Argument(..., help="moe-cli checkpoint folder or .safetensors file."),
+    data: str = typer.Option("digits", help="digits (built in) or an ImageFolder folder."),
+    out: Path = typer.Option(Path("inspect"), "--out", "-o", help="Folder for the PNGs and routes.json."),
+    images: int = typer.Option(4, min=1, help="Images in the per-patch expert map."),
+    batch_size: int = typer.Option(64, min=1),
+    disable_experts: str | None = typer.Option(None, help="Switch experts off: LAYER:EXPERT,..."),
+) -> None:
+    """Expert-load heatmap per layer, routing per class, per-patch expert maps, routes.json."""
+    checkpoint = load_checkpoint(ckpt)
+    model = apply_overrides(checkpoint.model, disable_experts=disable_experts)
+    device = pick_device(STATE["device"])
+    chans, h, _ = input_size(model)
+    _, val = build_datasets(data_config(data), h, chans)
+    loader = make_loader(val, batch_size, None, 0, device)
+    num_classes = getattr(model, "num_classes", 0) or 1
+    routes = collect_routes(model.to(device), loader, device, num_classes, images)
+    paths = write_figures(routes, out)
+    write_routes_json(routes, out / "routes.json")
+    for p in [*paths, out / "routes.json"]:
+        console.print(f"wrote {p}")

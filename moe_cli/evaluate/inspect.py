@@ -1,0 +1,100 @@
+"""Where tokens go: expert load per layer, routing per class, per-patch expert maps; figures via matplotlib (Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_cli.errors import MoeError
+from moe_cli.io.checkpoint import atomic_write
+from moe_cli.models.surgery import moe_layers
+
+
+@torch.no_grad()
+def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: int, n_images: int = 4) -> dict:
+    """Per layer: load (share of routed pairs per expert) and per-class load; patch maps of the first images."""
+    layers = moe_layers(model)
+    if not layers:
+        raise MoeError("this checkpoint has no MoE layers: there is no routing to inspect")
+    E = layers[0][1].num_experts
+    per_class = {n: torch.zeros(num_classes, E) for n, _ in layers}
+    maps: dict[str, list] = {n: [] for n, _ in layers}
+    images: list[torch.Tensor] = []
+    model.eval()
+    for x, y in loader:
+        model(x.to(device))
+        for name, m in layers:
+            used = (m.last_gate > 0).float().cpu()  # (B, N, E)
+            per_class[name].index_add_(0, y, used.sum(1))
+            if len(images) < n_images:
+                maps[name].extend(m.last_gate.argmax(-1).cpu()[: n_images - len(images)])
+        images.extend(x[: n_images - len(images)])
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    out = {"experts": E, "layers": {}, "patch_grid": list(grid) if grid else None}
+    for name, _ in layers:
+        counts = per_class[name]
+        out["layers"][name] = {
+            "load": (counts.sum(0) / counts.sum().clamp_min(1)).tolist(),
+            "per_class": (counts / counts.sum(1, keepdim=True).clamp_min(1)).tolist(),
+            "patch_experts": [m[prefix:].reshape(*grid).tolist() if grid else m.tolist() for m in maps[name]],
+        }
+    out["_images"] = images
+    return out
+
+
+def write_figures(routes: dict, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MoeError("moe inspect draws with matplotlib: pip install 'moe-cli[plots]'") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(routes["layers"])
+    written = []
+
+    def save(fig, filename):
+        path = out_dir / filename
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(fig)
+        written.append(path)
+
+    load = np.array([routes["layers"][n]["load"] for n in names])
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * load.shape[1], 1 + 0.4 * len(names)))
+    im = ax.imshow(load, cmap="viridis", vmin=0, aspect="auto")
+    ax.set(xlabel="expert", ylabel="MoE layer", yticks=range(len(names)), yticklabels=names,
+           title="expert load (share of routed tokens)")
+    fig.colorbar(im, ax=ax)
+    save(fig, "expert_load.png")
+
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 4), squeeze=False)
+    for ax, n in zip(axes[0], names, strict=True):
+        ax.imshow(np.array(routes["layers"][n]["per_class"]), cmap="magma", vmin=0, aspect="auto")
+        ax.set(title=n, xlabel="expert", ylabel="class")
+    save(fig, "class_routing.png")
+
+    if routes["patch_grid"] and routes["_images"]:
+        imgs = routes["_images"]
+        fig, axes = plt.subplots(len(imgs), 1 + len(names), figsize=(2 * (1 + len(names)), 2 * len(imgs)),
+                                 squeeze=False)
+        for i, img in enumerate(imgs):
+            axes[i][0].imshow(((img[:3].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            for j, n in enumerate(names):
+                axes[i][j + 1].imshow(np.array(routes["layers"][n]["patch_experts"][i]), cmap="tab10",
+                                      vmin=0, vmax=max(routes["experts"] - 1, 1))
+                axes[i][j + 1].set_title(n if i == 0 else "", fontsize=8)
+            for ax in axes[i]:
+                ax.axis("off")
+        save(fig, "patch_experts.png")
+    return written
+
+
+def write_routes_json(routes: dict, path: Path) -> None:
+    data = {k: v for k, v in routes.items() if not k.startswith("_")}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))

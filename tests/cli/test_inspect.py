@@ -1,0 +1,38 @@
+"""`moe inspect` writes non-empty PNGs whose pixels differ between checkpoints that route differently."""
+
+import json
+
+import numpy as np
+from conftest import TINY, tiny_model
+from matplotlib.image import imread
+
+from moe_cli.io.checkpoint import Checkpoint, save
+from moe_cli.models.surgery import upcycle
+
+NAME, KWARGS = TINY["vit"]
+
+
+def test_inspect_figures_differ_with_routing(tmp_path, cli):
+    pixels = []
+    for seed in (0, 1):  # same experts, routers drawn from different seeds
+        model, cfg = upcycle(tiny_model("vit"), experts=4, k=1, normalize=False, seed=seed)
+        save(Checkpoint(model, {"name": NAME, "kwargs": KWARGS}, cfg), tmp_path / f"ck{seed}")
+        out = tmp_path / f"insp{seed}"
+        r = cli("inspect", str(tmp_path / f"ck{seed}"), "--out", str(out), "--images", "2")
+        assert r.exit_code == 0, r.output
+        for name in ("expert_load.png", "class_routing.png", "patch_experts.png"):
+            assert (out / name).stat().st_size > 1000
+        routes = json.loads((out / "routes.json").read_text())
+        assert set(routes["layers"]) == {"blocks.0.mlp", "blocks.1.mlp"}
+        assert abs(sum(routes["layers"]["blocks.0.mlp"]["load"]) - 1) < 1e-6
+        assert len(routes["layers"]["blocks.0.mlp"]["patch_experts"]) == 2
+        pixels.append({n: imread(out / n) for n in ("expert_load.png", "class_routing.png", "patch_experts.png")})
+    for name in pixels[0]:
+        a, b = pixels[0][name], pixels[1][name]
+        assert a.shape != b.shape or not np.array_equal(a, b), f"{name} did not change with the routing"
+
+
+def test_inspect_dense_checkpoint_is_an_error(tmp_path, cli):
+    save(Checkpoint(tiny_model("vit"), {"name": NAME, "kwargs": KWARGS}), tmp_path / "dense")
+    r = cli("inspect", str(tmp_path / "dense"), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "no MoE layers" in r.stderr
