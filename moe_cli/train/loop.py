@@ -134,6 +134,15 @@ def lr_lambda(recipe: Recipe, total: int) -> Callable[[int], float]:
     return factor
 
 
+def tensorboard_writer(out: Path):
+    """A SummaryWriter on <out>/tb when TensorBoard is installed, else None (metrics.jsonl is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
 # ----------------------------------------------------------------------------------------------- state
 
 
@@ -254,11 +263,17 @@ def train(
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
 
+    tb = tensorboard_writer(out) if dd.main else None
+
     def record(rec: dict) -> None:
         history.append(rec)
         if dd.main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
+        if tb is not None:
+            for key, value in rec.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    tb.add_scalar(f"{rec['split']}/{key}", value, rec["step"])
 
     def checkpoint_state() -> dict:
         rngs = [rng_state()]
@@ -344,6 +359,8 @@ def train(
         summary = {"step": step, **{k: v for k, v in last_eval.items() if k not in ("step", "split")}}
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     reporter.close()
+    if tb is not None:
+        tb.close()
     if dd.world > 1:
         dist.barrier()
     return TrainResult(step, last_eval, out, final, ckpt, history)
