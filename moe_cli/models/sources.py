@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 from pathlib import Path
 
 import timm
@@ -56,10 +58,26 @@ def resolve_timm_name(name: str) -> str:
     raise ModelSourceError(f"unknown model `{name}`: not a timm model name, hf-hub:org/name or existing file{hint}")
 
 
+@contextlib.contextmanager
+def quiet_hub():
+    """Hide huggingface_hub's per-retry warnings: a failed download ends in one clear line of ours instead."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def download_hint(what: str, err: Exception) -> ModelSourceError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        reason = "the Hub is unreachable or offline, and the files are not in the local cache"
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = reason if len(reason) <= 160 else reason[:160].rsplit(" ", 1)[0] + " …"
     return ModelSourceError(
-        f"could not fetch {what} ({reason[:160]}); use --no-pretrained for random weights, or fill the "
+        f"could not fetch {what}: {reason}; use --no-pretrained for random weights, or fill the "
         "Hugging Face cache (HF_HOME) on a machine with network and run with HF_HUB_OFFLINE=1")
 
 
@@ -73,7 +91,8 @@ def built_kwargs(model, kwargs: dict) -> dict:
 def _from_timm(name: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     resolved = resolve_timm_name(name)
     try:
-        model = timm.create_model(resolved, pretrained=pretrained, **kwargs)
+        with quiet_hub():
+            model = timm.create_model(resolved, pretrained=pretrained, **kwargs)
     except DOWNLOAD_ERRORS as e:
         raise download_hint(f"pretrained weights for `{resolved}`", e) from None
     except (RuntimeError, TypeError, ValueError) as e:
@@ -87,8 +106,9 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     if not hub_id or "/" not in hub_id:
         raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
     try:
-        _, arch_name, model_args = load_model_config_from_hf(hub_id)
-        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
+        with quiet_hub():
+            _, arch_name, model_args = load_model_config_from_hf(hub_id)
+            model = timm.create_model(spec, pretrained=pretrained, **kwargs)
     except DOWNLOAD_ERRORS as e:
         raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
     except (RuntimeError, TypeError, ValueError, KeyError) as e:

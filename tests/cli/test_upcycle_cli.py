@@ -98,3 +98,12 @@ def test_failed_verification_exits_1_and_writes_nothing(cli, tmp_path):
     r = cli("upcycle", *VIT, "--tolerance", "0", "--out", str(tmp_path / "o"))
     assert r.exit_code == 1 and "FAILED" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_pretrained_weights_unavailable_offline(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HOME": str(tmp_path / "hf")}
+    r = run_moe("upcycle", "vit_tiny", "--pretrained", "--out", str(tmp_path / "o"), env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not fetch pretrained weights for `vit_tiny_patch16_224`" in lines[0]
+    assert "--no-pretrained" in lines[0] and not (tmp_path / "o").exists()
