@@ -1,8 +1,8 @@
 """Expert dispatch: sort (token, slot) pairs by expert, gather, run the experts, un-permute, combine.
 
 Two ways to run the experts over the sorted rows, one layout: a loop of ``F.linear`` per expert (any device,
-the CPU default) and ``F.grouped_mm`` (CUDA bf16; also runs on CPU). The combine is a gather-free weighted
-sum over each token's slots: deterministic, no ``index_add_``.
+the CPU default) and ``F.grouped_mm`` (CUDA bf16; also runs on CPU). Results are gathered back into slot order
+and each token's slots are combined by one batched matmul: deterministic, no ``index_add_``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def dispatch(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, bank: 
         order = torch.argsort(key, stable=True)
         row_expert = key.index_select(0, order)
         x_sorted = x.index_select(0, torch.div(order, S, rounding_mode="floor"))
-        group_sizes = counts[1:] + F.one_hot(torch.tensor(E - 1, device=counts.device), E) * counts[0]
+        group_sizes = counts[1:].clone()
+        group_sizes[-1] += counts[0]
         y_sorted = bank.run_grouped(x_sorted, group_sizes, row_expert.clamp(max=E - 1))
         y_sorted = torch.where(row_expert.unsqueeze(-1) < E, y_sorted, 0.0)
         y_slots = y_sorted.index_select(0, inverse_permutation(order))
