@@ -7,12 +7,11 @@ from pathlib import Path
 import typer
 
 from moe_cli.cli.common import STATE, console, user_errors
-from moe_cli.data.loaders import build_datasets, make_loader
+from moe_cli.data.loaders import val_loader
 from moe_cli.evaluate.inspect import collect_routes, write_figures, write_routes_json
 from moe_cli.evaluate.report import data_config
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.models.overrides import apply_overrides
-from moe_cli.models.probe import input_size
 from moe_cli.train.loop import pick_device
 
 
@@ -29,9 +28,7 @@ def inspect_cmd(
     checkpoint = load_checkpoint(ckpt)
     model = apply_overrides(checkpoint.model, disable_experts=disable_experts)
     device = pick_device(STATE["device"])
-    chans, h, _ = input_size(model)
-    _, val = build_datasets(data_config(data), h, chans)
-    loader = make_loader(val, batch_size, None, 0, device)
+    loader = val_loader(model, data_config(data), batch_size, device)
     num_classes = getattr(model, "num_classes", 0) or 1
     routes = collect_routes(model.to(device), loader, device, num_classes, images)
     paths = write_figures(routes, out)

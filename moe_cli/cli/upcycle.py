@@ -14,7 +14,6 @@ from moe_cli.io.checkpoint import save
 from moe_cli.models.probe import probe_batch
 from moe_cli.models.sources import load_source
 from moe_cli.models.surgery import MoEConfig, max_output_diff, param_counts
-from moe_cli.models.surgery import upcycle as upcycle_model
 
 TOLERANCE = 1e-4
 
@@ -51,9 +50,10 @@ def upcycle(
     source = load_source(model, pretrained=pretrained, arch=arch, model_kwargs=parse_kv(model_arg, "--model-arg"))
     if source.moe is not None:
         raise ConfigError(f"{model} is already a MoE checkpoint ({source.moe.experts} experts)")
-    dense = source.model.eval()
-    sparse, cfg = upcycle_model(copy.deepcopy(dense), experts=experts, k=k, layers=layers, target=target,
-                                gate=gate, normalize=normalize, noise_std=noise_std, seed=STATE["seed"], **routing)
+    dense = copy.deepcopy(source.model).eval()
+    source.upcycle(experts=experts, k=k, layers=layers, target=target, gate=gate, normalize=normalize,
+                   noise_std=noise_std, seed=STATE["seed"], **routing)
+    sparse, cfg = source.model, source.moe
     probe = probe_batch(dense, seed=STATE["seed"])
     if gate == "expert_choice":
         ok = True
@@ -70,8 +70,6 @@ def upcycle(
     if not ok and noise_std == 0:
         console.print("[red]the upcycled model does not reproduce the dense model; nothing was written[/]")
         raise typer.Exit(1)
-    source.moe, source.model = cfg, sparse
-    source.extra = {"dense_params": param_counts(dense)[0]}
     name = source.architecture["name"]
     target_dir = out or Path("out") / f"{name}-moe{experts}k{k}"
     path = save(source, target_dir)

@@ -10,14 +10,27 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from moe_cli.data.digits import digits
 from moe_cli.errors import ConfigError
+from moe_cli.models.probe import input_size
 from moe_cli.train.recipe import DataCfg
+
+
+def build_dataset(cfg: DataCfg, training: bool, img_size: int, in_chans: int = 3) -> Dataset:
+    """The train (``training``) or validation split of the recipe's data section."""
+    if cfg.name == "digits":
+        return digits("train", img_size, in_chans, cfg.augment) if training else digits("val", img_size, in_chans)
+    return _timm_split(cfg, cfg.train_split if training else cfg.val_split, training, img_size)
 
 
 def build_datasets(cfg: DataCfg, img_size: int, in_chans: int = 3) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for the recipe's data section."""
-    if cfg.name == "digits":
-        return digits("train", img_size, in_chans, cfg.augment), digits("val", img_size, in_chans)
-    return _timm_split(cfg, cfg.train_split, True, img_size), _timm_split(cfg, cfg.val_split, False, img_size)
+    return build_dataset(cfg, True, img_size, in_chans), build_dataset(cfg, False, img_size, in_chans)
+
+
+def val_loader(model: torch.nn.Module, cfg: DataCfg, batch_size: int, device: torch.device) -> DataLoader:
+    """The validation split at the model's input size (or ``cfg.img_size``), in order."""
+    chans, h, _ = input_size(model)
+    return make_loader(build_dataset(cfg, False, cfg.img_size or h, chans), batch_size, None, cfg.num_workers,
+                       device)
 
 
 def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int) -> Dataset:

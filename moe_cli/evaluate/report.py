@@ -7,12 +7,11 @@ import time
 
 import torch
 
-from moe_cli.data.loaders import build_datasets, make_loader
+from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.evaluate.flops import compute_report
 from moe_cli.evaluate.routing import routing_stats
 from moe_cli.io.checkpoint import Checkpoint, create_timm
-from moe_cli.models.probe import input_size
 from moe_cli.train.recipe import DataCfg
 from moe_cli.train.tasks import autocast, make_task
 
@@ -54,9 +53,7 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str = "digits", batch_s
              device: torch.device | None = None, precision: str = "fp32") -> dict:
     device = device or torch.device("cpu")
     model = ckpt.model.to(device).eval()
-    chans, h, _ = input_size(model)
-    _, val = build_datasets(data_config(data), h, chans)
-    loader = make_loader(val, batch_size, None, 0, device)
+    loader = val_loader(model, data_config(data), batch_size, device)
     images = next(iter(loader))[0].to(device)
     out: dict = {"checkpoint": {"source": ckpt.source, "task": ckpt.task,
                                 "moe": ckpt.moe.to_dict() if ckpt.moe else None}, "data": data}

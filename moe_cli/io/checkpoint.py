@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moe_cli.errors import CheckpointError, ModelSourceError
-from moe_cli.models.surgery import MoEConfig, apply_moe
+from moe_cli.models.surgery import MoEConfig, apply_moe, upcycle
 
 FORMAT = "moe-cli/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -32,6 +32,12 @@ class Checkpoint:
     source: str = ""
     task: str = "classify"
     extra: dict = field(default_factory=dict)
+
+    def upcycle(self, **kwargs) -> Checkpoint:
+        """Turn this dense model into an MoE in place (see surgery.upcycle), remembering the dense size."""
+        self.extra = {**self.extra, "dense_params": sum(p.numel() for p in self.model.parameters())}
+        self.model, self.moe = upcycle(self.model, **kwargs)
+        return self
 
     def metadata(self) -> dict[str, str]:
         from moe_cli import __version__

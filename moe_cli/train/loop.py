@@ -4,6 +4,7 @@ atomic checkpoints with exact resume, torchrun DDP, metrics log. Every training 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,6 @@ from moe_cli.errors import ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, atomic_write, load_checkpoint, save
 from moe_cli.models.probe import input_size
 from moe_cli.models.sources import load_source
-from moe_cli.models.surgery import upcycle
 from moe_cli.train.recipe import Recipe
 from moe_cli.train.tasks import ClassifyTask, autocast, aux_loss, expert_imbalance, make_task
 
@@ -97,13 +97,7 @@ def build_model(recipe: Recipe) -> Checkpoint:
     if m.upcycle is not None:
         if ckpt.moe is not None:
             raise ConfigError(f"`model.upcycle` is set but {m.source} is already an MoE checkpoint")
-        u = m.upcycle
-        ckpt.extra = {**ckpt.extra, "dense_params": sum(p.numel() for p in ckpt.model.parameters())}
-        ckpt.model, ckpt.moe = upcycle(ckpt.model, experts=u.experts, k=u.k, layers=u.layers, target=u.target,
-                                       gate=u.gate, normalize=u.normalize, noise_std=u.noise_std,
-                                       seed=recipe.train.seed, capacity_factor=u.capacity_factor,
-                                       eval_capacity_factor=u.eval_capacity_factor, priority=u.priority,
-                                       impl=u.impl)
+        ckpt.upcycle(**dataclasses.asdict(m.upcycle), seed=recipe.train.seed)
     ckpt.task = recipe.task
     return ckpt
 

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_cli.data.loaders import build_datasets, make_loader
+from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.evaluate.flops import compute_report
 from moe_cli.evaluate.routing import routing_stats
 from moe_cli.io.checkpoint import Checkpoint, atomic_write, load_checkpoint
-from moe_cli.models.probe import input_size
 from moe_cli.models.sources import load_source
-from moe_cli.models.surgery import moe_layers, upcycle
+from moe_cli.models.surgery import moe_layers
 from moe_cli.moe.layer import ROUTER_STD
 from moe_cli.moe.losses import expert_cv_loss, token_cv_loss
 from moe_cli.train.loop import Reporter, pick_device, train
@@ -44,9 +43,7 @@ def dense_moe(recipe: Recipe) -> Checkpoint:
     d, m = recipe.densify, recipe.model
     ckpt = load_source(m.source, pretrained=m.pretrained, arch=m.arch, model_kwargs=m.kwargs)
     if ckpt.moe is None:
-        ckpt.extra = {**ckpt.extra, "dense_params": sum(p.numel() for p in ckpt.model.parameters())}
-        ckpt.model, ckpt.moe = upcycle(ckpt.model, experts=d.experts, k=d.k, layers=d.layers, gate="soft",
-                                       seed=recipe.train.seed)
+        ckpt.upcycle(experts=d.experts, k=d.k, layers=d.layers, gate="soft", seed=recipe.train.seed)
     elif ckpt.moe.gate != "soft":
         raise ConfigError(f"{m.source} is a `{ckpt.moe.gate}` MoE; stage 1 needs a dense (soft) gate or a dense model")
     for _, layer in moe_layers(ckpt.model):
@@ -100,9 +97,7 @@ def trainable_count(model: nn.Module, trainable: Callable | None) -> int:
 def stage_report(ckpt: Checkpoint, recipe: Recipe, device: torch.device, task: ClassifyTask) -> dict:
     """Accuracy, CE, routing (load per layer, batch-wise variation), GFLOPs/image (active) and parameters."""
     model = ckpt.model.to(device).eval()
-    chans, h, _ = input_size(model)
-    _, val = build_datasets(recipe.data, recipe.data.img_size or h, chans)
-    loader = make_loader(val, recipe.train.batch_size, None, 0, device)
+    loader = val_loader(model, recipe.data, recipe.train.batch_size, device)
     quality = task.evaluate(model, loader, device, recipe.train.precision)
     routes = routing_stats(model, loader, device, recipe.train.precision)
     images = next(iter(loader))[0][:16].to(device)
