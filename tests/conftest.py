@@ -78,3 +78,23 @@ def write_recipe(path, output, **sections) -> str:
     data["output"] = str(output)
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+@pytest.fixture
+def torch_hub(tmp_path):
+    """An empty torch hub cache of the test's own (LPIPS looks for its AlexNet backbone there)."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+def seed_alexnet(hub) -> None:
+    """Put a seeded, randomly initialised AlexNet where torchvision caches the ImageNet one (no download)."""
+    import torchvision
+
+    from moe_cli.evaluate.lpips import ALEXNET_FILE
+
+    (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), hub / "checkpoints" / ALEXNET_FILE)

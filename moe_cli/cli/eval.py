@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moe_cli.cli.common import STATE, console, user_errors
 from moe_cli.errors import ConfigError
-from moe_cli.evaluate.report import METRICS, evaluate, parse_metrics
+from moe_cli.evaluate.report import DEFAULT_METRICS, METRICS, evaluate, parse_metrics
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.models.overrides import apply_overrides
 from moe_cli.train.loop import pick_device
@@ -19,22 +19,28 @@ from moe_cli.train.loop import pick_device
 @user_errors
 def eval_cmd(
     ckpt: Path = typer.Argument(..., help="moe-cli checkpoint folder or .safetensors file."),
-    data: str = typer.Option("digits", help="digits (built in) or an ImageFolder folder."),
-    metric: str = typer.Option("accuracy,ce,routing,flops", help="Comma list of: " + ",".join(METRICS)),
+    data: str | None = typer.Option(None, help="digits (built in), an ImageFolder folder, or a token folder "
+                                    "(default: digits; a masked-tokens checkpoint's own token data)."),
+    metric: str | None = typer.Option(None, help="Comma list of: " + ",".join(METRICS) + " (default by task: "
+                                      + "; ".join(f"{k}: {v}" for k, v in DEFAULT_METRICS.items()) + ")."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
     batch_size: int = typer.Option(64, min=1, help="Evaluation batch size."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast)."),
     top_k: int | None = typer.Option(None, help="Route each token to K experts instead of the trained k."),
     capacity_factor: float | None = typer.Option(None, help="Capacity factor for token dropping at eval."),
     disable_experts: str | None = typer.Option(None, help="Switch experts off: LAYER:EXPERT,... (MoE layer index)."),
+    decoder: str | None = typer.Option(None, help="masked-tokens: token decoder module:function for lpips "
+                                       "(default: the recipe's)."),
 ) -> None:
     """Evaluate a checkpoint; routing overrides show how quality moves when experts change."""
-    metrics = parse_metrics(metric)
+    if metric is not None:
+        parse_metrics(metric)
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
     checkpoint = load_checkpoint(ckpt)
+    metrics = parse_metrics(metric or DEFAULT_METRICS.get(checkpoint.task, DEFAULT_METRICS["classify"]))
     apply_overrides(checkpoint.model, top_k, capacity_factor, disable_experts)
-    result = evaluate(checkpoint, metrics, data, batch_size, pick_device(STATE["device"]), precision)
+    result = evaluate(checkpoint, metrics, data, batch_size, pick_device(STATE["device"]), precision, decoder)
     result["overrides"] = {"top_k": top_k, "capacity_factor": capacity_factor, "disable_experts": disable_experts}
     if json_out:
         typer.echo(json.dumps(result, indent=2))
@@ -46,11 +52,17 @@ def print_tables(r: dict) -> None:
     summary = Table(title=f"moe eval ({r['data']})")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
-    if "accuracy" in r:
-        summary.add_row("accuracy top-1", f"{r['accuracy']['top1']:.2%}")
-        summary.add_row("accuracy top-5", f"{r['accuracy']['top5']:.2%}")
-    if "ce" in r:
-        summary.add_row("cross-entropy", f"{r['ce']:.4f}")
+    masked = r["checkpoint"]["task"] == "masked-tokens"
+    acc = r.get("accuracy", {})
+    if "top1" in acc:
+        summary.add_row("masked-token accuracy" if masked else "accuracy top-1", f"{acc['top1']:.2%}")
+    if "top5" in acc:
+        summary.add_row("accuracy top-5", f"{acc['top5']:.2%}")
+    for key, label in (("ce", "masked-token cross-entropy" if masked else "cross-entropy"),
+                       ("mse", "reconstruction MSE (masked patches)"), ("mae_loss", "MAE loss"),
+                       ("lpips", "LPIPS (AlexNet)")):
+        if isinstance(r.get(key), float):
+            summary.add_row(label, f"{r[key]:.4f}")
     if "flops" in r:
         f = r["flops"]
         dense = f.get("dense")
@@ -61,11 +73,12 @@ def print_tables(r: dict) -> None:
         summary.add_row("params active / token", f"{f['params_active'] / 1e6:.2f}M")
     if "throughput" in r:
         t = r["throughput"]
-        summary.add_row("throughput", f"{t['images_per_s']:.1f} img/s ({t['device']}, {t['precision']}, "
-                                      f"batch {t['batch_size']})")
+        rate, unit = (t["images_per_s"], "img/s") if "images_per_s" in t else (t["sequences_per_s"], "seq/s")
+        summary.add_row("throughput", f"{rate:.1f} {unit} ({t['device']}, {t['precision']}, batch {t['batch_size']})")
     console.print(summary)
-    if "lpips" in r and "skipped" in r["lpips"]:
-        console.print(r["lpips"]["skipped"])
+    for key in ("accuracy", "ce", "mse", "lpips"):
+        if isinstance(r.get(key), dict) and "skipped" in r[key]:
+            console.print(r[key]["skipped"])
     if r.get("routing"):
         table = Table(title="routing per MoE layer")
         for col in ("layer", "expert load", "entropy", "variation", "dropped"):

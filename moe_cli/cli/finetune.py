@@ -8,8 +8,9 @@ import typer
 
 from moe_cli.cli.common import STATE, console, user_errors
 from moe_cli.cli.progress import RichReporter
-from moe_cli.train.loop import train
-from moe_cli.train.recipe import load_recipe
+from moe_cli.errors import ConfigError
+from moe_cli.train.loop import FINAL, find_last, train
+from moe_cli.train.recipe import load_recipe, recipe_chain
 
 
 @user_errors
@@ -20,10 +21,25 @@ def finetune(
     overwrite: bool = typer.Option(False, help="Start over even if the output folder holds a run."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (overrides `output`)."),
 ) -> None:
-    """Train (fine-tune, or from scratch) the recipe's model; writes last/, final/ and metrics.jsonl."""
+    """Train (fine-tune, or from scratch) the recipe's model, then its `then:` runs; each writes last/, final/,
+    metrics.jsonl and summary.json in its output folder."""
     r = load_recipe(recipe, (set_ or []) + ([f"output={output}"] if output else []))
-    result = train(r, device=STATE["device"], resume=resume, overwrite=overwrite, reporter=RichReporter("finetune"))
-    if result.final is not None:
-        acc = result.eval.get("accuracy")
-        console.print(f"final: step {result.step}  accuracy {acc:.4f}  ce {result.eval.get('ce', float('nan')):.4f}"
-                      f"  -> {result.final}", soft_wrap=True)
+    chain = recipe_chain(r, recipe.name)
+    if not resume and not overwrite:
+        for run in chain[1:]:
+            if find_last(Path(run.output)) is not None:
+                raise ConfigError(f"{run.output} (a `then` run) already holds a run; pass --resume to continue the "
+                                  "chain or --overwrite to start over")
+    for i, run in enumerate(chain):
+        out = Path(run.output)
+        title = run.task if len(chain) == 1 else f"{i + 1}/{len(chain)} {run.task}"
+        if resume and (out / "summary.json").is_file() and (out / FINAL).is_dir() and i < len(chain) - 1:
+            console.print(f"{title}: {out} is complete, skipping")
+            continue
+        again = resume and (i == 0 or find_last(out) is not None)
+        result = train(run, device=STATE["device"], resume=again, overwrite=overwrite or (resume and not again),
+                       reporter=RichReporter(title))
+        if result.final is not None:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in result.eval.items()
+                              if k not in ("step", "split") and isinstance(v, float))
+            console.print(f"{title} final: step {result.step}  {shown}  -> {result.final}", soft_wrap=True)

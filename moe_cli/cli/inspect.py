@@ -8,6 +8,7 @@ import typer
 
 from moe_cli.cli.common import STATE, console, user_errors
 from moe_cli.data.loaders import val_loader
+from moe_cli.errors import ConfigError
 from moe_cli.evaluate.inspect import collect_routes, write_figures, write_routes_json
 from moe_cli.evaluate.report import data_config
 from moe_cli.io.checkpoint import load_checkpoint
@@ -26,6 +27,9 @@ def inspect_cmd(
 ) -> None:
     """Expert-load heatmap per layer, routing per class, per-patch expert maps, routes.json."""
     checkpoint = load_checkpoint(ckpt)
+    if checkpoint.task != "classify":
+        raise ConfigError(f"moe inspect maps routing per class and per image patch of classifiers; {ckpt} is a "
+                          f"`{checkpoint.task}` checkpoint (use `moe eval {ckpt} --metric routing`)")
     model = apply_overrides(checkpoint.model, disable_experts=disable_experts)
     device = pick_device(STATE["device"])
     loader = val_loader(model, data_config(data), batch_size, device)

@@ -1,4 +1,5 @@
-"""Datasets and loaders: the built-in digits set, or user data through timm's create_dataset/create_transform."""
+"""Datasets and loaders: the built-in digits set, token folders (masked-tokens), or user images through timm's
+create_dataset/create_transform."""
 
 from __future__ import annotations
 
@@ -9,28 +10,56 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from moe_cli.data.digits import digits
+from moe_cli.data.tokens import synthetic_tokens, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
 from moe_cli.models.probe import input_size
 from moe_cli.train.recipe import DataCfg
 
 
-def build_dataset(cfg: DataCfg, training: bool, img_size: int, in_chans: int = 3) -> Dataset:
-    """The train (``training``) or validation split of the recipe's data section."""
+def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module) -> Dataset:
+    """The train (``training``) or validation split of the recipe's data section, shaped for ``model``: images at
+    its input size (or ``cfg.img_size``), or token sequences checked against a token model."""
+    split = cfg.train_split if training else cfg.val_split
+    if cfg.name == "tokens":
+        return _token_split(cfg, split, model)
+    if hasattr(model, "token_shape"):
+        raise ConfigError(f"{type(model).__name__} reads discrete tokens: use `data.name: tokens` with a token "
+                          f"folder, not the image dataset `{cfg.name or 'ImageFolder'}`")
+    chans, h, _ = input_size(model)
+    size = cfg.img_size or h
     if cfg.name == "digits":
-        return digits("train", img_size, in_chans, cfg.augment) if training else digits("val", img_size, in_chans)
-    return _timm_split(cfg, cfg.train_split if training else cfg.val_split, training, img_size)
+        return digits("train", size, chans, cfg.augment) if training else digits("val", size, chans)
+    return _timm_split(cfg, split, training, size)
 
 
-def build_datasets(cfg: DataCfg, img_size: int, in_chans: int = 3) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: DataCfg, model: torch.nn.Module) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for the recipe's data section."""
-    return build_dataset(cfg, True, img_size, in_chans), build_dataset(cfg, False, img_size, in_chans)
+    return build_dataset(cfg, True, model), build_dataset(cfg, False, model)
 
 
 def val_loader(model: torch.nn.Module, cfg: DataCfg, batch_size: int, device: torch.device) -> DataLoader:
-    """The validation split at the model's input size (or ``cfg.img_size``), in order."""
-    chans, h, _ = input_size(model)
-    return make_loader(build_dataset(cfg, False, cfg.img_size or h, chans), batch_size, None, cfg.num_workers,
-                       device)
+    """The validation split shaped for ``model``, in order."""
+    return make_loader(build_dataset(cfg, False, model), batch_size, None, cfg.num_workers, device)
+
+
+def _token_split(cfg: DataCfg, split: str, model: torch.nn.Module) -> Dataset:
+    if not hasattr(model, "token_shape"):
+        raise ConfigError(f"token data (`data.name: tokens`) needs a token model such as maskgit_video, "
+                          f"not {type(model).__name__}")
+    if cfg.root is None:
+        raise ConfigError("`data.root` is required for token data (a folder with <split>.json)")
+    if cfg.synthetic is not None:
+        ensure_synthetic(cfg)
+    return token_dataset(cfg.root, split, model.token_shape, model.vocab_size)
+
+
+def ensure_synthetic(cfg: DataCfg) -> None:
+    """Write the recipe's synthetic token splits into ``cfg.root`` unless they are there already."""
+    g = cfg.synthetic
+    for split, n, seed in ((cfg.train_split, g.train_sequences, g.seed), (cfg.val_split, g.val_sequences, g.seed + 1)):
+        if not (Path(cfg.root) / f"{split}.json").is_file():
+            write_tokens(cfg.root, split, synthetic_tokens(n, g.frames, g.height, g.width, g.vocab_size, seed),
+                         g.vocab_size)
 
 
 def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int) -> Dataset:

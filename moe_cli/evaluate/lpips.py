@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from moe_cli.errors import MoeError
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # what torchvision's AlexNet_Weights.IMAGENET1K_V1 caches
+MIN_SIZE = 32  # AlexNet's pooling leaves nothing of smaller images
 
 
 def alexnet_cache_path() -> Path:
@@ -36,7 +39,11 @@ def lpips_model(device: torch.device | str = "cpu") -> torch.nn.Module:
 
 @torch.no_grad()
 def lpips_distance(a: torch.Tensor, b: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """Per-image LPIPS between two batches (N, 3, H, W) in [-1, 1]; 1-channel images are repeated to 3."""
+    """Per-image LPIPS between two batches (N, 3, H, W) in [-1, 1]; 1-channel images are repeated to 3, and
+    images under 32 px on a side are upsampled by a whole factor (nearest) to at least that."""
     if a.shape[1] == 1:
         a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+    if min(a.shape[-2:]) < MIN_SIZE:
+        factor = math.ceil(MIN_SIZE / min(a.shape[-2:]))
+        a, b = (F.interpolate(t.float(), scale_factor=factor, mode="nearest") for t in (a, b))
     return model(a.float(), b.float()).flatten()

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.evaluate.flops import compute_report
+from moe_cli.evaluate.lpips import lpips_model
 from moe_cli.evaluate.routing import routing_stats
 from moe_cli.io.checkpoint import Checkpoint, create_timm
 from moe_cli.train.recipe import DataCfg
 from moe_cli.train.tasks import autocast, make_task
 
-METRICS = ("accuracy", "ce", "lpips", "routing", "flops", "throughput")
+METRICS = ("accuracy", "ce", "mse", "lpips", "routing", "flops", "throughput")
+DEFAULT_METRICS = {"classify": "accuracy,ce,routing,flops", "mae": "mse,routing,flops",
+                   "masked-tokens": "ce,accuracy,routing,flops"}
+# the quality metrics each task can report, and what it outputs (for the not-applicable notes)
+QUALITY = {"classify": ({"accuracy", "ce"}, "class scores"), "mae": ({"mse", "lpips"}, "reconstructed images"),
+           "masked-tokens": ({"ce", "accuracy", "lpips"}, "token predictions")}
 
 
 def parse_metrics(spec: str) -> list[str]:
@@ -26,9 +33,23 @@ def parse_metrics(spec: str) -> list[str]:
     return names
 
 
-def data_config(data: str) -> DataCfg:
-    """'digits' or a folder (ImageFolder; its `validation`/`val` split if present)."""
-    return DataCfg(name="digits") if data == "digits" else DataCfg(name="", root=data)
+def data_config(data: str | None, ckpt: Checkpoint | None = None) -> DataCfg:
+    """'digits', a token folder (<split>.json), or an image folder (ImageFolder; its `validation`/`val` split if
+    present). None: the token folder a masked-tokens checkpoint was trained on, else digits."""
+    tc = ckpt.task_config if ckpt is not None else {}
+    if data is None:
+        if ckpt is None or ckpt.task != "masked-tokens":
+            return DataCfg(name="digits")
+        root = tc.get("data_root")
+        if not root or not Path(root).is_dir():
+            raise ConfigError(f"this masked-tokens checkpoint was trained on token data at {root}, which is not here; "
+                              "pass --data FOLDER (a folder with validation.json)")
+        return DataCfg(name="tokens", root=root, val_split=tc.get("val_split", "validation"))
+    if data == "digits":
+        return DataCfg(name="digits")
+    if ckpt is not None and ckpt.task == "masked-tokens":
+        return DataCfg(name="tokens", root=data, val_split=tc.get("val_split", "validation"))
+    return DataCfg(name="", root=data)
 
 
 @torch.no_grad()
@@ -49,32 +70,53 @@ def throughput(model: torch.nn.Module, images: torch.Tensor, device: torch.devic
     return images.shape[0] / statistics.median(times)
 
 
-def evaluate(ckpt: Checkpoint, metrics: list[str], data: str = "digits", batch_size: int = 64,
-             device: torch.device | None = None, precision: str = "fp32") -> dict:
+def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batch_size: int = 64,
+             device: torch.device | None = None, precision: str = "fp32", decoder: str | None = None) -> dict:
+    """The requested metrics for ``ckpt`` on ``data`` (see :func:`data_config`); quality metrics come from the
+    checkpoint's task, and those that do not apply to it come back as {"skipped": reason}."""
     device = device or torch.device("cpu")
     model = ckpt.model.to(device).eval()
-    loader = val_loader(model, data_config(data), batch_size, device)
-    images = next(iter(loader))[0].to(device)
+    config = {**ckpt.task_config, **({"decoder": decoder} if decoder else {})}
+    task = make_task(ckpt.task, config)
+    data_cfg = data_config(data, ckpt)
+    loader = val_loader(model, data_cfg, batch_size, device)
+    samples = next(iter(loader))[0].to(device)
     out: dict = {"checkpoint": {"source": ckpt.source, "task": ckpt.task,
-                                "moe": ckpt.moe.to_dict() if ckpt.moe else None}, "data": data}
-    if {"accuracy", "ce"} & set(metrics):
-        q = make_task(ckpt.task).evaluate(model, loader, device, precision)
-        if "accuracy" in metrics:
-            out["accuracy"] = {"top1": q["accuracy"], "top5": q["top5"]}
-        if "ce" in metrics:
-            out["ce"] = q["ce"]
-    if "lpips" in metrics:
-        out["lpips"] = {"skipped": f"lpips does not apply: this `{ckpt.task}` checkpoint outputs class scores, "
-                                   "not images (use an image-producing task: mae or masked-tokens)"}
+                                "moe": ckpt.moe.to_dict() if ckpt.moe else None},
+                 "data": data_cfg.root or data_cfg.name}
+    applies, produces = QUALITY.get(ckpt.task, (set(), "outputs"))
+    quality = [m for m in metrics if m in ("accuracy", "ce", "mse", "lpips")]
+    for m in quality:
+        if m not in applies:
+            out[m] = {"skipped": f"{m} does not apply: this `{ckpt.task}` checkpoint outputs {produces}"
+                                 + (" (use an image-producing task: mae or masked-tokens)" if m == "lpips" else "")}
+    wanted = [m for m in quality if m in applies]
+    lp = None
+    if "lpips" in wanted:
+        if ckpt.task == "masked-tokens" and not config.get("decoder"):
+            out["lpips"] = {"skipped": "lpips needs a token decoder: pass --decoder module:function "
+                                       "(tokens (B,F,H,W) -> images (B,F,C,H,W) in [-1, 1])"}
+            wanted.remove("lpips")
+        else:
+            lp = lpips_model(device)
+    if wanted:
+        q = task.evaluate(model, loader, device, precision, lpips=lp)
+        if "accuracy" in wanted:
+            out["accuracy"] = {"top1": q["accuracy"], **({"top5": q["top5"]} if "top5" in q else {})}
+        for m in ("ce", "mse", "lpips"):
+            if m in wanted:
+                out[m] = q[m]
+        if "loss" in q:
+            out["mae_loss"] = q["loss"]
     if "routing" in metrics:
         out["routing"] = routing_stats(model, loader, device, precision)
     if "flops" in metrics:
-        out["flops"] = compute_report(model, images)
+        out["flops"] = compute_report(model, samples)
         if ckpt.moe is not None:
             dense = create_timm(ckpt.architecture["name"], ckpt.architecture.get("kwargs", {})).to(device)
-            out["flops"]["dense"] = compute_report(dense, images)
+            out["flops"]["dense"] = compute_report(dense, samples)
     if "throughput" in metrics:
-        out["throughput"] = {"images_per_s": throughput(model, images, device, precision),
-                             "batch_size": images.shape[0], "device": str(device), "precision": precision}
+        unit = "sequences_per_s" if hasattr(model, "token_shape") else "images_per_s"
+        out["throughput"] = {unit: throughput(model, samples, device, precision),
+                             "batch_size": samples.shape[0], "device": str(device), "precision": precision}
     return out
-

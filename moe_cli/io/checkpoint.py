@@ -32,6 +32,7 @@ class Checkpoint:
     source: str = ""
     task: str = "classify"
     extra: dict = field(default_factory=dict)
+    task_config: dict = field(default_factory=dict)  # the task's eval settings (masked-tokens: decoder, masks)
 
     def upcycle(self, **kwargs) -> Checkpoint:
         """Turn this dense model into an MoE in place (see surgery.upcycle), remembering the dense size."""
@@ -49,6 +50,7 @@ class Checkpoint:
             "architecture": json.dumps(self.architecture),
             "moe": json.dumps(self.moe.to_dict() if self.moe else None),
             "task": self.task,
+            "task_config": json.dumps(self.task_config),
             "extra": json.dumps(self.extra),
         }
 
@@ -144,6 +146,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         arch = json.loads(meta["architecture"])
         moe_dict = json.loads(meta["moe"])
         extra = json.loads(meta.get("extra", "{}"))
+        task_config = json.loads(meta.get("task_config", "{}"))
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{target}: corrupt moe-cli metadata ({e})") from None
     model = create_timm(arch["name"], arch.get("kwargs", {}))
@@ -153,7 +156,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     load_state(model, read_tensors(target), target)
     if meta.get("dtype") in DTYPES:
         model.to(DTYPES[meta["dtype"]])
-    return Checkpoint(model.eval(), arch, moe, meta.get("source", ""), meta.get("task", "classify"), extra)
+    return Checkpoint(model.eval(), arch, moe, meta.get("source", ""), meta.get("task", "classify"), extra,
+                      task_config)
 
 
 def load(path: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,

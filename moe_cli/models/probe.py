@@ -18,7 +18,10 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def probe_batch(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    c, h, w = input_size(model)
+    """Random images shaped like the model's input, or the model's own ``example_input`` (token models)."""
     gen = torch.Generator().manual_seed(seed)
+    if hasattr(model, "example_input"):
+        return model.example_input(batch, gen)
+    c, h, w = input_size(model)
     device = next(model.parameters()).device
     return torch.randn(batch, c, h, w, generator=gen).to(device)

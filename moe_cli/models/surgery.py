@@ -67,9 +67,11 @@ def _is_ffn_like(module: nn.Module) -> bool:
 
 
 def find_ffns(model: nn.Module, target: str | None = None) -> list[tuple[str, nn.Module]]:
-    """FFN modules in definition order: timm Mlp/GluMlp/SwiGLU, or the modules whose names match ``target``."""
+    """FFN modules in definition order: timm Mlp/GluMlp/SwiGLU (under the model's ``moe_scope`` prefix, e.g. only
+    an MAE's encoder), or the modules whose names match ``target``."""
     if target is None:
-        return [(n, m) for n, m in model.named_modules() if type(m) in FFN_TYPES]
+        scope = getattr(model, "moe_scope", "")
+        return [(n, m) for n, m in model.named_modules() if type(m) in FFN_TYPES and n.startswith(scope)]
     found = [(n, m) for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, target)]
     if not found:
         raise ConfigError(f"--target {target!r} matches no module name (e.g. 'blocks.*.mlp')")

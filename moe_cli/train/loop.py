@@ -24,10 +24,9 @@ from torch import nn
 from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, atomic_write, load_checkpoint, save
-from moe_cli.models.probe import input_size
 from moe_cli.models.sources import load_source
 from moe_cli.train.recipe import Recipe
-from moe_cli.train.tasks import ClassifyTask, autocast, aux_loss, expert_imbalance, make_task
+from moe_cli.train.tasks import Task, autocast, aux_loss, expert_imbalance, recipe_task
 
 LAST, FINAL, STATE_FILE = "last", "final", "train_state.pt"
 
@@ -90,10 +89,12 @@ def init_distributed(device: torch.device) -> Dist:
     return d
 
 
-def build_model(recipe: Recipe) -> Checkpoint:
-    """The recipe's model: its source, upcycled first when `model.upcycle` is set."""
+def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:
+    """The recipe's model: its source prepared by the task (MAE wrapper, classifier from an MAE encoder, ...),
+    then upcycled when `model.upcycle` is set (for an MAE: the encoder's FFNs)."""
     m = recipe.model
     ckpt = load_source(m.source, pretrained=m.pretrained, arch=m.arch, model_kwargs=m.kwargs)
+    ckpt = (task or recipe_task(recipe)).prepare(ckpt, recipe)
     if m.upcycle is not None:
         if ckpt.moe is not None:
             raise ConfigError(f"`model.upcycle` is set but {m.source} is already an MoE checkpoint")
@@ -190,7 +191,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     reporter: Reporter | None = None,
-    task: ClassifyTask | None = None,
+    task: Task | None = None,
     loss_fn: Callable[[nn.Module, tuple], tuple[torch.Tensor, dict]] | None = None,
     trainable: Callable[[str, nn.Parameter], bool] | None = None,
     out_dir: str | Path | None = None,
@@ -211,19 +212,18 @@ def train(
     if not resume and not overwrite and find_last(out) is not None:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
 
+    task = task or recipe_task(recipe)
     torch.manual_seed(t.seed)  # same initial model on every rank
     if last is not None:
         ckpt = load_checkpoint(last)
     elif ckpt is None:
-        ckpt = build_model(recipe)
+        ckpt = build_model(recipe, task)
     torch.manual_seed(t.seed + dd.rank)  # per-rank dropout / noise
     random.seed(t.seed + dd.rank)
-    task = task or make_task(recipe.task, t.label_smoothing)
     loss_fn = loss_fn or task.loss
 
     model = ckpt.model.to(dev).train()
-    chans, h, _ = input_size(model)
-    train_ds, val_ds = build_datasets(recipe.data, recipe.data.img_size or h, chans)
+    train_ds, val_ds = build_datasets(recipe.data, model)
     sampler = ResumableSampler(train_ds, seed=t.seed, rank=dd.rank, world=dd.world)
     batches_per_epoch = math.ceil(len(sampler) / t.batch_size)
     total = t.steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))

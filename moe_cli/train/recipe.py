@@ -40,14 +40,30 @@ class ModelCfg:
 
 
 @dataclass(frozen=True)
+class SyntheticTokensCfg:
+    """Moving token patterns written to `data.root` when it holds no data yet (see moe_cli.data.tokens)."""
+
+    train_sequences: int = 512
+    val_sequences: int = 128
+    frames: int = 4
+    height: int = 4
+    width: int = 4
+    vocab_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DataCfg:
-    name: str = "digits"  # digits (built in), or a timm dataset name ("" = ImageFolder, hfds/NAME, ...)
+    # digits (built in); tokens (root/<split>.json + memory-mapped array, for masked-tokens); or a timm dataset
+    # name ("" = ImageFolder, hfds/NAME, ...)
+    name: str = "digits"
     root: str | None = None
     train_split: str = "train"
     val_split: str = "validation"
     img_size: int | None = None  # default: the model's input size
     num_workers: int = 0
     augment: bool = False
+    synthetic: SyntheticTokensCfg | None = None  # tokens only: generate the data into `root` if missing
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,30 @@ class DensifyCfg:
 
 
 @dataclass(frozen=True)
+class MAECfg:
+    """Masked-autoencoder pretraining of the model (a timm ViT) as encoder."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True  # regress per-patch normalised pixels
+
+
+@dataclass(frozen=True)
+class MaskedTokensCfg:
+    """MaskGIT-style training: cosine mask schedule, cross-entropy on the masked tokens."""
+
+    eval_mask_ratio: float | None = None  # eval masks: None = cosine-schedule ratios from a fixed seed
+    predict_frames: int = 0  # eval: mask the last N frames entirely (future-frame prediction) instead
+    decoder: str | None = None  # module:function, tokens (B,F,H,W) -> images (B,F,C,h,w) in [-1, 1], for LPIPS
+    sample_steps: int = 8  # iterative decoding steps when filling masked tokens for LPIPS
+
+
+TASKS = ("classify", "mae", "masked-tokens")
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -137,8 +177,13 @@ class Recipe:
     train: TrainCfg = field(default_factory=TrainCfg)
     moe: MoELossCfg = field(default_factory=MoELossCfg)
     densify: DensifyCfg | None = None  # only for `moe densify-to-sparse`
-    task: Literal["classify"] = "classify"
+    task: Literal["classify", "mae", "masked-tokens"] = "classify"
+    mae: MAECfg = field(default_factory=MAECfg)  # task: mae
+    masked_tokens: MaskedTokensCfg = field(default_factory=MaskedTokensCfg)  # task: masked-tokens
     output: str = "runs/run"
+    # a follow-up run (e.g. MAE pretraining, then classification): sections given here replace this recipe's,
+    # the rest are inherited, and `model.source` defaults to this run's `<output>/final`
+    then: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -242,6 +287,27 @@ def recipe_from_dict(data: dict, src: str = "recipe", overrides: list[str] | Non
     return recipe
 
 
+def recipe_chain(recipe: Recipe, src: str = "recipe") -> list[Recipe]:
+    """The recipe followed by its `then:` runs, each a full validated recipe."""
+    chain = [recipe]
+    while chain[-1].then is not None:
+        parent = chain[-1]
+        then = parent.then
+        if "output" not in then or then["output"] == parent.output:
+            raise ConfigError(f"`then.output` in {src} must name a folder of its own (this run writes {parent.output})")
+        if "densify" in then or parent.densify is not None:
+            raise ConfigError(f"`then` in {src}: densify-to-sparse recipes cannot be chained")
+        data = {k: v for k, v in parent.to_dict().items() if k != "then"}
+        data.update(then)
+        model = dict(then.get("model") or {})
+        model.setdefault("source", str(Path(parent.output) / "final"))
+        data["model"] = model
+        chain.append(recipe_from_dict(data, f"{src} (then #{len(chain)})"))
+        if len(chain) > 8:
+            raise ConfigError(f"{src}: more than 8 chained `then` runs")
+    return chain
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a YAML recipe; ``overrides`` are `--set a.b=value` strings applied first."""
     path = Path(path)
@@ -276,6 +342,24 @@ def validate(r: Recipe, src: str) -> None:
         raise ConfigError(f"{src}: `train.steps` / `train.epochs` must be positive")
     if r.optim.lr <= 0:
         raise ConfigError(f"`optim.lr` in {src} must be > 0, got {r.optim.lr}")
+    if r.densify is not None and r.task != "classify":
+        raise ConfigError(f"`densify` in {src} trains classifiers; `task` must be classify, got {r.task!r}")
+    if not 0 < r.mae.mask_ratio < 1:
+        raise ConfigError(f"`mae.mask_ratio` in {src} must be in (0, 1), got {r.mae.mask_ratio}")
+    if min(r.mae.decoder_dim, r.mae.decoder_depth, r.mae.decoder_heads) < 1 or \
+            r.mae.decoder_dim % r.mae.decoder_heads:
+        raise ConfigError(f"`mae` in {src}: decoder_dim, decoder_depth, decoder_heads must be >= 1 and decoder_dim "
+                          f"divisible by decoder_heads")
+    mt = r.masked_tokens
+    if mt.eval_mask_ratio is not None and not 0 < mt.eval_mask_ratio <= 1:
+        raise ConfigError(f"`masked_tokens.eval_mask_ratio` in {src} must be in (0, 1], got {mt.eval_mask_ratio}")
+    if mt.predict_frames < 0 or mt.sample_steps < 1:
+        raise ConfigError(f"`masked_tokens` in {src}: predict_frames must be >= 0 and sample_steps >= 1")
+    if (r.data.name == "tokens") != (r.task == "masked-tokens"):
+        raise ConfigError(f"{src}: task `masked-tokens` trains on `data.name: tokens` and only it does "
+                          f"(task {r.task!r}, data {r.data.name!r})")
+    if r.data.name == "tokens" and not r.data.root:
+        raise ConfigError(f"`data.root` in {src} is required for token data (a folder with <split>.json)")
     if r.model.upcycle is not None:
         u = r.model.upcycle
         if u.experts < 1 or (u.gate == "topk" and not 1 <= u.k <= u.experts):

@@ -26,7 +26,7 @@ from moe_cli.moe.layer import ROUTER_STD
 from moe_cli.moe.losses import expert_cv_loss, token_cv_loss
 from moe_cli.train.loop import Reporter, pick_device, train
 from moe_cli.train.recipe import DensifyCfg, Recipe
-from moe_cli.train.tasks import ClassifyTask, make_task
+from moe_cli.train.tasks import ClassifyTask, recipe_task
 
 STAGE_NAMES = {1: "dense", 2: "distill", 3: "finetune"}
 
@@ -119,7 +119,7 @@ def densify_to_sparse(recipe: Recipe, *, from_stage: int = 1, init: str | Path |
     if from_stage > 1 and init is None:
         raise ConfigError(f"--from-stage {from_stage} needs --init, the stage-{from_stage - 1} checkpoint folder")
     dev = pick_device(device)
-    task = make_task(recipe.task, recipe.train.label_smoothing)
+    task = recipe_task(recipe)
     make_reporter = reporter or (lambda _name: Reporter())
     notify = on_stage or (lambda _i, _msg: None)
     out = Path(recipe.output)

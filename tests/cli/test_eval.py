@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, tiny_model
+from conftest import TINY, seed_alexnet, tiny_model
 from torch import nn
 
 from moe_cli.data.digits import digits
@@ -119,20 +119,8 @@ def test_eval_errors(tmp_path, cli):
     assert r.exit_code == 0 and "lpips does not apply" in r.output
 
 
-@pytest.fixture
-def torch_hub(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(old)
-
-
 def test_lpips_with_seeded_cache(torch_hub):
-    import torchvision
-
-    (torch_hub / "checkpoints").mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.alexnet().state_dict(), torch_hub / "checkpoints" / ALEXNET_FILE)
+    seed_alexnet(torch_hub)
     model = lpips_model()
     a = digits("val", img_size=64).images[:4]
     assert torch.all(lpips_distance(a, a, model) == 0)

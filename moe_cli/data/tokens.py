@@ -1,0 +1,172 @@
+"""Discrete-token video data: a memory-mapped array (sequences, frames, H, W) plus a JSON file describing it.
+
+A split ``S`` in folder ``root`` is ``root/S.json``::
+
+    {"file": "S.bin", "shape": [N, F, H, W], "dtype": "uint16", "vocab_size": 1024}
+
+with ``file`` relative to the folder and the array stored C-order, no header (``ndarray.tofile``).
+Also here: a synthetic generator (moving token patterns) and `palette_decoder`, a token -> image decoder for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from moe_cli.errors import ConfigError
+
+DTYPES = ("uint8", "uint16", "int16", "int32", "int64")
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    path: Path  # the JSON file
+    file: Path  # the raw array
+    shape: tuple[int, int, int, int]
+    dtype: str
+    vocab_size: int
+
+
+def read_spec(root: str | os.PathLike, split: str) -> TokenSpec:
+    """Parse and check ``root/split.json``; every problem is a one-line ConfigError naming the file and field."""
+    path = Path(root) / f"{split}.json"
+    if not path.is_file():
+        found = sorted(p.stem for p in Path(root).glob("*.json")) if Path(root).is_dir() else []
+        hint = f" (found splits: {', '.join(found)})" if found else ""
+        raise ConfigError(f"token split `{split}` not found: expected {path}{hint}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path} must hold a JSON object with file, shape, dtype, vocab_size")
+    for key in ("file", "shape", "dtype", "vocab_size"):
+        if key not in meta:
+            raise ConfigError(f"{path}: missing `{key}` (expected file, shape [N, frames, H, W], dtype, vocab_size)")
+    shape = meta["shape"]
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ConfigError(f"{path}: `shape` must be 4 positive integers [sequences, frames, H, W], got {shape!r}")
+    if meta["dtype"] not in DTYPES:
+        raise ConfigError(f"{path}: `dtype` must be one of {', '.join(DTYPES)}, got {meta['dtype']!r}")
+    vocab = meta["vocab_size"]
+    if not isinstance(vocab, int) or vocab < 2:
+        raise ConfigError(f"{path}: `vocab_size` must be an integer >= 2, got {vocab!r}")
+    file = path.parent / meta["file"]
+    if not file.is_file():
+        raise ConfigError(f"{path}: `file` {file} does not exist")
+    expected = math.prod(shape) * np.dtype(meta["dtype"]).itemsize
+    if file.stat().st_size != expected:
+        raise ConfigError(f"{path}: {file.name} holds {file.stat().st_size} bytes, but shape {shape} of "
+                          f"{meta['dtype']} needs {expected}")
+    return TokenSpec(path, file, tuple(shape), meta["dtype"], vocab)
+
+
+class TokenDataset(Dataset):
+    """Sequences (frames, H, W) as int64 tensors, read lazily from the memory map (one map per worker process)."""
+
+    def __init__(self, spec: TokenSpec):
+        self.spec = spec
+        self._array: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return self.spec.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        if self._array is None:
+            self._array = np.memmap(self.spec.file, dtype=self.spec.dtype, mode="r", shape=self.spec.shape)
+        return (torch.from_numpy(np.asarray(self._array[i], dtype=np.int64)),)
+
+    def __getstate__(self) -> dict:  # worker processes open their own map
+        return {**self.__dict__, "_array": None}
+
+
+def token_dataset(root: str | os.PathLike, split: str, token_shape: tuple[int, int, int], vocab_size: int,
+                  check_values: bool = True) -> TokenDataset:
+    """The split, checked against the model: same (frames, H, W), vocabulary no larger than the model's."""
+    spec = read_spec(root, split)
+    if tuple(spec.shape[1:]) != tuple(token_shape):
+        raise ConfigError(f"{spec.path}: sequences are {list(spec.shape[1:])} (frames, H, W) but the model expects "
+                          f"{list(token_shape)}")
+    if spec.vocab_size > vocab_size:
+        raise ConfigError(f"{spec.path}: vocab_size {spec.vocab_size} is larger than the model's {vocab_size}")
+    ds = TokenDataset(spec)
+    if check_values:
+        top = int(np.memmap(spec.file, dtype=spec.dtype, mode="r", shape=spec.shape).max())
+        if top >= spec.vocab_size:
+            raise ConfigError(f"{spec.path}: token id {top} found, but vocab_size is {spec.vocab_size}")
+    return ds
+
+
+def write_tokens(root: str | os.PathLike, split: str, tokens: np.ndarray, vocab_size: int) -> Path:
+    """Write ``tokens`` (N, F, H, W) as ``root/split.bin`` + ``root/split.json`` (each via a temp file + rename)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    dtype = "uint8" if vocab_size <= 256 else "uint16" if vocab_size <= 65536 else "int64"
+    data = np.ascontiguousarray(tokens, dtype=dtype)
+    meta = {"file": f"{split}.bin", "shape": list(data.shape), "dtype": dtype, "vocab_size": int(vocab_size)}
+    for name, write in ((f"{split}.bin", data.tofile), (f"{split}.json",
+                                                        lambda p: Path(p).write_text(json.dumps(meta, indent=2)))):
+        tmp = root / f".{name}.tmp"
+        write(str(tmp))
+        os.replace(tmp, root / name)
+    return root / f"{split}.json"
+
+
+def synthetic_tokens(sequences: int, frames: int, height: int, width: int, vocab_size: int,
+                     seed: int = 0) -> np.ndarray:
+    """Moving patterns: each sequence is a random token grid (Zipf-like token frequencies) shifted by a fixed
+    per-sequence velocity in {-1, 0, 1}^2 each frame (wrapping), so masked tokens are predictable from the
+    other frames and a model has something to learn in space and time."""
+    gen = torch.Generator().manual_seed(seed)
+    freq = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64)
+    base = torch.multinomial(freq, sequences * height * width, replacement=True, generator=gen)
+    base = base.view(sequences, height, width)
+    vel = torch.randint(-1, 2, (sequences, 2), generator=gen)
+    out = torch.empty(sequences, frames, height, width, dtype=torch.int64)
+    for i in range(sequences):
+        for t in range(frames):
+            out[i, t] = torch.roll(base[i], shifts=(t * int(vel[i, 0]), t * int(vel[i, 1])), dims=(0, 1))
+    return out.numpy()
+
+
+def palette_decoder(tokens: torch.Tensor, patch: int = 8) -> torch.Tensor:
+    """A token -> image decoder for synthetic data: each token paints a ``patch`` x ``patch`` block in a fixed
+    colour of its own. (B, F, H, W) int -> (B, F, 3, H*patch, W*patch) in [-1, 1]."""
+    t = tokens.long()
+    primes = torch.tensor([37, 101, 173], device=t.device)
+    rgb = ((t[..., None] * primes + 59) % 256).float() / 127.5 - 1  # (B, F, H, W, 3)
+    img = rgb.permute(0, 1, 4, 2, 3)
+    return img.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
+
+
+def load_decoder(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module:function`` or ``path/to/file.py:function`` -> the function (tokens -> images in [-1, 1])."""
+    module_name, sep, func = spec.rpartition(":")
+    if not sep or not module_name or not func:
+        raise ConfigError(f"decoder must be given as module:function (e.g. mypkg.vq:decode), got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"decoder file not found: {path}")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"decoder {spec!r}: cannot import `{module_name}` ({e})") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise ConfigError(f"decoder {spec!r}: `{module_name}` has no function `{func}`")
+    return fn
