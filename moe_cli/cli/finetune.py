@@ -34,7 +34,7 @@ def finetune(
         out = Path(run.output)
         title = run.task if len(chain) == 1 else f"{i + 1}/{len(chain)} {run.task}"
         if resume and (out / "summary.json").is_file() and (out / FINAL).is_dir() and i < len(chain) - 1:
-            console.print(f"{title}: {out} is complete, skipping")
+            console.print(f"{title}: {out} is complete, skipping", soft_wrap=True)
             continue
         again = resume and (i == 0 or find_last(out) is not None)
         result = train(run, device=STATE["device"], resume=again, overwrite=overwrite or (resume and not again),

@@ -1,6 +1,7 @@
 """Recipe validation messages, --set overrides, and their CLI exit codes."""
 
 import pytest
+import torch
 from conftest import write_recipe
 
 from moe_cli.errors import ConfigError
@@ -52,3 +53,26 @@ def test_cli_exit_code_and_one_line(cli, tmp_path):
     assert r.stderr.strip() == "error: unknown key `optim.lrr` in run.yaml — did you mean `optim.lr`?"
     r = cli("finetune", str(tmp_path / "missing.yaml"))
     assert r.exit_code == 2 and "recipe not found" in r.stderr
+
+
+def test_then_chain_runs_resumes_and_refuses_to_overwrite(tmp_path, cli):
+    from conftest import write_recipe
+
+    from moe_cli.io.checkpoint import load_checkpoint
+    from moe_cli.train.loop import build_model
+    from moe_cli.train.recipe import load_recipe, recipe_chain
+
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "a", train={"steps": 3},
+                        then={"train": {"steps": 2}, "model": {"upcycle": {"experts": 2, "k": 1}},
+                              "output": str(tmp_path / "b")})
+    r = cli("finetune", path)
+    assert r.exit_code == 0, r.output
+    assert "1/2 classify final: step 3" in r.output and "2/2 classify final: step 2" in r.output
+    assert load_checkpoint(tmp_path / "b" / "final").moe.experts == 2
+    first = load_checkpoint(tmp_path / "a" / "final").model.state_dict()
+    start = build_model(recipe_chain(load_recipe(path))[1]).model.state_dict()  # starts from the first run
+    assert torch.equal(start["patch_embed.proj.weight"], first["patch_embed.proj.weight"])
+    r = cli("finetune", path)
+    assert r.exit_code == 2 and "--resume" in r.stderr
+    r = cli("finetune", path, "--resume")
+    assert r.exit_code == 0 and "is complete, skipping" in r.output and "2/2 classify final: step 2" in r.output
