@@ -124,13 +124,15 @@ def write_tokens(root: str | os.PathLike, split: str, tokens: np.ndarray, vocab_
 
 def synthetic_tokens(sequences: int, frames: int, height: int, width: int, vocab_size: int,
                      seed: int = 0) -> np.ndarray:
-    """Moving patterns: each sequence is a random token grid (Zipf-like token frequencies) shifted by a fixed
-    per-sequence velocity in {-1, 0, 1}^2 each frame (wrapping), so masked tokens are predictable from the
-    other frames and a model has something to learn in space and time."""
+    """Moving patterns: each sequence is a grid of 2x2 blocks of one token each (Zipf-like token frequencies),
+    shifted by a fixed per-sequence velocity in {-1, 0, 1}^2 each frame (wrapping). A masked token is thus
+    predictable from its block-mates in the same frame and from the other frames, so a model has structure in
+    space and time to learn beyond token frequencies."""
     gen = torch.Generator().manual_seed(seed)
     freq = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64)
-    base = torch.multinomial(freq, sequences * height * width, replacement=True, generator=gen)
-    base = base.view(sequences, height, width)
+    bh, bw = (height + 1) // 2, (width + 1) // 2
+    blocks = torch.multinomial(freq, sequences * bh * bw, replacement=True, generator=gen).view(sequences, bh, bw)
+    base = blocks.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :height, :width]
     vel = torch.randint(-1, 2, (sequences, 2), generator=gen)
     out = torch.empty(sequences, frames, height, width, dtype=torch.int64)
     for i in range(sequences):
