@@ -66,7 +66,7 @@ def print_tables(r: dict) -> None:
     if "flops" in r:
         f = r["flops"]
         dense = f.get("dense")
-        summary.add_row("GFLOPs / image (active)", f"{f['gflops_per_image']:.4f}" +
+        summary.add_row(f"GFLOPs / {'clip' if masked else 'image'} (active)", f"{f['gflops_per_image']:.4f}" +
                         (f"  (dense {dense['gflops_per_image']:.4f})" if dense else ""))
         summary.add_row("params total", f"{f['params_total'] / 1e6:.2f}M" +
                         (f"  (dense {dense['params_total'] / 1e6:.2f}M)" if dense else ""))
