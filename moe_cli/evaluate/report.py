@@ -15,14 +15,10 @@ from moe_cli.evaluate.lpips import lpips_model
 from moe_cli.evaluate.routing import routing_stats
 from moe_cli.io.checkpoint import Checkpoint, create_timm
 from moe_cli.train.recipe import DataCfg
-from moe_cli.train.tasks import autocast, make_task
+from moe_cli.train.tasks import TASK_TYPES, autocast, make_task
 
 METRICS = ("accuracy", "ce", "mse", "lpips", "routing", "flops", "throughput")
-DEFAULT_METRICS = {"classify": "accuracy,ce,routing,flops", "mae": "mse,routing,flops",
-                   "masked-tokens": "ce,accuracy,routing,flops"}
-# the quality metrics each task can report, and what it outputs (for the not-applicable notes)
-QUALITY = {"classify": ({"accuracy", "ce"}, "class scores"), "mae": ({"mse", "lpips"}, "reconstructed images"),
-           "masked-tokens": ({"ce", "accuracy", "lpips"}, "token predictions")}
+DEFAULT_METRICS = {name: t.default_metrics for name, t in TASK_TYPES.items()}
 
 
 def parse_metrics(spec: str) -> list[str]:
@@ -84,13 +80,12 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
     out: dict = {"checkpoint": {"source": ckpt.source, "task": ckpt.task,
                                 "moe": ckpt.moe.to_dict() if ckpt.moe else None},
                  "data": data_cfg.root or data_cfg.name}
-    applies, produces = QUALITY.get(ckpt.task, (set(), "outputs"))
     quality = [m for m in metrics if m in ("accuracy", "ce", "mse", "lpips")]
     for m in quality:
-        if m not in applies:
-            out[m] = {"skipped": f"{m} does not apply: this `{ckpt.task}` checkpoint outputs {produces}"
+        if m not in task.quality:
+            out[m] = {"skipped": f"{m} does not apply: this `{ckpt.task}` checkpoint outputs {task.produces}"
                                  + (" (use an image-producing task: mae or masked-tokens)" if m == "lpips" else "")}
-    wanted = [m for m in quality if m in applies]
+    wanted = [m for m in quality if m in task.quality]
     lp = None
     if "lpips" in wanted:
         if ckpt.task == "masked-tokens" and not config.get("decoder"):

@@ -179,10 +179,6 @@ def find_last(out: Path) -> Path | None:
 # ----------------------------------------------------------------------------------------------- loop
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def train(
     recipe: Recipe,
     ckpt: Checkpoint | None = None,

@@ -22,7 +22,7 @@ from moe_cli.evaluate.lpips import lpips_distance
 from moe_cli.io.checkpoint import Checkpoint
 from moe_cli.models.mae import EVAL_MASK_SEED, MaskedAutoencoder, mae_kwargs
 from moe_cli.models.surgery import moe_layers
-from moe_cli.train.recipe import TASKS, MaskedTokensCfg, Recipe
+from moe_cli.train.recipe import TASKS, MAECfg, MaskedTokensCfg, Recipe
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,7 +63,9 @@ class Task:
     """What the loop and `moe eval` need of an objective."""
 
     name = ""
-    metrics: tuple[str, ...] = ()  # the quality metrics `evaluate` returns
+    quality: frozenset[str] = frozenset()  # the `moe eval` quality metrics (accuracy, ce, mse, lpips) it reports
+    produces = ""  # what the model outputs, for the note when a metric does not apply
+    default_metrics = ""  # `moe eval` without --metric
 
     def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
         """Turn the recipe's loaded source into the model this task trains (wrap it, swap its head, check it)."""
@@ -83,7 +85,9 @@ def _is_token_model(model: nn.Module) -> bool:
 
 class ClassifyTask(Task):
     name = "classify"
-    metrics = ("accuracy", "top5", "ce")
+    quality = frozenset({"accuracy", "ce"})
+    produces = "class scores"
+    default_metrics = "accuracy,ce,routing,flops"
 
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
@@ -140,12 +144,12 @@ def mae_encoder(ckpt: Checkpoint, num_classes: int) -> Checkpoint:
 
 class MAETask(Task):
     name = "mae"
-    metrics = ("loss", "mse", "lpips")
+    quality = frozenset({"mse", "lpips"})
+    produces = "reconstructed images"
+    default_metrics = "mse,routing,flops"
 
-    def __init__(self, mask_ratio: float = 0.75, decoder_dim: int = 128, decoder_depth: int = 2,
-                 decoder_heads: int = 4, norm_pix_loss: bool = True):
-        self.cfg = {"mask_ratio": mask_ratio, "decoder_dim": decoder_dim, "decoder_depth": decoder_depth,
-                    "decoder_heads": decoder_heads, "norm_pix_loss": norm_pix_loss}
+    def __init__(self, cfg: MAECfg | None = None):
+        self.cfg = dataclasses.asdict(cfg or MAECfg())
 
     def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
         """Wrap the source ViT (dense or MoE) in an MAE, or continue an MAE checkpoint with the recipe's masking."""
@@ -219,7 +223,7 @@ def token_mask(batch: int, n: int, device: torch.device, generator: torch.Genera
 
 @torch.no_grad()
 def fill_masked(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, steps: int = 8,
-                device_precision: tuple[torch.device, str] | None = None) -> torch.Tensor:
+                precision: str = "fp32") -> torch.Tensor:
     """MaskGIT iterative decoding: start with the masked positions as [MASK]; at each of ``steps`` steps predict
     all of them and keep the most confident, so that cos(pi/2 * s/steps) of them stay masked after step s."""
     net = _unwrap(model)
@@ -229,10 +233,7 @@ def fill_masked(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, step
     remaining = flat_mask.clone()
     total = flat_mask.sum(-1)
     for s in range(steps):
-        if device_precision is not None:
-            with autocast(*device_precision):
-                logits = model(cur.view_as(tokens))
-        else:
+        with autocast(tokens.device, precision):
             logits = model(cur.view_as(tokens))
         conf, pred = logits.float().reshape(b, cur.shape[1], -1).softmax(-1).max(-1)
         keep_masked = (total * math.cos(math.pi / 2 * (s + 1) / steps)).floor().long()
@@ -247,7 +248,9 @@ def fill_masked(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, step
 
 class MaskedTokensTask(Task):
     name = "masked-tokens"
-    metrics = ("ce", "accuracy", "lpips")
+    quality = frozenset({"ce", "accuracy", "lpips"})
+    produces = "token predictions"
+    default_metrics = "ce,accuracy,routing,flops"
 
     def __init__(self, cfg: MaskedTokensCfg | None = None, label_smoothing: float = 0.0):
         self.cfg = cfg or MaskedTokensCfg()
@@ -301,7 +304,7 @@ class MaskedTokensTask(Task):
             correct += (logits[mask].argmax(-1) == tokens[mask]).sum().item()
             count += int(mask.sum())
             if decoder is not None:
-                filled = fill_masked(model, tokens, mask, self.cfg.sample_steps, (device, precision))
+                filled = fill_masked(model, tokens, mask, self.cfg.sample_steps, precision)
                 pred_img, true_img = decoded_frames(decoder, filled, device), decoded_frames(decoder, tokens, device)
                 keep = mask.flatten(2).any(-1).flatten()  # frames that held masked tokens
                 lp_sum += lpips_distance(pred_img[keep], true_img[keep], lpips).sum().item()
@@ -324,6 +327,15 @@ def decoded_frames(decoder, tokens: torch.Tensor, device: torch.device) -> torch
     return images.to(device).float().flatten(0, 1)
 
 
+TASK_TYPES: dict[str, type[Task]] = {t.name: t for t in (ClassifyTask, MAETask, MaskedTokensTask)}
+
+
+def _section(cls, config: dict):
+    """The config dataclass ``cls`` from a dict that may hold other keys (a checkpoint's task_config)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in fields})
+
+
 def make_task(name: str, config: dict | None = None, label_smoothing: float = 0.0) -> Task:
     """The task called ``name``; ``config`` is its recipe section (`mae` / `masked_tokens`) or a checkpoint's
     stored task_config."""
@@ -331,10 +343,9 @@ def make_task(name: str, config: dict | None = None, label_smoothing: float = 0.
     if name == "classify":
         return ClassifyTask(label_smoothing)
     if name == "mae":
-        return MAETask(**{k: v for k, v in config.items() if k in MAETask.__init__.__code__.co_varnames})
+        return MAETask(_section(MAECfg, config))
     if name == "masked-tokens":
-        fields = {f.name for f in dataclasses.fields(MaskedTokensCfg)}
-        return MaskedTokensTask(MaskedTokensCfg(**{k: v for k, v in config.items() if k in fields}), label_smoothing)
+        return MaskedTokensTask(_section(MaskedTokensCfg, config), label_smoothing)
     raise ConfigError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
 
 

@@ -15,7 +15,7 @@ from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.models.mae import MaskedAutoencoder
 from moe_cli.models.surgery import find_ffns, moe_layers
 from moe_cli.train.loop import build_model, train
-from moe_cli.train.recipe import load_recipe, recipe_chain
+from moe_cli.train.recipe import MAECfg, load_recipe, recipe_chain
 from moe_cli.train.tasks import MAETask
 
 ENC = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -70,7 +70,7 @@ def test_mae_loss_and_lpips_fall_on_fixed_batch(torch_hub):
     lp = lpips_model()
     images = digits("val", 32).images[:16]
     loader = DataLoader(TensorDataset(images, torch.zeros(16)), batch_size=16)
-    task = MAETask(**MAE_KW, mask_ratio=0.75, norm_pix_loss=False)
+    task = MAETask(MAECfg(**MAE_KW, mask_ratio=0.75, norm_pix_loss=False))
     mae = tiny_mae(norm_pix_loss=False)
     before = task.evaluate(mae, loader, torch.device("cpu"), lpips=lp)
     opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
