@@ -32,20 +32,16 @@ def parse_metrics(spec: str) -> list[str]:
 def data_config(data: str | None, ckpt: Checkpoint | None = None) -> DataCfg:
     """'digits', a token folder (<split>.json), or an image folder (ImageFolder; its `validation`/`val` split if
     present). None: the token folder a masked-tokens checkpoint was trained on, else digits."""
-    tc = ckpt.task_config if ckpt is not None else {}
-    if data is None:
-        if ckpt is None or ckpt.task != "masked-tokens":
-            return DataCfg(name="digits")
-        root = tc.get("data_root")
-        if not root or not Path(root).is_dir():
-            raise ConfigError(f"this masked-tokens checkpoint was trained on token data at {root}, which is not here; "
-                              "pass --data FOLDER (a folder with validation.json)")
-        return DataCfg(name="tokens", root=root, val_split=tc.get("val_split", "validation"))
     if data == "digits":
         return DataCfg(name="digits")
     if ckpt is not None and ckpt.task == "masked-tokens":
-        return DataCfg(name="tokens", root=data, val_split=tc.get("val_split", "validation"))
-    return DataCfg(name="", root=data)
+        tc = ckpt.task_config
+        root = data or tc.get("data_root")
+        if data is None and (not root or not Path(root).is_dir()):
+            raise ConfigError(f"this masked-tokens checkpoint was trained on token data at {root}, which is not here; "
+                              "pass --data FOLDER (a folder with validation.json)")
+        return DataCfg(name="tokens", root=root, val_split=tc.get("val_split", "validation"))
+    return DataCfg(name="digits") if data is None else DataCfg(name="", root=data)
 
 
 @torch.no_grad()
