@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from moe_cli.errors import ConfigError
+from moe_cli.io.checkpoint import atomic_write
 
 DTYPES = ("uint8", "uint16", "int16", "int32", "int64")
 
@@ -108,17 +109,14 @@ def token_dataset(root: str | os.PathLike, split: str, token_shape: tuple[int, i
 
 
 def write_tokens(root: str | os.PathLike, split: str, tokens: np.ndarray, vocab_size: int) -> Path:
-    """Write ``tokens`` (N, F, H, W) as ``root/split.bin`` + ``root/split.json`` (each via a temp file + rename)."""
+    """Write ``tokens`` (N, F, H, W) as ``root/split.bin`` + ``root/split.json`` (each written atomically)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     dtype = "uint8" if vocab_size <= 256 else "uint16" if vocab_size <= 65536 else "int64"
     data = np.ascontiguousarray(tokens, dtype=dtype)
     meta = {"file": f"{split}.bin", "shape": list(data.shape), "dtype": dtype, "vocab_size": int(vocab_size)}
-    for name, write in ((f"{split}.bin", data.tofile), (f"{split}.json",
-                                                        lambda p: Path(p).write_text(json.dumps(meta, indent=2)))):
-        tmp = root / f".{name}.tmp"
-        write(str(tmp))
-        os.replace(tmp, root / name)
+    atomic_write(root / f"{split}.bin", data.tofile)
+    atomic_write(root / f"{split}.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     return root / f"{split}.json"
 
 
