@@ -6,8 +6,9 @@ one-hot/where/index_add_ loop, forward and forward+backward, for ViT-S and ViT-B
     python bench/moe_layer.py --device cuda --dtype bf16 --shapes vit_b --experts 8 --k 2
 
 Routing is fixed (balanced: token t -> experts t, t+1, ... mod E; skewed: Zipf(1.5) over experts) so the
-expert loads are controlled; the router itself (a D x E matmul, <1% of the FLOPs) is not timed. Each figure is
-the median of --repeats timed runs after warm-up; ratios are taken within one run.
+expert loads are controlled for the dispatch + experts columns; the `layer` columns time the whole MoEMlp
+(router, dispatch, experts; routing from its random router) on the same tokens. Each figure is the median of
+--repeats timed runs after warm-up; ratios are taken within one run.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def bench_one(shape, E, k, kind, T, device, dtype, repeats, impl):
     fns = {
         "ideal": run(lambda: dense(xk)),
         "moe": run(lambda: dispatch(x, expert, weight, ex, resolved)[0]),
+        "layer": run(lambda: moe(x)),
         "naive": run(lambda: naive(x, expert, weight, ex)),
     }
     res = {}
@@ -123,8 +125,8 @@ def main(argv=None) -> None:
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     header = ("| shape | E | k | routing | path | fwd ms | fwd / ideal | fwd / naive | fwd+bwd ms | fwd+bwd / ideal "
-              "| fwd+bwd / naive |")
-    lines = [header, "|" + "---|" * 11]
+              "| fwd+bwd / naive | layer fwd+bwd ms | layer / ideal |")
+    lines = [header, "|" + "---|" * 13]
     print(header)
     for shape in args.shapes:
         for E in args.experts:
@@ -134,7 +136,8 @@ def main(argv=None) -> None:
                     row = (f"| {shape} | {E} | {k} | {kind} | {path} | {r['moe_fwd'] * 1e3:.1f} | "
                            f"{r['moe_fwd'] / r['ideal_fwd']:.3f} | {r['moe_fwd'] / r['naive_fwd']:.3f} | "
                            f"{r['moe_fwdbwd'] * 1e3:.1f} | {r['moe_fwdbwd'] / r['ideal_fwdbwd']:.3f} | "
-                           f"{r['moe_fwdbwd'] / r['naive_fwdbwd']:.3f} |")
+                           f"{r['moe_fwdbwd'] / r['naive_fwdbwd']:.3f} | {r['layer_fwdbwd'] * 1e3:.1f} | "
+                           f"{r['layer_fwdbwd'] / r['ideal_fwdbwd']:.3f} |")
                     print(row, flush=True)
                     lines.append(row)
     if args.out:

@@ -5,8 +5,8 @@ class MoeError(Exception):
     """An error caused by the user's input; its message is one line that names what was expected."""
 
 
-class ConfigError(MoeError):
-    """A bad option, recipe field or combination of settings."""
+class ConfigError(MoeError, ValueError):
+    """A bad option, recipe field or combination of settings (also a ValueError, as for bad arguments)."""
 
 
 class CheckpointError(MoeError):

@@ -11,10 +11,11 @@ from moe_cli.cli import export as export_cmd
 from moe_cli.cli import finetune as finetune_cmd
 from moe_cli.cli import inspect as inspect_cmd
 from moe_cli.cli import upcycle as upcycle_cmd
-from moe_cli.cli.common import STATE
+from moe_cli.cli.common import STATE, OneLineErrors
 
 app = typer.Typer(
     name="moe",
+    cls=OneLineErrors,
     help="Turn dense transformer checkpoints into Mixture-of-Experts models; train, distil, evaluate, export.",
     no_args_is_help=True,
     add_completion=False,
@@ -47,4 +48,4 @@ app.command("inspect")(inspect_cmd.inspect_cmd)
 
 
 def main() -> None:
-    app()
+    app(prog_name="moe")

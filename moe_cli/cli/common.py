@@ -1,14 +1,19 @@
-"""Shared CLI plumbing: consoles, the MoeError -> exit 2 handler, small option parsers."""
+"""Shared CLI plumbing: consoles, one-line errors (MoeError and usage errors -> exit 2), the options several
+commands share (as ``Annotated`` aliases) and the choices (as ``str`` Enums, so ``--help`` lists them)."""
 
 from __future__ import annotations
 
 import functools
 import os
 import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
 
 import typer
 import yaml
 from rich.console import Console
+from typer.core import TyperGroup
 
 from moe_cli.errors import ConfigError, MoeError
 
@@ -65,3 +70,51 @@ def parse_kv(pairs: list[str] | None, option: str) -> dict:
 
 def is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+# typer >= 0.25 vendors click as typer._click; older versions use click itself: take the module its errors live in
+_usage = sys.modules[typer.BadParameter.__module__]
+_NO_ARGS = getattr(_usage, "NoArgsIsHelpError", ())
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad choice, missing argument) as one `error:` line and exit 2, like every
+    other bad input, instead of click's boxed message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except _NO_ARGS as e:
+            typer.echo(e.ctx.get_help())
+            rv = 0
+        except _usage.UsageError as e:
+            path = e.ctx.command_path if e.ctx is not None else "moe"
+            message = e.format_message().replace("Value error, ", "")  # typer's pydantic coercion prefix
+            err_console.print(f"[bold red]error:[/] {path}: {message} (see {path} --help)", soft_wrap=True,
+                              markup=True, highlight=False)
+            rv = 2
+        except typer.Abort:
+            err_console.print("[bold red]error:[/] aborted")
+            rv = 130
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+CheckpointArg = Annotated[Path, typer.Argument(help="moe-cli checkpoint folder or .safetensors file.",
+                                               show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field, e.g. optim.lr=3e-4 "
+                                                  "(repeat).", show_default=False)]
+OutputDirOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (overrides `output`).",
+                                                   show_default=False)]
+DisableExpertsOpt = Annotated[str | None, typer.Option(help="Switch experts off: LAYER:EXPERT,... (MoE layer "
+                                                       "index).", show_default=False)]
+PrecisionOpt = Annotated[Precision, typer.Option(help="Autocast precision.")]

@@ -7,20 +7,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moe_cli.cli.common import STATE, console, say, user_errors
+from moe_cli.cli.common import STATE, OutputDirOpt, RecipeArg, SetOpt, console, say, user_errors
 from moe_cli.cli.progress import RichReporter
-from moe_cli.train.recipe import load_recipe
+from moe_cli.config import load_recipe
 from moe_cli.train.stages import densify_to_sparse
 
 
 @user_errors
 def densify(
-    recipe: Path = typer.Argument(..., help="YAML recipe with a `densify:` section."),
-    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe field: --set densify.k=2."),
+    recipe: RecipeArg,
+    set_: SetOpt = None,
     from_stage: int = typer.Option(1, help="Start at stage 1 (dense), 2 (gate distillation) or 3 (fine-tune)."),
     init: Path | None = typer.Option(None, help="Checkpoint of the stage before --from-stage (e.g. runs/x/stage1)."),
     overwrite: bool = typer.Option(False, help="Replace stage folders that already hold a run."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (overrides `output`)."),
+    output: OutputDirOpt = None,
 ) -> None:
     """Dense MoE with inverse-CV losses -> sparse gates distilled from the dense gate -> fine-tune."""
     r = load_recipe(recipe, (set_ or []) + ([f"output={output}"] if output else []))

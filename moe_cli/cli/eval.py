@@ -3,40 +3,37 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from moe_cli.cli.common import STATE, console, user_errors
-from moe_cli.errors import ConfigError
+from moe_cli.cli.common import STATE, CheckpointArg, DisableExpertsOpt, Precision, PrecisionOpt, console, user_errors
 from moe_cli.evaluate.report import DEFAULT_METRICS, METRICS, evaluate, parse_metrics
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.models.overrides import apply_overrides
-from moe_cli.train.loop import pick_device
+from moe_cli.runtime import pick_device
 
 
 @user_errors
 def eval_cmd(
-    ckpt: Path = typer.Argument(..., help="moe-cli checkpoint folder or .safetensors file."),
+    ckpt: CheckpointArg,
     data: str | None = typer.Option(None, help="digits (built in), an ImageFolder folder, or a token folder "
                                     "(default: digits; a masked-tokens checkpoint's own token data)."),
     metric: str | None = typer.Option(None, help="Comma list of: " + ",".join(METRICS) + " (default by task: "
                                       + "; ".join(f"{k}: {v}" for k, v in DEFAULT_METRICS.items()) + ")."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
     batch_size: int = typer.Option(64, min=1, help="Evaluation batch size."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast)."),
+    precision: PrecisionOpt = Precision.fp32,
     top_k: int | None = typer.Option(None, help="Route each token to K experts instead of the trained k."),
     capacity_factor: float | None = typer.Option(None, help="Capacity factor for token dropping at eval."),
-    disable_experts: str | None = typer.Option(None, help="Switch experts off: LAYER:EXPERT,... (MoE layer index)."),
+    disable_experts: DisableExpertsOpt = None,
     decoder: str | None = typer.Option(None, help="masked-tokens: token decoder module:function for lpips "
                                        "(default: the recipe's)."),
 ) -> None:
     """Evaluate a checkpoint; routing overrides show how quality moves when experts change."""
     if metric is not None:
         parse_metrics(metric)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    precision = precision.value
     checkpoint = load_checkpoint(ckpt)
     metrics = parse_metrics(metric or DEFAULT_METRICS.get(checkpoint.task, DEFAULT_METRICS["classify"]))
     apply_overrides(checkpoint.model, top_k, capacity_factor, disable_experts)

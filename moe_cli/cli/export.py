@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from moe_cli.cli.common import console, user_errors
+from moe_cli.cli.common import CheckpointArg, Precision, console, user_errors
 from moe_cli.errors import ConfigError
-from moe_cli.io.checkpoint import DTYPES, load_checkpoint, save
+from moe_cli.io.checkpoint import load_checkpoint, save
 
 
 @user_errors
 def export(
-    ckpt: Path = typer.Argument(..., help="moe-cli checkpoint folder or .safetensors file."),
+    ckpt: CheckpointArg,
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
-    dtype: str = typer.Option("fp32", help="Floating-point dtype: fp32, bf16 or fp16."),
+    dtype: Annotated[Precision, typer.Option(help="Floating-point dtype of the weights.")] = Precision.fp32,
 ) -> None:
     """Export a checkpoint to a single .safetensors file that `moe_cli.load` rebuilds alone."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = dtype.value
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must be a .safetensors file, got {out}")
     checkpoint = load_checkpoint(ckpt)

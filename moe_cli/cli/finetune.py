@@ -6,20 +6,20 @@ from pathlib import Path
 
 import typer
 
-from moe_cli.cli.common import STATE, console, user_errors
+from moe_cli.cli.common import STATE, OutputDirOpt, RecipeArg, SetOpt, console, user_errors
 from moe_cli.cli.progress import RichReporter
+from moe_cli.config import load_recipe, recipe_chain
 from moe_cli.errors import ConfigError
 from moe_cli.train.loop import FINAL, find_last, train
-from moe_cli.train.recipe import load_recipe, recipe_chain
 
 
 @user_errors
 def finetune(
-    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
-    set_: list[str] | None = typer.Option(None, "--set", help="Override a recipe field: --set optim.lr=3e-4."),
+    recipe: RecipeArg,
+    set_: SetOpt = None,
     resume: bool = typer.Option(False, help="Continue the run in the recipe's output folder from `last`."),
     overwrite: bool = typer.Option(False, help="Start over even if the output folder holds a run."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output folder (overrides `output`)."),
+    output: OutputDirOpt = None,
 ) -> None:
     """Train (fine-tune, or from scratch) the recipe's model, then its `then:` runs; each writes last/, final/,
     metrics.jsonl and summary.json in its output folder."""

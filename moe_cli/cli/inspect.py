@@ -6,24 +6,24 @@ from pathlib import Path
 
 import typer
 
-from moe_cli.cli.common import STATE, console, user_errors
+from moe_cli.cli.common import STATE, CheckpointArg, DisableExpertsOpt, console, user_errors
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.evaluate.inspect import collect_routes, write_figures, write_routes_json
 from moe_cli.evaluate.report import data_config
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.models.overrides import apply_overrides
-from moe_cli.train.loop import pick_device
+from moe_cli.runtime import pick_device
 
 
 @user_errors
 def inspect_cmd(
-    ckpt: Path = typer.Argument(..., help="moe-cli checkpoint folder or .safetensors file."),
+    ckpt: CheckpointArg,
     data: str = typer.Option("digits", help="digits (built in) or an ImageFolder folder."),
     out: Path = typer.Option(Path("inspect"), "--out", "-o", help="Folder for the PNGs and routes.json."),
     images: int = typer.Option(4, min=1, help="Images in the per-patch expert map."),
     batch_size: int = typer.Option(64, min=1),
-    disable_experts: str | None = typer.Option(None, help="Switch experts off: LAYER:EXPERT,..."),
+    disable_experts: DisableExpertsOpt = None,
 ) -> None:
     """Expert-load heatmap per layer, routing per class, per-patch expert maps, routes.json."""
     checkpoint = load_checkpoint(ckpt)

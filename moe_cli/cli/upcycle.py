@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -11,74 +11,78 @@ from rich.table import Table
 from moe_cli.cli.common import STATE, console, parse_kv, say, user_errors
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import save
-from moe_cli.models.probe import probe_batch
-from moe_cli.models.sources import load_source
-from moe_cli.models.surgery import MoEConfig, max_output_diff, param_counts
-
-TOLERANCE = 1e-4
+from moe_cli.io.sources import load_source
+from moe_cli.models.surgery import TOLERANCE, UpcycleMismatch, Verification, param_counts
+from moe_cli.moe.config import Gate, Impl, MoELayout, Priority, UpcycleCfg, flag
 
 
 @user_errors
 def upcycle(
-    model: str = typer.Argument(..., help="timm name (vit_small), hf-hub:org/name, .safetensors file or folder."),
-    experts: int = typer.Option(4, "--experts", "-e", help="Experts per MoE layer."),
-    k: int = typer.Option(2, "--k", "-k", help="Experts each token is routed to (top-k)."),
-    layers: str = typer.Option("all", help="Which FFNs: all, every-N, last-N or a list like 0,3,5."),
-    gate: str = typer.Option("topk", help="topk (token choice), expert_choice, or soft (dense, all experts)."),
-    capacity_factor: float | None = typer.Option(None, help="Token-choice capacity C = cf*k*T/N (overflow dropped);"
-                                                 " expert choice: C = cf*T/N (default 1)."),
-    eval_capacity_factor: float | None = typer.Option(None, help="Capacity factor in eval mode (default: same)."),
-    priority: str = typer.Option("slot", help="Overflow priority: slot (k-slot, token order) or score (BPR)."),
-    impl: str = typer.Option("auto", help="Expert dispatch: auto, loop (F.linear per expert) or grouped (grouped_mm)."),
-    normalize: bool = typer.Option(True, help="Softmax over the k kept logits (else top-k of the full softmax)."),
-    noise_std: float = typer.Option(0.0, help="Std of Gaussian noise added to each expert copy."),
-    target: str | None = typer.Option(None, help="Glob over module names for non-timm FFNs, e.g. 'blocks.*.ffn'."),
-    arch: str | None = typer.Option(None, help="timm architecture of a plain .safetensors file."),
-    model_arg: list[str] | None = typer.Option(None, "--model-arg", "-m", help="timm kwarg KEY=VALUE (repeat)."),
-    pretrained: bool = typer.Option(True, help="Load pretrained weights for timm / hub names."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: out/<model>-moe<E>k<K>)."),
-    tolerance: float = typer.Option(TOLERANCE, help="Max allowed |dense - MoE| relative to max |dense|."),
+    model: Annotated[str, typer.Argument(help="timm name (vit_small), hf-hub:org/name, .safetensors file or "
+                                         "folder.", show_default=False)],
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer.")] = 4,
+    k: Annotated[int, typer.Option("--k", "-k", help="Experts each token is routed to (top-k).")] = 2,
+    layers: Annotated[str, typer.Option(help="Which FFNs: all, every-N, last-N or a list like 0,3,5.")] = "all",
+    gate: Annotated[Gate, typer.Option(help="topk: token choice; expert_choice; soft: dense, all experts.")] =
+        Gate.topk,
+    capacity_factor: Annotated[float | None, typer.Option(help="Token choice: capacity C = cf*k*T/N, overflow "
+                                                          "dropped. Expert choice: C = cf*T/N (default 1).",
+                                                          show_default=False)] = None,
+    eval_capacity_factor: Annotated[float | None, typer.Option(help="Capacity factor in eval mode (default: "
+                                                               "same).", show_default=False)] = None,
+    priority: Annotated[Priority, typer.Option(help="Who keeps its place on overflow: slot (token order) or "
+                                               "score (BPR).")] = Priority.slot,
+    impl: Annotated[Impl, typer.Option(help="Expert dispatch: loop (F.linear per expert) or grouped "
+                                       "(grouped_mm); auto picks.")] = Impl.auto,
+    normalize: Annotated[bool, typer.Option(help="Softmax over the k kept logits (else top-k of the full "
+                                            "softmax).")] = True,
+    noise_std: Annotated[float, typer.Option(help="Std of Gaussian noise added to each expert copy.")] = 0.0,
+    target: Annotated[str | None, typer.Option(help="Glob over module names for non-timm FFNs, e.g. "
+                                               "'blocks.*.ffn'.", show_default=False)] = None,
+    arch: Annotated[str | None, typer.Option(help="timm architecture of a plain .safetensors file.",
+                                             show_default=False)] = None,
+    model_arg: Annotated[list[str] | None, typer.Option("--model-arg", "-m", help="timm kwarg KEY=VALUE "
+                                                        "(repeat).", show_default=False)] = None,
+    pretrained: Annotated[bool, typer.Option(help="Load pretrained weights for timm / hub names.")] = True,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
+                                             "out/<model>-moe<E>k<K>).", show_default=False)] = None,
+    tolerance: Annotated[float, typer.Option(help="Max allowed |dense - MoE| relative to max |dense|.")] =
+        TOLERANCE,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts and check it computes what the dense one did."""
-    routing = {"capacity_factor": capacity_factor, "eval_capacity_factor": eval_capacity_factor,
-               "priority": priority, "impl": impl}
-    MoEConfig(experts, k, gate, normalize, noise_std, **routing).validate()
-    if gate != "topk" and not normalize:
+    cfg = UpcycleCfg(experts=experts, k=k, gate=gate.value, normalize=normalize, capacity_factor=capacity_factor,
+                     eval_capacity_factor=eval_capacity_factor, priority=priority.value, impl=impl.value,
+                     layers=layers, target=target, noise_std=noise_std).validate(flag)
+    if gate != Gate.topk and not normalize:
         raise ConfigError("--no-normalize only applies to --gate topk")
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     source = load_source(model, pretrained=pretrained, arch=arch, model_kwargs=parse_kv(model_arg, "--model-arg"))
     if source.moe is not None:
         raise ConfigError(f"{model} is already a MoE checkpoint ({source.moe.experts} experts)")
-    dense = copy.deepcopy(source.model).eval()
-    source.upcycle(experts=experts, k=k, layers=layers, target=target, gate=gate, normalize=normalize,
-                   noise_std=noise_std, seed=STATE["seed"], **routing)
-    sparse, cfg = source.model, source.moe
-    probe = probe_batch(dense, seed=STATE["seed"])
-    if gate == "expert_choice":
-        ok = True
-        console.print("verify: skipped — expert choice gives each token a varying number of experts, so the MoE "
-                      "does not reproduce the dense output by design")
-    else:
-        diff, scale = max_output_diff(dense, sparse, probe)
-        limit = tolerance * max(1.0, scale)
-        ok = diff <= limit
-        noisy = "[yellow]differs (noise asked for)[/]"
-        status = "[green]ok[/]" if ok else (noisy if noise_std > 0 else "[red]FAILED[/]")
-        console.print(f"verify: max |dense - moe| = {diff:.3e} on a probe batch {tuple(probe.shape)} "
-                      f"(tolerance {limit:.1e}, capacity limits lifted) {status}")
-    if not ok and noise_std == 0:
-        console.print("[red]the upcycled model does not reproduce the dense model; nothing was written[/]")
-        raise typer.Exit(1)
+    dense_total, _ = param_counts(source.model)
+    try:
+        check = source.upcycle(cfg, seed=STATE["seed"], verify=True, tolerance=tolerance)
+    except UpcycleMismatch:
+        console.print("verify: [red]FAILED[/] — the upcycled model does not reproduce the dense model; "
+                      "nothing was written")
+        raise
+    console.print(verify_line(check, cfg.noise_std > 0))
     name = source.architecture["name"]
-    target_dir = out or Path("out") / f"{name}-moe{experts}k{k}"
-    path = save(source, target_dir)
-    say(summary_table(name, dense, sparse, cfg))
+    path = save(source, out or Path("out") / f"{name}-moe{experts}k{k}")
+    say(summary_table(name, dense_total, source.model, source.moe))
     console.print(f"saved {path}")
 
 
-def summary_table(name: str, dense, sparse, cfg: MoEConfig) -> Table:
-    dense_total, _ = param_counts(dense)
+def verify_line(v: Verification, noisy: bool) -> str:
+    if v.skipped:
+        return f"verify: skipped — {v.skipped}"
+    status = "[green]ok[/]" if v.ok else ("[yellow]differs (noise asked for)[/]" if noisy else "[red]FAILED[/]")
+    return f"verify: max |dense - moe| = {v.max_diff:.3e} on a probe batch (tolerance {v.limit:.1e}, capacity " \
+           f"limits lifted) {status}"
+
+
+def summary_table(name: str, dense_total: int, sparse, cfg: MoELayout) -> Table:
     total, active = param_counts(sparse)
     table = Table(title=f"{name} -> MoE", show_header=True)
     table.add_column("")

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from moe_cli.config import DataCfg
 from moe_cli.data.digits import digits
 from moe_cli.data.tokens import synthetic_tokens, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
 from moe_cli.models.probe import input_size
-from moe_cli.train.recipe import DataCfg
 
 
 def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module) -> Dataset:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from moe_cli.errors import ConfigError
-from moe_cli.io.checkpoint import atomic_write
+from moe_cli.runtime import atomic_write
 
 DTYPES = ("uint8", "uint16", "int16", "int32", "int64")
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from moe_cli.errors import MoeError
-from moe_cli.io.checkpoint import atomic_write
 from moe_cli.models.surgery import moe_layers
+from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.runtime import atomic_write
 
 
 @torch.no_grad()
@@ -25,14 +26,16 @@ def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: 
     maps: dict[str, list] = {n: [] for n, _ in layers}
     images: list[torch.Tensor] = []
     model.eval()
-    for x, y in loader:
-        model(x.to(device))
-        for name, m in layers:
-            used = (m.last_gate > 0).float().cpu()  # (B, N, E)
-            per_class[name].index_add_(0, y, used.sum(1))
-            if len(images) < n_images:
-                maps[name].extend(m.last_gate.argmax(-1).cpu()[: n_images - len(images)])
-        images.extend(x[: n_images - len(images)])
+    with RoutingRecorder(model, gates=True) as rec:
+        for x, y in loader:
+            model(x.to(device))
+            for name, _ in layers:
+                gate = rec.records[name].gate
+                used = (gate > 0).float().cpu()  # (B, N, E)
+                per_class[name].index_add_(0, y, used.sum(1))
+                if len(images) < n_images:
+                    maps[name].extend(gate.argmax(-1).cpu()[: n_images - len(images)])
+            images.extend(x[: n_images - len(images)])
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     prefix = getattr(model, "num_prefix_tokens", 0)
     out = {"experts": E, "layers": {}, "patch_grid": list(grid) if grid else None}

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import torch
 
+from moe_cli.config import DataCfg
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
-from moe_cli.evaluate.flops import compute_report
-from moe_cli.evaluate.lpips import lpips_model
-from moe_cli.evaluate.routing import routing_stats
 from moe_cli.io.checkpoint import Checkpoint, create_timm
-from moe_cli.train.recipe import DataCfg
-from moe_cli.train.tasks import TASK_TYPES, autocast, make_task
+from moe_cli.models.flops import compute_report
+from moe_cli.moe.stats import routing_stats
+from moe_cli.runtime import autocast
+from moe_cli.tasks import TASK_TYPES, make_task
+from moe_cli.tasks.lpips import lpips_model
 
 METRICS = ("accuracy", "ce", "mse", "lpips", "routing", "flops", "throughput")
 DEFAULT_METRICS = {name: t.default_metrics for name, t in TASK_TYPES.items()}
@@ -100,7 +101,7 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
         if "loss" in q:
             out["mae_loss"] = q["loss"]
     if "routing" in metrics:
-        out["routing"] = routing_stats(model, loader, device, precision)
+        out["routing"] = routing_stats(model, loader, device, lambda: autocast(device, precision))
     if "flops" in metrics:
         out["flops"] = compute_report(model, samples)
         if ckpt.moe is not None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
@@ -14,31 +13,74 @@ import timm
 import torch
 from torch import nn
 
-from moe_cli.errors import CheckpointError, ModelSourceError
-from moe_cli.models.surgery import MoEConfig, apply_moe, upcycle
+from moe_cli.errors import CheckpointError, ConfigError, ModelSourceError
+from moe_cli.models.overrides import apply_overrides
+from moe_cli.models.probe import probe_batch
+from moe_cli.models.surgery import (
+    TOLERANCE,
+    UpcycleMismatch,
+    Verification,
+    apply_moe,
+    moe_layers,
+    upcycle,
+    verify_upcycle,
+)
+from moe_cli.moe.config import MoELayout, UpcycleCfg
+from moe_cli.runtime import atomic_write
 
 FORMAT = "moe-cli/1"
 WEIGHTS_NAME = "model.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
 class Checkpoint:
-    """A model together with what is needed to rebuild it: timm architecture, MoE config, source, task."""
+    """A model together with what is needed to rebuild it: timm architecture, source, task and task settings.
 
-    model: nn.Module
-    architecture: dict  # {"name": timm model name, "kwargs": {...}}
-    moe: MoEConfig | None = None
-    source: str = ""
-    task: str = "classify"
-    extra: dict = field(default_factory=dict)
-    task_config: dict = field(default_factory=dict)  # the task's eval settings (masked-tokens: decoder, masks)
+    The MoE layout (``moe``: the layers' shared config and their module names) is read from the model's MoE
+    layers, which own their config, so it never drifts from what the model does."""
 
-    def upcycle(self, **kwargs) -> Checkpoint:
-        """Turn this dense model into an MoE in place (see surgery.upcycle), remembering the dense size."""
-        self.extra = {**self.extra, "dense_params": sum(p.numel() for p in self.model.parameters())}
-        self.model, self.moe = upcycle(self.model, **kwargs)
-        return self
+    def __init__(self, model: nn.Module, architecture: dict, moe: MoELayout | None = None, source: str = "",
+                 task: str = "classify", extra: dict | None = None, task_config: dict | None = None):
+        self.model = model
+        self.architecture = architecture  # {"name": timm model name, "kwargs": {...}}
+        self.source = source
+        self.task = task
+        self.extra = dict(extra or {})
+        self.task_config = dict(task_config or {})  # the task's eval settings (masked-tokens: decoder, masks)
+        if moe is not None and (self.moe is None or self.moe.layers != moe.layers):
+            raise ValueError(f"the MoE layout names layers {list(moe.layers)}, the model has "
+                             f"{list(self.moe.layers) if self.moe else []}")
+
+    @property
+    def moe(self) -> MoELayout | None:
+        layers = moe_layers(self.model)
+        if not layers:
+            return None
+        return MoELayout(**layers[0][1].cfg.routing().__dict__, layers=tuple(n for n, _ in layers))
+
+    def upcycle(self, cfg: UpcycleCfg | None = None, *, seed: int = 0, verify: bool = False,
+                tolerance: float = TOLERANCE, **fields) -> Verification | None:
+        """Turn this dense model into an MoE in place (see surgery.upcycle), remembering the dense size.
+
+        With ``verify``, prove on a probe batch that the MoE computes what the dense model did; a mismatch
+        (without copy noise asked for) raises :class:`UpcycleMismatch` and leaves this checkpoint dense."""
+        cfg = (cfg or UpcycleCfg(**fields)).validate()
+        if self.moe is not None:
+            raise ConfigError(f"{self.source or 'the model'} is already an MoE ({self.moe.experts} experts)")
+        dense = copy.deepcopy(self.model).eval() if verify else self.model
+        dense_params = sum(p.numel() for p in self.model.parameters())
+        probe = probe_batch(dense, seed=seed) if verify else None
+        sparse, layout = upcycle(self.model, cfg, seed=seed)
+        result = None
+        if verify:
+            result = verify_upcycle(dense, sparse, probe, layout, tolerance)
+            if not result.ok and cfg.noise_std == 0:
+                self.model = dense
+                raise UpcycleMismatch(f"the upcycled model does not reproduce the dense model: max |dense - moe| = "
+                                      f"{result.max_diff:.3e} > {result.limit:.1e}; nothing was written")
+        self.model = sparse
+        self.extra = {**self.extra, "dense_params": dense_params}
+        return result
 
     def metadata(self) -> dict[str, str]:
         from moe_cli import __version__
@@ -59,19 +101,6 @@ def weights_path(path: str | os.PathLike) -> Path:
     """``dir/`` -> ``dir/model.safetensors``; a ``.safetensors`` file stays as it is."""
     p = Path(path)
     return p if p.suffix == ".safetensors" else p / WEIGHTS_NAME
-
-
-def atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename onto ``target``, so no half-written file is ever visible."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None) -> Path:
@@ -149,14 +178,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         task_config = json.loads(meta.get("task_config", "{}"))
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{target}: corrupt moe-cli metadata ({e})") from None
+    if not (isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(arch.get("kwargs", {}), dict)):
+        raise CheckpointError(f"{target}: metadata `architecture` must be {{\"name\": str, \"kwargs\": {{...}}}}")
     model = create_timm(arch["name"], arch.get("kwargs", {}))
-    moe = MoEConfig.from_dict(moe_dict) if moe_dict else None
-    if moe:
-        apply_moe(model, moe)
+    if moe_dict is not None:
+        def label(name: str) -> str:
+            return f"{target}: metadata `moe{'.' + name if name else ''}`"
+
+        apply_moe(model, MoELayout.from_dict(moe_dict, label))
     load_state(model, read_tensors(target), target)
     if meta.get("dtype") in DTYPES:
         model.to(DTYPES[meta["dtype"]])
-    return Checkpoint(model.eval(), arch, moe, meta.get("source", ""), meta.get("task", "classify"), extra,
+    return Checkpoint(model.eval(), arch, None, meta.get("source", ""), meta.get("task", "classify"), extra,
                       task_config)
 
 
@@ -164,6 +197,4 @@ def load(path: str | os.PathLike, top_k: int | None = None, capacity_factor: flo
          disable_experts: str | None = None) -> nn.Module:
     """Load a moe-cli checkpoint (folder or ``.safetensors`` file) as a ready model in eval mode, optionally
     with inference-time routing overrides (``disable_experts`` as 'layer:expert,...')."""
-    from moe_cli.models.overrides import apply_overrides
-
     return apply_overrides(load_checkpoint(path).model, top_k, capacity_factor, disable_experts)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from torch import nn
 
 from moe_cli.errors import ConfigError
 from moe_cli.models.surgery import moe_layers
+from moe_cli.moe.config import flag
 
 
 def parse_disabled(spec: str | None) -> dict[int, set[int]]:
@@ -25,9 +27,10 @@ def parse_disabled(spec: str | None) -> dict[int, set[int]]:
 
 def apply_overrides(model: nn.Module, top_k: int | None = None, capacity_factor: float | None = None,
                     disable_experts: str | dict[int, set[int]] | None = None) -> nn.Module:
-    """Change routing of every MoE layer in place (a soft gate given ``top_k`` becomes a top-k gate)."""
+    """Change routing of every MoE layer in place (a soft gate given ``top_k`` becomes a top-k gate). Each change
+    goes through the layer's config, so it is validated as the config is everywhere else."""
     layers = moe_layers(model)
-    if (top_k or capacity_factor or disable_experts) and not layers:
+    if (top_k is not None or capacity_factor is not None or disable_experts) and not layers:
         raise ConfigError("routing overrides need an MoE model; this checkpoint has no MoE layers")
     disabled = parse_disabled(disable_experts) if isinstance(disable_experts, str) or disable_experts is None \
         else disable_experts
@@ -35,16 +38,18 @@ def apply_overrides(model: nn.Module, top_k: int | None = None, capacity_factor:
         if not 0 <= index < len(layers):
             raise ConfigError(f"--disable-experts: MoE layer {index} does not exist (0..{len(layers) - 1})")
     for i, (name, m) in enumerate(layers):
+        changes: dict = {}
         if top_k is not None:
-            if not 1 <= top_k <= m.num_experts:
+            if m.gate == "expert_choice":
+                raise ConfigError(f"--top-k does not apply to `{name}`: its experts choose their tokens "
+                                  "(expert_choice); change --capacity-factor instead")
+            if not isinstance(top_k, int) or not 1 <= top_k <= m.num_experts:
                 raise ConfigError(f"--top-k must be between 1 and {m.num_experts} (experts in `{name}`), got {top_k}")
-            if m.gate == "soft":
-                m.gate = "topk"
-            m.k = top_k
+            changes.update(gate="topk", k=top_k)
         if capacity_factor is not None:
-            if capacity_factor <= 0:
-                raise ConfigError(f"--capacity-factor must be > 0, got {capacity_factor}")
-            m.capacity_factor = m.eval_capacity_factor = capacity_factor
+            changes.update(capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
+        if changes:
+            m.reconfigure(dataclasses.replace(m.cfg, **changes).validate(flag))
         if i in disabled:
             try:
                 m.disable_experts(disabled[i])

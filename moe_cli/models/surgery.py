@@ -6,60 +6,18 @@ import copy
 import dataclasses
 import fnmatch
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
 
-from moe_cli.errors import ConfigError
-from moe_cli.moe.dispatch import IMPLS
+from moe_cli.errors import ConfigError, MoeError
+from moe_cli.moe.config import MoELayout, UpcycleCfg
 from moe_cli.moe.layer import MoEMlp, dense_spec
-from moe_cli.moe.routing import GATES, PRIORITIES
 
 FFN_TYPES = (Mlp, GluMlp, SwiGLU)
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """How a model was made sparse; stored in checkpoint metadata and enough to rebuild the layers."""
-
-    experts: int = 4
-    k: int = 2
-    gate: str = "topk"
-    normalize: bool = True
-    noise_std: float = 0.0
-    layers: tuple[str, ...] = field(default_factory=tuple)  # module names of the MoE layers
-    capacity_factor: float | None = None  # None: no token dropping (token choice); expert choice default 1.0
-    eval_capacity_factor: float | None = None  # None: same as capacity_factor
-    priority: str = "slot"  # who keeps its place when an expert overflows: slot order or score (BPR)
-    impl: str = "auto"  # expert dispatch: auto | loop | grouped
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "layers": list(self.layers)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MoEConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**{**known, "layers": tuple(known.get("layers", ()))})
-
-    def validate(self) -> None:
-        if self.experts < 1:
-            raise ConfigError(f"--experts must be at least 1, got {self.experts}")
-        if self.gate not in GATES:
-            raise ConfigError(f"--gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        if self.gate == "topk" and not 1 <= self.k <= self.experts:
-            raise ConfigError(f"--k must be between 1 and --experts ({self.experts}), got {self.k}")
-        if self.noise_std < 0:
-            raise ConfigError(f"--noise-std must be >= 0, got {self.noise_std}")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        if self.priority not in PRIORITIES:
-            raise ConfigError(f"--priority must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
-        if self.impl not in IMPLS:
-            raise ConfigError(f"--impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+TOLERANCE = 1e-4  # upcycling check: max |dense - moe| relative to max(1, max |dense|)
 
 
 def _is_ffn_like(module: nn.Module) -> bool:
@@ -112,37 +70,36 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def upcycle(model: nn.Module, experts: int = 4, k: int = 2, layers: str = "all", target: str | None = None,
-            gate: str = "topk", normalize: bool = True, noise_std: float = 0.0, seed: int = 0,
-            **routing) -> tuple[nn.Module, MoEConfig]:
+def upcycle(model: nn.Module, cfg: UpcycleCfg | None = None, *, seed: int = 0, **fields) -> tuple[nn.Module, MoELayout]:
     """Replace the chosen FFNs of ``model`` (in place) by MoE layers whose experts copy the dense FFN.
 
-    ``routing``: capacity_factor, eval_capacity_factor, priority, impl (see MoEConfig)."""
-    cfg = MoEConfig(experts, k, gate, normalize, noise_std, **routing)
-    cfg.validate()
-    ffns = find_ffns(model, target)
+    ``cfg`` (or ``fields``: experts, k, layers, target, gate, capacity_factor, ... — see UpcycleCfg) says which
+    FFNs and how; the routers are drawn from ``seed``. Returns the model and the layout to store with it."""
+    cfg = (cfg or UpcycleCfg(**fields)).validate()
+    ffns = find_ffns(model, cfg.target)
     if not ffns:
         raise ConfigError(f"no FFN module (timm {', '.join(t.__name__ for t in FFN_TYPES)}) found in "
                           f"{type(model).__name__}; name the FFNs with --target GLOB")
-    cfg = dataclasses.replace(cfg, layers=tuple(ffns[i][0] for i in select_layers(len(ffns), layers)))
-    apply_moe(model, cfg, seed=seed)
-    return model, cfg
+    names = tuple(ffns[i][0] for i in select_layers(len(ffns), cfg.layers))
+    layout = MoELayout(**cfg.routing().__dict__, layers=names)
+    apply_moe(model, layout, seed=seed, noise_std=cfg.noise_std)
+    return model, layout
 
 
-def apply_moe(model: nn.Module, cfg: MoEConfig, seed: int = 0) -> nn.Module:
-    """Swap each module named in ``cfg.layers`` for an MoEMlp built from it (routers from ``seed``)."""
+def apply_moe(model: nn.Module, layout: MoELayout, seed: int = 0, noise_std: float = 0.0) -> nn.Module:
+    """Swap each module named in ``layout.layers`` for an MoEMlp built from it (routers from ``seed``)."""
     gen = torch.Generator().manual_seed(seed)
-    for name in cfg.layers:
-        dense = model.get_submodule(name)
+    cfg = layout.routing()
+    for name in layout.layers:
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"MoE layer `{name}` does not exist in {type(model).__name__}") from None
         try:
             dense_spec(dense)
         except (AttributeError, ValueError) as e:
             raise ConfigError(f"cannot upcycle `{name}` ({type(dense).__name__}): {e}") from None
-        moe = MoEMlp.from_dense(dense, cfg.experts, cfg.k, noise_std=cfg.noise_std, generator=gen,
-                                gate=cfg.gate, normalize=cfg.normalize, capacity_factor=cfg.capacity_factor,
-                                eval_capacity_factor=cfg.eval_capacity_factor, priority=cfg.priority,
-                                impl=cfg.impl)
-        _set_module(model, name, moe)
+        _set_module(model, name, MoEMlp.from_dense(dense, config=cfg, noise_std=noise_std, generator=gen))
     return model
 
 
@@ -163,17 +120,51 @@ def max_output_diff(dense: nn.Module, sparse: nn.Module, probe: torch.Tensor) ->
 
     Capacity limits are lifted for the check: dropping overflow tokens is routing, not a copy error."""
     layers = moe_layers(sparse)
-    saved = [(m.capacity_factor, m.eval_capacity_factor) for _, m in layers]
+    saved = [m.cfg for _, m in layers]
     for _, m in layers:
-        m.capacity_factor = m.eval_capacity_factor = None
+        m.reconfigure(capacity_factor=None, eval_capacity_factor=None)
     try:
         dense_out, sparse_out = dense.eval()(probe), sparse.eval()(probe)
     finally:
-        for (_, m), (cf, ecf) in zip(layers, saved, strict=True):
-            m.capacity_factor, m.eval_capacity_factor = cf, ecf
+        for (_, m), cfg in zip(layers, saved, strict=True):
+            m.reconfigure(cfg)
     return (sparse_out - dense_out).abs().max().item(), dense_out.abs().max().item()
 
 
-def upcycled_copy(model: nn.Module, **kwargs) -> tuple[nn.Module, MoEConfig]:
+def upcycled_copy(model: nn.Module, **kwargs) -> tuple[nn.Module, MoELayout]:
     """Upcycle a deep copy, leaving ``model`` dense."""
     return upcycle(copy.deepcopy(model), **kwargs)
+
+
+
+
+class UpcycleMismatch(MoeError):
+    """The upcycled model does not compute what the dense one did (exit code 1: a failed check, not bad input)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The upcycling check: max |dense(x) - moe(x)| on a probe batch against ``tolerance * max(1, max |dense|)``."""
+
+    max_diff: float | None
+    scale: float | None
+    limit: float | None
+    ok: bool
+    skipped: str = ""  # why no comparison was made
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def verify_upcycle(dense: nn.Module, sparse: nn.Module, probe: torch.Tensor, layout: MoELayout,
+                   tolerance: float = TOLERANCE) -> Verification:
+    """Prove the MoE computes what the dense model did (capacity limits lifted). Expert choice gives each token
+    a varying number of experts, so it cannot reproduce the dense output: the check is skipped."""
+    if layout.gate == "expert_choice":
+        return Verification(None, None, None, True, "expert choice gives each token a varying number of experts, so "
+                            "the MoE does not reproduce the dense output by design")
+    diff, scale = max_output_diff(dense, sparse, probe)
+    limit = tolerance * max(1.0, scale)
+    return Verification(diff, scale, limit, diff <= limit)

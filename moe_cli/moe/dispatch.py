@@ -1,18 +1,26 @@
-"""Expert dispatch: sort (token, slot) pairs by expert, gather, run the experts, un-permute, combine.
+"""Dispatchers: sort (token, slot) pairs by expert, gather the tokens, run the experts, un-permute, combine.
 
-Two ways to run the experts over the sorted rows, one layout: a loop of ``F.linear`` per expert (any device,
-the CPU default) and ``F.grouped_mm`` (CUDA bf16; also runs on CPU). Results are gathered back into slot order
-and each token's slots are combined by one batched matmul: deterministic, no ``index_add_``.
+A dispatcher is a small object with three steps — :meth:`Dispatcher.dispatch` (group rows by expert),
+:meth:`Dispatcher.run` (the experts over the grouped rows) and :meth:`Dispatcher.combine` (back to token order,
+weighted sum over each token's slots) — so a fused kernel can replace any of them:
+
+- :class:`LoopDispatcher`: one ``F.linear`` per expert over its contiguous rows (any device; the CPU default).
+  Reads the group sizes on the host.
+- :class:`GroupedDispatcher`: two ``F.grouped_mm`` over all experts (CUDA bf16; also runs on CPU). No host
+  synchronisation: dropped slots ride along in the last group and are zeroed.
+
+Both combine deterministically (no ``index_add_``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "loop", "grouped")
+from moe_cli.moe.routing import Routing
 
 
 class ExpertBank(Protocol):
@@ -20,6 +28,20 @@ class ExpertBank(Protocol):
 
     def run_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor: ...
     def run_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Dispatched:
+    """Rows of ``x`` grouped by expert and what is needed to put the expert outputs back."""
+
+    x_sorted: torch.Tensor  # (rows, D) token rows, expert by expert
+    order: torch.Tensor  # (T*S,) slot index of each sorted position
+    counts: torch.Tensor  # (E + 1,) slots per expert, index 0 = dropped
+    tokens: int
+    slots: int
+    group_sizes: torch.Tensor | list[int] | None = None  # what Dispatcher.run hands the experts
+    row_expert: torch.Tensor | None = None  # (rows,) expert of each sorted row (grouped)
+    dropped: int | None = None  # host-known dropped slots (loop)
 
 
 def expert_counts(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -42,37 +64,91 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
-def dispatch(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, bank: ExpertBank,
-             impl: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
-    """y[t] = sum_s weight[t, s] * f_{expert[t, s]}(x[t]); slots with expert -1 contribute nothing.
+def weighted_sum(y_slots: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_s weight[t, s] * y_slots[t * S + s] as one batched matmul: (T, 1, S) @ (T, S, D)."""
+    T, S = weight.shape
+    return torch.bmm(weight.to(y_slots.dtype).unsqueeze(1), y_slots.view(T, S, -1)).squeeze(1)
 
-    Returns y (T, D_out) and the per-expert slot counts (E,)."""
-    T, S = expert.shape
-    E = bank.num_experts
-    flat = expert.reshape(-1)
-    counts = expert_counts(expert, E)
-    if impl == "grouped":
+
+class Dispatcher:
+    """y[t] = sum_s weight[t, s] * f_{expert[t, s]}(x[t]); slots with expert -1 contribute nothing."""
+
+    name = ""
+
+    def dispatch(self, x: torch.Tensor, expert: torch.Tensor, num_experts: int) -> Dispatched:
+        raise NotImplementedError
+
+    def run(self, experts: ExpertBank, d: Dispatched) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine(self, y_sorted: torch.Tensor, d: Dispatched, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: ExpertBank) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y (T, D_out), slots per expert (E,))."""
+        d = self.dispatch(x, routing.expert, experts.num_experts)
+        return self.combine(self.run(experts, d), d, routing.weight), d.counts[1:]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LoopDispatcher(Dispatcher):
+    name = "loop"
+
+    def dispatch(self, x: torch.Tensor, expert: torch.Tensor, num_experts: int) -> Dispatched:
+        T, S = expert.shape
+        order = torch.argsort(expert.reshape(-1), stable=True)  # dropped slots (-1) sort first
+        counts = expert_counts(expert, num_experts)
+        count_list = counts.tolist()
+        slots = order[count_list[0]:]
+        x_sorted = x.index_select(0, torch.div(slots, S, rounding_mode="floor"))
+        return Dispatched(x_sorted, order, counts, T, S, group_sizes=count_list[1:], dropped=count_list[0])
+
+    def run(self, experts: ExpertBank, d: Dispatched) -> torch.Tensor:
+        return experts.run_loop(d.x_sorted, d.group_sizes)
+
+    def combine(self, y_sorted: torch.Tensor, d: Dispatched, weight: torch.Tensor) -> torch.Tensor:
+        if d.dropped:
+            slots = d.order[d.dropped:]
+            y_slots = y_sorted.new_zeros(d.tokens * d.slots, y_sorted.shape[-1]).index_copy(0, slots, y_sorted)
+        else:
+            y_slots = y_sorted.index_select(0, inverse_permutation(d.order))
+        return weighted_sum(y_slots, weight)
+
+
+class GroupedDispatcher(Dispatcher):
+    name = "grouped"
+
+    def dispatch(self, x: torch.Tensor, expert: torch.Tensor, num_experts: int) -> Dispatched:
         # dropped slots sort last (key E) and ride along in the last expert's group, so no host sync is needed
         # to cut them off; their outputs are zeroed before the combine, so they get no gradient either
+        T, S = expert.shape
+        E = num_experts
+        flat = expert.reshape(-1)
+        counts = expert_counts(expert, E)
         key = torch.where(flat < 0, E, flat)
         order = torch.argsort(key, stable=True)
         row_expert = key.index_select(0, order)
         x_sorted = x.index_select(0, torch.div(order, S, rounding_mode="floor"))
         group_sizes = counts[1:].clone()
         group_sizes[-1] += counts[0]
-        y_sorted = bank.run_grouped(x_sorted, group_sizes, row_expert.clamp(max=E - 1))
-        y_sorted = torch.where(row_expert.unsqueeze(-1) < E, y_sorted, 0.0)
-        y_slots = y_sorted.index_select(0, inverse_permutation(order))
-    else:
-        order = torch.argsort(flat, stable=True)  # dropped slots (-1) sort first
-        count_list = counts.tolist()
-        slots = order[count_list[0]:]
-        x_sorted = x.index_select(0, torch.div(slots, S, rounding_mode="floor"))
-        y_sorted = bank.run_loop(x_sorted, count_list[1:])
-        if count_list[0]:
-            y_slots = y_sorted.new_zeros(T * S, y_sorted.shape[-1]).index_copy(0, slots, y_sorted)
-        else:
-            y_slots = y_sorted.index_select(0, inverse_permutation(order))
-    # weighted sum over each token's slots as one batched matmul: (T, 1, S) @ (T, S, D)
-    out = torch.bmm(weight.to(y_slots.dtype).unsqueeze(1), y_slots.view(T, S, -1)).squeeze(1)
-    return out, counts[1:]
+        return Dispatched(x_sorted, order, counts, T, S, group_sizes=group_sizes, row_expert=row_expert)
+
+    def run(self, experts: ExpertBank, d: Dispatched) -> torch.Tensor:
+        E = experts.num_experts
+        y = experts.run_grouped(d.x_sorted, d.group_sizes, d.row_expert.clamp(max=E - 1))
+        return torch.where(d.row_expert.unsqueeze(-1) < E, y, 0.0)
+
+    def combine(self, y_sorted: torch.Tensor, d: Dispatched, weight: torch.Tensor) -> torch.Tensor:
+        return weighted_sum(y_sorted.index_select(0, inverse_permutation(d.order)), weight)
+
+
+DISPATCHERS: dict[str, Dispatcher] = {"loop": LoopDispatcher(), "grouped": GroupedDispatcher()}
+
+
+def dispatch(x: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor, bank: ExpertBank,
+             impl: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``bank`` on ``x`` routed by (expert, weight) with the dispatcher named ``impl``: (y, counts (E,))."""
+    probs = torch.empty(0)
+    return DISPATCHERS[impl](x, Routing(expert, weight, probs, probs), bank)

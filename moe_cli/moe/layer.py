@@ -1,19 +1,34 @@
-"""MoEMlp: a drop-in Mixture-of-Experts replacement for timm's Mlp / GluMlp / SwiGLU."""
+"""MoEMlp: a drop-in Mixture-of-Experts replacement for timm's Mlp / GluMlp / SwiGLU, in three parts.
+
+- a :class:`~moe_cli.moe.router.Router` (``layer.router``) turns tokens into a typed ``Routing``;
+- a :class:`~moe_cli.moe.dispatch.Dispatcher` groups tokens by expert, runs the experts and combines;
+- :class:`Experts` (``layer.experts``) holds the stacked expert weights.
+
+The layer owns one frozen :class:`~moe_cli.moe.config.MoEConfig` (``layer.cfg``); :meth:`MoEMlp.reconfigure`
+changes it (validated) and rebuilds the router and dispatcher around the same weights. It takes timm's
+``mlp_layer`` keywords, so ``timm.create_model('vit_small_patch16_224', mlp_layer=partial(MoEMlp,
+num_experts=8, k=2))`` builds an MoE ViT from scratch; :meth:`MoEMlp.from_dense` upcycles a trained FFN.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_cli.moe.dispatch import IMPLS, dispatch, grouped_supported
-from moe_cli.moe.losses import load_balance_loss, z_loss
-from moe_cli.moe.routing import GATES, PRIORITIES, Routing, route
+from moe_cli.moe.config import ROUTER_STD, MoEConfig
+from moe_cli.moe.dispatch import DISPATCHERS, Dispatcher, grouped_supported
+from moe_cli.moe.router import Router, make_router
+from moe_cli.moe.routing import Routing
 
-ROUTER_STD = 0.02
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 class Experts(nn.Module):
@@ -23,23 +38,30 @@ class Experts(nn.Module):
     """
 
     def __init__(self, num_experts: int, in_features: int, hidden_features: int, out_features: int,
-                 act: nn.Module, glu: bool = False, bias: tuple[bool, bool] = (True, True),
-                 norm_eps: float | None = None, drop: tuple[float, float] = (0.0, 0.0)):
+                 act_layer: Callable[[], nn.Module] = nn.GELU, glu: bool = False, bias: bool | tuple = True,
+                 norm_eps: float | None = None, drop: float | tuple = 0.0, device=None, dtype=None):
         super().__init__()
         E, D, H, Do = num_experts, in_features, hidden_features, out_features
+        bias, drop = _pair(bias), _pair(drop)
+        dd = {"device": device, "dtype": dtype}
         self.num_experts, self.glu, self.norm_eps, self.drop = E, glu, norm_eps, drop
-        self.act = act
-        self.w1 = nn.Parameter(torch.empty(E, H, D))
-        self.b1 = nn.Parameter(torch.zeros(E, H)) if bias[0] else None
-        self.wg = nn.Parameter(torch.empty(E, H, D)) if glu else None
-        self.bg = nn.Parameter(torch.zeros(E, H)) if glu and bias[0] else None
-        self.norm_w = nn.Parameter(torch.ones(E, H)) if norm_eps is not None else None
-        self.norm_b = nn.Parameter(torch.zeros(E, H)) if norm_eps is not None else None
-        self.w2 = nn.Parameter(torch.empty(E, Do, H))
-        self.b2 = nn.Parameter(torch.zeros(E, Do)) if bias[1] else None
+        self.act = act_layer()
+        self.w1 = nn.Parameter(torch.empty(E, H, D, **dd))
+        self.b1 = nn.Parameter(torch.zeros(E, H, **dd)) if bias[0] else None
+        self.wg = nn.Parameter(torch.empty(E, H, D, **dd)) if glu else None
+        self.bg = nn.Parameter(torch.zeros(E, H, **dd)) if glu and bias[0] else None
+        self.norm_w = nn.Parameter(torch.ones(E, H, **dd)) if norm_eps is not None else None
+        self.norm_b = nn.Parameter(torch.zeros(E, H, **dd)) if norm_eps is not None else None
+        self.w2 = nn.Parameter(torch.empty(E, Do, H, **dd))
+        self.b2 = nn.Parameter(torch.zeros(E, Do, **dd)) if bias[1] else None
         for w in (self.w1, self.wg, self.w2):
             if w is not None:
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                for e in range(E):  # each expert initialised like the nn.Linear it replaces
+                    nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
+
+    def no_weight_decay(self) -> set[str]:
+        """Biases and the hidden LayerNorm (stacked, so 2-d) are not decayed."""
+        return {n for n in ("b1", "bg", "b2", "norm_w", "norm_b") if getattr(self, n) is not None}
 
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
@@ -88,88 +110,76 @@ class Experts(nn.Module):
         return F.dropout(gmm(h.to(dtype), self.w2, self.b2), self.drop[1], self.training)
 
 
-class MoEMlp(nn.Module):
-    """Mixture-of-Experts FFN with the forward signature of timm's Mlp: tensor in, tensor out.
+def _norm_eps(norm_layer, hidden: int) -> float | None:
+    """timm passes a norm class for the hidden activations; experts support LayerNorm (eps read from it)."""
+    if norm_layer is None:
+        return None
+    norm = norm_layer(hidden)
+    if isinstance(norm, nn.Identity):
+        return None
+    if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine:
+        raise ValueError(f"hidden norm {type(norm).__name__} is not supported by MoE experts (LayerNorm or none)")
+    return norm.eps
 
-    The router runs in fp32. Aux losses of the last forward are kept in ``self.aux_losses`` and routing
-    statistics in ``self.last_counts`` for the training loop to collect.
+
+class MoEMlp(nn.Module):
+    """Mixture-of-Experts FFN with the forward signature and constructor keywords of timm's Mlp.
+
+    MoE settings come from ``config`` (a :class:`MoEConfig`), overridden by ``num_experts``, ``k`` and any other
+    MoEConfig field given as a keyword (``gate``, ``capacity_factor``, ``impl``, ...). ``glu=True`` makes
+    GLU experts (act(x wg) * x w1), as timm's GluMlp / SwiGLU. Aux losses and routing statistics are not kept
+    on the layer: collect them with :class:`moe_cli.moe.stats.RoutingRecorder`.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-                 num_experts: int = 4, k: int = 2, act: nn.Module | None = None, glu: bool = False,
-                 bias: tuple[bool, bool] = (True, True), norm_eps: float | None = None,
-                 drop: tuple[float, float] = (0.0, 0.0), gate: str = "topk", normalize: bool = True,
-                 noise_std: float = 0.0, channels_first: bool = False, router_std: float = ROUTER_STD,
-                 capacity_factor: float | None = None, eval_capacity_factor: float | None = None,
-                 priority: str = "slot", impl: str = "auto"):
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: Callable[[], nn.Module] = nn.GELU, norm_layer: Callable | None = None,
+                 bias: bool | tuple[bool, bool] = True, drop: float | tuple[float, float] = 0.0,
+                 use_conv: bool = False, glu: bool = False, num_experts: int | None = None, k: int | None = None,
+                 config: MoEConfig | None = None, router_std: float = ROUTER_STD, device=None, dtype=None, **moe):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        if gate == "topk" and not 1 <= k <= num_experts:
-            raise ValueError(f"k must be between 1 and num_experts={num_experts}, got {k}")
-        if priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        for cf in (capacity_factor, eval_capacity_factor):
-            if cf is not None and cf <= 0:
-                raise ValueError(f"capacity factors must be > 0, got {cf}")
+        given = {"experts": num_experts, "k": k}
+        cfg = dataclasses.replace((config or MoEConfig()).routing(),
+                                  **{n: v for n, v in given.items() if v is not None}, **moe)
+        self.cfg = cfg.validate(lambda name: name)
+        hidden_features = hidden_features or in_features
         out_features = out_features or in_features
-        self.num_experts, self.k, self.gate, self.normalize = num_experts, k, gate, normalize
-        self.noise_std, self.channels_first = noise_std, channels_first
-        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.priority, self.impl = priority, impl
-        self.router = nn.Linear(in_features, num_experts, bias=False)
-        nn.init.normal_(self.router.weight, std=router_std)
-        self.experts = Experts(num_experts, in_features, hidden_features, out_features,
-                               act if act is not None else nn.GELU(), glu, bias, norm_eps, drop)
-        self.aux_losses: dict[str, torch.Tensor] = {}
-        self.last_counts: torch.Tensor | None = None
-        self.last_gate: torch.Tensor | None = None
-        self.last_dropped: torch.Tensor | None = None
-        self.disabled_experts: set[int] = set()
-        # frozen router to distil from (dense-to-sparse stage 2); non-persistent, so never in checkpoints
-        self.register_buffer("teacher_weight", None, persistent=False)
+        self.channels_first = use_conv
+        self.router: Router = make_router(in_features, cfg, std=router_std, device=device, dtype=dtype)
+        self.experts = Experts(cfg.experts, in_features, hidden_features, out_features, act_layer, glu, bias,
+                               _norm_eps(norm_layer, hidden_features), drop, device=device, dtype=dtype)
+        self.recorders: list = []  # RoutingRecorders collecting this layer's routing (moe_cli.moe.stats)
+
+    # ------------------------------------------------------------------ configuration
 
     @property
-    def active_experts(self) -> int:
-        enabled = self.num_experts - len(self.disabled_experts)
-        if self.gate == "soft":
-            return enabled
-        if self.gate == "expert_choice":  # each expert takes cf * T / N tokens: cf experts per token on average
-            return min(enabled, (self.current_capacity_factor or 1.0) * enabled / self.num_experts)
-        return min(self.k, enabled)
+    def num_experts(self) -> int:
+        return self.cfg.experts
 
     @property
-    def current_capacity_factor(self) -> float | None:
-        if not self.training and self.eval_capacity_factor is not None:
-            return self.eval_capacity_factor
-        return self.capacity_factor
+    def k(self) -> int:
+        return self.cfg.k
 
-    def resolve_impl(self, x: torch.Tensor) -> str:
-        if self.impl != "auto":
-            return self.impl
-        ex = self.experts
-        dims = (ex.w1.shape[1], ex.w1.shape[2], ex.w2.shape[1])
-        amp_bf16 = torch.is_autocast_enabled(x.device.type) and \
-            torch.get_autocast_dtype(x.device.type) == torch.bfloat16
-        return "grouped" if (x.dtype == torch.bfloat16 or amp_bf16) and grouped_supported(x, dims) else "loop"
+    @property
+    def gate(self) -> str:
+        return self.cfg.gate
 
-    def route(self, tokens: torch.Tensor) -> Routing:
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
-            logits = F.linear(tokens.float(), self.router.weight.float())
-        if self.disabled_experts:
-            off = torch.zeros(self.num_experts, dtype=torch.bool, device=logits.device)
-            off[list(self.disabled_experts)] = True
-            logits = logits.masked_fill(off, float("-inf"))
-        r = route(logits, self.gate, self.k, self.normalize, self.noise_std, self.training,
-                  self.current_capacity_factor, self.priority)
-        if self.disabled_experts:  # soft and expert-choice gates list every expert: drop the disabled ones
-            dead = off[r.expert.clamp(min=0)] & (r.expert >= 0)
-            r = Routing(torch.where(dead, -1, r.expert), torch.where(dead, 0.0, r.weight), r.probs, r.logits)
-        return r
+    @property
+    def normalize(self) -> bool:
+        return self.cfg.normalize
+
+    @property
+    def active_experts(self) -> float:
+        return self.router.active_experts
+
+    def reconfigure(self, cfg: MoEConfig | None = None, **changes) -> MoEMlp:
+        """Switch to ``cfg`` (or the current config with ``changes``), validated; the router is rebuilt for the
+        new gate around the same weight. The number of experts cannot change."""
+        new = dataclasses.replace((cfg or self.cfg).routing(), **changes).validate(lambda name: name)
+        if new.experts != self.cfg.experts:
+            raise ValueError(f"experts cannot change from {self.cfg.experts} to {new.experts} (prune instead)")
+        self.cfg = new
+        self.router = make_router(self.router.weight.shape[1], new, like=self.router)
+        return self
 
     def disable_experts(self, experts: set[int]) -> None:
         """Switch experts off at inference: -inf router logits, so no token is sent to them."""
@@ -179,71 +189,73 @@ class MoEMlp(nn.Module):
         enabled = self.num_experts - len(set(experts))
         if enabled < 1 or (self.gate == "topk" and enabled < self.k):
             raise ValueError(f"disabling {sorted(experts)} leaves {enabled} expert(s), fewer than k={self.k}")
-        self.disabled_experts = set(experts)
+        self.router.disabled = frozenset(experts)
+
+    def set_teacher(self, weight: torch.Tensor | None) -> None:
+        """Distil this router toward a frozen one: recorders with aux=True report `distill` = KL(teacher || router)."""
+        self.router.teacher_weight = None if weight is None else weight.detach().clone().float()
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"experts.{n}" for n in self.experts.no_weight_decay()}
+
+    # ------------------------------------------------------------------ forward
+
+    def dispatcher(self, x: torch.Tensor) -> Dispatcher:
+        """The configured dispatcher; ``auto``: grouped GEMMs for bf16 on CUDA where supported, else the loop."""
+        return DISPATCHERS[self.resolve_impl(x)]
+
+    def resolve_impl(self, x: torch.Tensor) -> str:
+        if self.cfg.impl != "auto":
+            return self.cfg.impl
+        ex = self.experts
+        dims = (ex.w1.shape[1], ex.w1.shape[2], ex.w2.shape[1])
+        amp_bf16 = torch.is_autocast_enabled(x.device.type) and \
+            torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+        return "grouped" if (x.dtype == torch.bfloat16 or amp_bf16) and grouped_supported(x, dims) else "loop"
+
+    def route(self, tokens: torch.Tensor) -> Routing:
+        return self.router(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_first:
             x = x.movedim(1, -1)
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])
-        routing = self.route(tokens)
-        y, counts = dispatch(tokens, routing.expert, routing.weight, self.experts, self.resolve_impl(tokens))
-        self.aux_losses = {"load_balance": load_balance_loss(routing, self.num_experts, counts),
-                           "z_loss": z_loss(routing.logits)}
-        if self.teacher_weight is not None:
-            self.aux_losses["distill"] = self._distill_loss(tokens, routing.logits)
-        self.last_counts = counts.detach()
-        self.last_dropped = dropped_fraction(routing)
-        # per-token gate weights as a (batch, tokens, E) matrix, for the CV losses and routing statistics
-        self.last_gate = gate_matrix(routing, self.num_experts).view(lead[0] if lead else 1, -1, self.num_experts)
+        routing = self.router(tokens)
+        y, counts = self.dispatcher(tokens)(tokens, routing, self.experts)
+        for recorder in self.recorders:
+            recorder.record(self, tokens, routing, counts, lead[0] if lead else 1)
         y = y.reshape(*lead, y.shape[-1])
         return y.movedim(-1, 1) if self.channels_first else y
 
-    def set_teacher(self, weight: torch.Tensor | None) -> None:
-        """Distil this router toward a frozen one: aux loss `distill` = KL(softmax(teacher x) || softmax(router x))."""
-        self.teacher_weight = None if weight is None else weight.detach().clone().float()
-
-    def _distill_loss(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=tokens.device.type, enabled=False), torch.no_grad():
-            target = F.log_softmax(F.linear(tokens.float(), self.teacher_weight), dim=-1)
-        return F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
-
     def extra_repr(self) -> str:
-        cf = f", capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, " \
-            f"priority={self.priority}" if self.capacity_factor or self.eval_capacity_factor else ""
-        return f"num_experts={self.num_experts}, k={self.k}, gate={self.gate}, normalize={self.normalize}{cf}"
+        return f"gate={self.cfg.gate}, impl={self.cfg.impl}"
+
+    # ------------------------------------------------------------------ upcycling
 
     @classmethod
-    def from_dense(cls, mlp: nn.Module, num_experts: int, k: int, noise_std: float = 0.0,
-                   generator: torch.Generator | None = None, **kwargs) -> MoEMlp:
-        """Upcycle a dense timm FFN: every expert a copy of it (plus optional N(0, noise_std) noise)."""
+    def from_dense(cls, mlp: nn.Module, num_experts: int | None = None, k: int | None = None,
+                   noise_std: float = 0.0, generator: torch.Generator | None = None,
+                   config: MoEConfig | None = None, **moe) -> MoEMlp:
+        """Upcycle a dense timm FFN: every expert a copy of it (plus optional N(0, noise_std) noise on the
+        weights); the router from ``generator`` (random, std 0.02)."""
         spec = dense_spec(mlp)
-        moe = cls(spec["in_features"], spec["hidden_features"], spec["out_features"], num_experts, k,
-                  act=copy.deepcopy(mlp.act), glu=spec["glu"], bias=spec["bias"], norm_eps=spec["norm_eps"],
-                  drop=spec["drop"], channels_first=spec["channels_first"], **kwargs)
+        act, eps = mlp.act, spec["norm_eps"]
+        layer = cls(spec["in_features"], spec["hidden_features"], spec["out_features"],
+                    act_layer=lambda: copy.deepcopy(act), glu=spec["glu"], bias=spec["bias"], drop=spec["drop"],
+                    norm_layer=None if eps is None else (lambda h: nn.LayerNorm(h, eps=eps)),
+                    use_conv=spec["channels_first"], num_experts=num_experts, k=k, config=config, **moe)
         with torch.no_grad():
             if generator is not None:
-                moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=generator) * ROUTER_STD)
+                weight = layer.router.weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) * ROUTER_STD)
             for name, tensor in spec["weights"].items():
-                param = getattr(moe.experts, name)
+                param = getattr(layer.experts, name)
                 param.copy_(tensor.to(param.dtype).unsqueeze(0).expand_as(param))
                 if noise_std > 0 and name in ("w1", "wg", "w2"):
                     noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
                     param.add_(noise.to(param.device) * noise_std)
-        return moe.to(device=spec["device"])
-
-
-def dropped_fraction(routing: Routing) -> torch.Tensor:
-    """Share of tokens left without any expert (their residual passes through unchanged)."""
-    return (routing.expert < 0).all(dim=-1).float().mean().detach()
-
-
-def gate_matrix(routing: Routing, num_experts: int) -> torch.Tensor:
-    """(T, E) combine weights: row t holds the weight each expert's output gets for token t (0 if not routed)."""
-    keep = routing.expert >= 0
-    index = routing.expert.clamp(min=0)
-    weight = torch.where(keep, routing.weight, torch.zeros_like(routing.weight))
-    return weight.new_zeros(routing.expert.shape[0], num_experts).scatter_add(1, index, weight)
+        return layer.to(device=spec["device"])
 
 
 def _linear_weight(layer: nn.Module) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Routers: turn router logits into (token, slot) -> expert assignments with combine weights.
+"""Gate math: turn router logits into (token, slot) -> expert assignments with combine weights.
 
 Every router returns a :class:`Routing` in one layout: ``expert`` and ``weight`` of shape (T, S), one row per
 token and S slots per token; a slot whose expert is -1 is dropped (the token's residual passes through).
@@ -10,9 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-GATES = ("topk", "soft", "expert_choice")
-PRIORITIES = ("slot", "score")
 
 
 @dataclass
@@ -74,25 +71,11 @@ def expert_choice(logits: torch.Tensor, capacity_factor: float = 1.0) -> Routing
                    probs=probs, logits=logits)
 
 
-def soft(logits: torch.Tensor, noise_std: float = 0.0, training: bool = False) -> Routing:
-    """Dense gate: softmax(g(x) + eps) over all experts, every expert evaluated for every token."""
-    noisy = logits + noise_std * torch.randn_like(logits) if (training and noise_std > 0) else logits
-    probs = noisy.softmax(dim=-1)
+def soft(logits: torch.Tensor, noisy: torch.Tensor | None = None) -> Routing:
+    """Dense gate: softmax(g(x) + eps) over all experts (``noisy`` = g(x) + eps in training), every expert
+    evaluated for every token; ``logits`` stay the clean ones (z-loss)."""
+    probs = (logits if noisy is None else noisy).softmax(dim=-1)
     T, E = logits.shape
     expert = torch.arange(E, device=logits.device).expand(T, E)
     return Routing(expert=expert, weight=probs, probs=probs, logits=logits)
 
-
-def route(logits: torch.Tensor, gate: str, k: int, normalize: bool = True, noise_std: float = 0.0,
-          training: bool = False, capacity_factor: float | None = None, priority: str = "slot") -> Routing:
-    """Dispatch to the router named by ``gate``; ``capacity_factor`` None = no capacity limit."""
-    if gate == "topk":
-        if training and noise_std > 0:
-            logits = logits + noise_std * torch.randn_like(logits)
-        r = top_k(logits, k, normalize)
-        return apply_capacity(r, capacity_factor, priority) if capacity_factor is not None else r
-    if gate == "soft":
-        return soft(logits, noise_std, training)
-    if gate == "expert_choice":
-        return expert_choice(logits, capacity_factor if capacity_factor is not None else 1.0)
-    raise ValueError(f"unknown gate {gate!r}")

@@ -4,7 +4,6 @@ atomic checkpoints with exact resume, torchrun DDP, metrics log. Every training 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -21,12 +20,14 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from moe_cli.config import Recipe
 from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
 from moe_cli.errors import ConfigError, MoeError
-from moe_cli.io.checkpoint import Checkpoint, atomic_write, load_checkpoint, save
-from moe_cli.models.sources import load_source
-from moe_cli.train.recipe import Recipe
-from moe_cli.train.tasks import Task, autocast, aux_loss, expert_imbalance, recipe_task
+from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
+from moe_cli.io.sources import load_source
+from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.runtime import atomic_write, autocast, pick_device
+from moe_cli.tasks import Task, recipe_task
 
 LAST, FINAL, STATE_FILE = "last", "final", "train_state.pt"
 
@@ -56,15 +57,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- set-up
-
-
-def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        dev = torch.device(requested)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -98,17 +90,32 @@ def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:
     if m.upcycle is not None:
         if ckpt.moe is not None:
             raise ConfigError(f"`model.upcycle` is set but {m.source} is already an MoE checkpoint")
-        ckpt.upcycle(**dataclasses.asdict(m.upcycle), seed=recipe.train.seed)
+        ckpt.upcycle(m.upcycle, seed=recipe.train.seed)
     ckpt.task = recipe.task
     return ckpt
 
 
-def make_optimizer(recipe: Recipe, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-    """No weight decay on biases, norms and other 1-d parameters (timm convention)."""
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that modules exempt through timm's ``no_weight_decay()`` convention (the
+    model's own set, and each submodule's, e.g. an MoE layer's stacked biases and hidden norms)."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        fn = getattr(module, "no_weight_decay", None)
+        if callable(fn):
+            names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+    return names
+
+
+def make_optimizer(recipe: Recipe, params: list[tuple[str, nn.Parameter]],
+                   no_decay: set[str] = frozenset()) -> torch.optim.Optimizer:
+    """No weight decay on biases, norms, 1-d parameters and the names in ``no_decay`` (timm convention)."""
     o = recipe.optim
-    decay = [p for n, p in params if p.ndim >= 2 and not n.endswith((".b1", ".b2", ".bg"))]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and not n.endswith((".b1", ".b2", ".bg")))]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def decays(name: str, p: nn.Parameter) -> bool:
+        return p.ndim >= 2 and not name.endswith(".bias") and name not in no_decay
+
+    groups = [{"params": [p for n, p in params if decays(n, p)], "weight_decay": o.weight_decay},
+              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -227,7 +234,7 @@ def train(
     named = [(n, p) for n, p in model.named_parameters() if trainable is None or trainable(n, p)]
     for n, p in model.named_parameters():
         p.requires_grad_(trainable is None or trainable(n, p))
-    optimizer = make_optimizer(recipe, named)
+    optimizer = make_optimizer(recipe, named, no_weight_decay_names(model))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total))
     scaler = torch.amp.GradScaler(dev.type, enabled=t.precision == "fp16")
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -283,6 +290,7 @@ def train(
             reporter.evaluated(rec)
         return rec
 
+    recorder = RoutingRecorder(model, aux=True)  # aux losses and routing statistics of each training forward
     reporter.start(total, step)
     last_eval: dict = {}
     window_t, window_n = time.perf_counter(), 0
@@ -298,9 +306,9 @@ def train(
             micro += 1
             sync = micro % t.grad_accum == 0
             ctx = train_model.no_sync() if (dd.world > 1 and not sync) else nullcontext()
-            with ctx, autocast(dev, t.precision):
+            with ctx, autocast(dev, t.precision), recorder:
                 loss, logs = loss_fn(train_model, batch)
-                aux, aux_logs = aux_loss(model, recipe.moe.load_balance, recipe.moe.z_loss)
+                aux, aux_logs = recorder.aux_loss(recipe.moe.load_balance, recipe.moe.z_loss)
                 total_loss = loss + aux if aux is not None else loss
             value = total_loss.item()
             if not math.isfinite(value):
@@ -322,10 +330,11 @@ def train(
             if step % t.log_every == 0 or step == total:
                 now = time.perf_counter()
                 rec = {"step": step, "split": "train", "loss": value, "lr": scheduler.get_last_lr()[0],
-                       "img_s": window_n * dd.world / max(now - window_t, 1e-9), **logs, **aux_logs}
-                imbalance = expert_imbalance(model)
+                       "img_s": window_n * dd.world / max(now - window_t, 1e-9), **logs,
+                       **{k: v.item() for k, v in aux_logs.items()}}
+                imbalance = recorder.imbalance()
                 if imbalance is not None:
-                    rec["expert_imbalance"] = imbalance
+                    rec["expert_imbalance"] = imbalance.item()
                 record(rec)
                 reporter.log(rec)
                 window_t, window_n = now, 0

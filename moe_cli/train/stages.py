@@ -15,18 +15,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moe_cli.config import DensifyCfg, Recipe
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
-from moe_cli.evaluate.flops import compute_report
-from moe_cli.evaluate.routing import routing_stats
-from moe_cli.io.checkpoint import Checkpoint, atomic_write, load_checkpoint
-from moe_cli.models.sources import load_source
+from moe_cli.io.checkpoint import Checkpoint, load_checkpoint
+from moe_cli.io.sources import load_source
+from moe_cli.models.flops import compute_report
 from moe_cli.models.surgery import moe_layers
-from moe_cli.moe.layer import ROUTER_STD
+from moe_cli.moe.config import ROUTER_STD
 from moe_cli.moe.losses import expert_cv_loss, token_cv_loss
-from moe_cli.train.loop import Reporter, pick_device, train
-from moe_cli.train.recipe import DensifyCfg, Recipe
-from moe_cli.train.tasks import ClassifyTask, recipe_task
+from moe_cli.moe.stats import RoutingRecorder, routing_stats
+from moe_cli.runtime import atomic_write, autocast, pick_device
+from moe_cli.tasks import ClassifyTask, recipe_task
+from moe_cli.train.loop import Reporter, train
 
 STAGE_NAMES = {1: "dense", 2: "distill", 3: "finetune"}
 
@@ -47,7 +48,7 @@ def dense_moe(recipe: Recipe) -> Checkpoint:
     elif ckpt.moe.gate != "soft":
         raise ConfigError(f"{m.source} is a `{ckpt.moe.gate}` MoE; stage 1 needs a dense (soft) gate or a dense model")
     for _, layer in moe_layers(ckpt.model):
-        layer.noise_std = d.stage1.noise_std
+        layer.reconfigure(router_noise=d.stage1.noise_std)
     return ckpt
 
 
@@ -55,8 +56,9 @@ def cv_loss(task: ClassifyTask, token_w: float, expert_w: float, eps: float) -> 
     """Task loss + weighted per-token and per-expert inverse-CV losses, averaged over MoE layers."""
 
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
-        loss, logs = task.loss(model, batch)
-        gates = [m.last_gate for _, m in moe_layers(model)]
+        with RoutingRecorder(model, gates=True) as rec:
+            loss, logs = task.loss(model, batch)
+        gates = [r.gate for r in rec]
         tok = torch.stack([token_cv_loss(g, eps) for g in gates]).mean()
         exp = torch.stack([expert_cv_loss(g, eps) for g in gates]).mean()
         return loss + token_w * tok + expert_w * exp, {**logs, "token_cv": tok.item(), "expert_cv": exp.item()}
@@ -72,15 +74,15 @@ def sparsify(ckpt: Checkpoint, k: int, seed: int, noise_std: float = 0.0) -> Che
         with torch.no_grad():
             new = torch.randn(layer.router.weight.shape, generator=gen) * ROUTER_STD
             layer.router.weight.copy_(new.to(layer.router.weight))
-        layer.gate, layer.k, layer.normalize, layer.noise_std = "topk", k, False, noise_std
-    ckpt.moe = dataclasses.replace(ckpt.moe, gate="topk", k=k, normalize=False)
+        layer.reconfigure(gate="topk", k=k, normalize=False, router_noise=noise_std)
     return ckpt
 
 
 def distill_loss(task: ClassifyTask, distill_w: float, task_w: float) -> Callable:
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
-        loss, logs = task.loss(model, batch)
-        kl = torch.stack([m.aux_losses["distill"] for _, m in moe_layers(model)]).mean()
+        with RoutingRecorder(model, aux=True) as rec:
+            loss, logs = task.loss(model, batch)
+        kl = torch.stack([r.distill for r in rec]).mean()
         return distill_w * kl + task_w * loss, {**logs, "distill_kl": kl.item()}
 
     return loss_fn
@@ -99,7 +101,7 @@ def stage_report(ckpt: Checkpoint, recipe: Recipe, device: torch.device, task: C
     model = ckpt.model.to(device).eval()
     loader = val_loader(model, recipe.data, recipe.train.batch_size, device)
     quality = task.evaluate(model, loader, device, recipe.train.precision)
-    routes = routing_stats(model, loader, device, recipe.train.precision)
+    routes = routing_stats(model, loader, device, lambda: autocast(device, recipe.train.precision))
     images = next(iter(loader))[0][:16].to(device)
     variation = sum(r["variation"] for r in routes.values()) / max(len(routes), 1)
     return {**quality, "variation": variation, "load": {n: r["load"] for n, r in routes.items()},

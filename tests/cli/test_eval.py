@@ -11,12 +11,12 @@ from torch import nn
 
 from moe_cli.data.digits import digits
 from moe_cli.errors import MoeError
-from moe_cli.evaluate.flops import gflops_per_image
-from moe_cli.evaluate.lpips import ALEXNET_FILE, lpips_distance, lpips_model
-from moe_cli.evaluate.routing import routing_stats
 from moe_cli.io.checkpoint import Checkpoint, save
+from moe_cli.models.flops import gflops_per_image
 from moe_cli.models.surgery import param_counts, upcycle
 from moe_cli.moe.layer import MoEMlp
+from moe_cli.moe.stats import routing_stats
+from moe_cli.tasks.lpips import ALEXNET_FILE, lpips_distance, lpips_model
 
 NAME, KWARGS = TINY["vit"]
 

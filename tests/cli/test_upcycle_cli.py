@@ -1,5 +1,6 @@
 """`moe upcycle` / `moe export` end to end, and every bad-input case: one line on stderr, exit 2, no output file."""
 
+import pytest
 import safetensors.torch
 import torch
 from conftest import model_args, run_moe, tiny_model
@@ -107,3 +108,19 @@ def test_pretrained_weights_unavailable_offline(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not fetch pretrained weights for `vit_tiny_patch16_224`" in lines[0]
     assert "--no-pretrained" in lines[0] and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["export", "x", "--out", "y.safetensors", "--dtype", "int8"], "'int8' is not one of 'fp32', 'bf16', 'fp16'"),
+    (["upcycle"], "Missing argument"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["upcycle", "vit_tiny", "--gate", "sometimes"], "--gate"),
+    (["eval", "x", "--precision", "fp8"], "--precision"),
+])
+def test_usage_errors_are_one_line(cli, args, needle):
+    assert_user_error(cli(*args), needle)
+
+
+def test_usage_error_from_the_real_entry_point():
+    r = run_moe("upcycle", "vit_tiny", "--experts", "many")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: moe upcycle:")

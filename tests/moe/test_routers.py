@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from moe_cli.moe.layer import MoEMlp
+from moe_cli.moe.stats import RoutingRecorder
 
 
 def reference_weights(logits: torch.Tensor, gate: str, k: int, normalize: bool, cf, priority: str) -> torch.Tensor:
@@ -74,11 +75,12 @@ def make(gate, k, normalize, cf, priority, impl, E=4, D=16, H=32, seed=0):
 def test_router_and_dispatch_match_reference(gate, k, normalize, cf, priority, impl, T):
     moe = make(gate, k, normalize, cf, priority, impl)
     x = (torch.rand(T, 16) + 0.05).requires_grad_()
-    y = moe(x)
+    with RoutingRecorder(moe, gates=True) as rec:
+        y = moe(x)
     logits = x.detach() @ moe.router.weight.detach().T
     W = reference_weights(logits, gate, k, normalize, cf, priority)
     # same routing decisions
-    torch.testing.assert_close(moe.last_gate.reshape(T, -1).detach(), W, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rec.records[""].gate.reshape(T, -1).detach(), W, rtol=1e-5, atol=1e-6)
     # reference with differentiable weights: rebuild W from the module's logits on the same mask
     mask = W > 0
     probs = (x @ moe.router.weight.T).softmax(-1)
@@ -100,27 +102,30 @@ def test_router_and_dispatch_match_reference(gate, k, normalize, cf, priority, i
 def test_dropped_fraction_and_all_dropped_expert():
     moe = make("topk", 1, False, 0.25, "slot", "loop")
     x = torch.rand(40, 16) + 0.05
-    moe(x)
+    with RoutingRecorder(moe, gates=True) as rec:
+        moe(x)
+    r = rec.records[""]
     cap = math.ceil(0.25 * 40 / 4)
-    assert moe.last_counts.max().item() <= cap
-    assert moe.last_counts[3].item() == 0  # an expert that gets nothing at all
-    assert moe.last_dropped.item() == pytest.approx(1 - moe.last_counts.sum().item() / 40)
+    assert r.counts.max().item() <= cap
+    assert r.counts[3].item() == 0  # an expert that gets nothing at all
+    assert r.dropped.item() == pytest.approx(1 - r.counts.sum().item() / 40)
     # a token all of whose slots are dropped passes through as zero (the residual carries it)
-    dropped = (moe.last_gate.reshape(40, -1).sum(-1) == 0)
+    dropped = (r.gate.reshape(40, -1).sum(-1) == 0)
     assert dropped.any()
     assert torch.all(moe(x)[dropped] == 0)
 
 
 def test_eval_capacity_factor_differs_from_train():
     moe = make("topk", 2, True, 0.5, "slot", "loop")
-    moe.eval_capacity_factor = 4.0
+    moe.reconfigure(eval_capacity_factor=4.0)
     x = torch.rand(32, 16) + 0.05
     moe.train()
-    moe(x)
-    train_dropped = moe.last_dropped.item()
-    moe.eval()
-    moe(x)
-    assert moe.last_dropped.item() == 0.0 < train_dropped
+    with RoutingRecorder(moe) as rec:
+        moe(x)
+        train_dropped = rec.records[""].dropped.item()
+        moe.eval()
+        moe(x)
+    assert rec.records[""].dropped.item() == 0.0 < train_dropped
 
 
 def test_grouped_path_bf16_matches_loop():

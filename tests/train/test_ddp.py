@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import write_recipe
 
+from moe_cli.config import load_recipe
 from moe_cli.train.loop import build_model, train
-from moe_cli.train.recipe import load_recipe
 
 
 def _free_port() -> int:

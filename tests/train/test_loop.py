@@ -13,8 +13,8 @@ from conftest import write_recipe
 from PIL import Image
 
 import moe_cli
+from moe_cli.config import load_recipe
 from moe_cli.train.loop import train
-from moe_cli.train.recipe import load_recipe
 
 
 def weights(path):

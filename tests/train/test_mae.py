@@ -9,14 +9,14 @@ import torch
 from conftest import seed_alexnet, write_recipe
 from torch.utils.data import DataLoader, TensorDataset
 
+from moe_cli.config import MAECfg, load_recipe, recipe_chain
 from moe_cli.data.digits import digits
-from moe_cli.evaluate.lpips import lpips_model
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.models.mae import MaskedAutoencoder
 from moe_cli.models.surgery import find_ffns, moe_layers
+from moe_cli.tasks import MAETask
+from moe_cli.tasks.lpips import lpips_model
 from moe_cli.train.loop import build_model, train
-from moe_cli.train.recipe import MAECfg, load_recipe, recipe_chain
-from moe_cli.train.tasks import MAETask
 
 ENC = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 MAE_KW = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}

@@ -12,13 +12,13 @@ import torch
 import yaml
 from conftest import seed_alexnet
 
+from moe_cli.config import load_recipe, recipe_chain
 from moe_cli.data.tokens import TokenDataset, load_decoder, palette_decoder, read_spec, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.models.surgery import max_output_diff, moe_layers, upcycled_copy
+from moe_cli.tasks import fill_masked, token_mask
 from moe_cli.train.loop import build_model, train
-from moe_cli.train.recipe import load_recipe, recipe_chain
-from moe_cli.train.tasks import fill_masked, token_mask
 
 MODEL = {"vocab_size": 16, "frames": 3, "height": 3, "width": 3, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -138,7 +138,7 @@ def test_training_lowers_ce_and_upcycled_model_starts_where_dense_ended(tmp_path
 
 def recipe_task_eval(recipe):
     from moe_cli.data.loaders import val_loader
-    from moe_cli.train.tasks import recipe_task
+    from moe_cli.tasks import recipe_task
 
     task = recipe_task(recipe)
 

@@ -9,8 +9,8 @@ from conftest import TINY, run_moe, tiny_model
 
 import moe_cli
 from moe_cli.errors import CheckpointError, ModelSourceError
+from moe_cli.io.sources import load_source, resolve_timm_name
 from moe_cli.models.probe import probe_batch
-from moe_cli.models.sources import load_source, resolve_timm_name
 
 
 def test_short_names_resolve_to_timm_defaults():

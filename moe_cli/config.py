@@ -1,4 +1,9 @@
-"""Recipes: YAML -> typed, frozen dataclasses with strict validation and `--set a.b=value` overrides."""
+"""Configuration: the recipe's typed, frozen dataclasses, YAML loading with strict validation, `--set a.b=value`.
+
+Components own their config: the MoE layer's settings are :class:`moe_cli.moe.config.MoEConfig`, and the
+recipe section ``model.upcycle`` is its :class:`~moe_cli.moe.config.UpcycleCfg` (which FFNs, copy noise), the
+same class the ``moe upcycle`` options build. Everything here is importable from every package above ``moe``.
+"""
 
 from __future__ import annotations
 
@@ -13,21 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from moe_cli.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class UpcycleCfg:
-    experts: int = 4
-    k: int = 2
-    layers: str = "all"
-    gate: Literal["topk", "soft", "expert_choice"] = "topk"
-    normalize: bool = True
-    noise_std: float = 0.0
-    target: str | None = None
-    capacity_factor: float | None = None
-    eval_capacity_factor: float | None = None
-    priority: Literal["slot", "score"] = "slot"
-    impl: Literal["auto", "loop", "grouped"] = "auto"
+from moe_cli.moe.config import UpcycleCfg
 
 
 @dataclass(frozen=True)
@@ -361,7 +352,4 @@ def validate(r: Recipe, src: str) -> None:
     if r.data.name == "tokens" and not r.data.root:
         raise ConfigError(f"`data.root` in {src} is required for token data (a folder with <split>.json)")
     if r.model.upcycle is not None:
-        u = r.model.upcycle
-        if u.experts < 1 or (u.gate == "topk" and not 1 <= u.k <= u.experts):
-            raise ConfigError(f"`model.upcycle` in {src}: need experts >= 1 and 1 <= k <= experts, "
-                              f"got experts={u.experts}, k={u.k}")
+        r.model.upcycle.validate(lambda name: f"`model.upcycle.{name}` in {src}")

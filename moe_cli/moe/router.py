@@ -1,0 +1,121 @@
+"""Routers: a linear map to one logit per expert (in fp32), then a gate that turns logits into a :class:`Routing`.
+
+One class per gate, all with the same parameter (``weight``, (E, D), the ``router.weight`` of checkpoints):
+:class:`TopKRouter` (token choice, optional capacity), :class:`SoftRouter` (every expert) and
+:class:`ExpertChoiceRouter` (each expert picks its tokens). :func:`make_router` picks the class from a
+:class:`~moe_cli.moe.config.MoEConfig`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_cli.moe.config import ROUTER_STD, MoEConfig
+from moe_cli.moe.routing import Routing, apply_capacity, expert_choice, soft, top_k
+
+
+class Router(nn.Module):
+    """logits = x W^T in fp32 (autocast off), experts switched off by -inf, then :meth:`gate`."""
+
+    def __init__(self, in_features: int, cfg: MoEConfig, std: float = ROUTER_STD, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.experts, in_features, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=std)
+        self.disabled: frozenset[int] = frozenset()
+        # a frozen router to distil from (dense-to-sparse stage 2); non-persistent, so never in checkpoints
+        self.register_buffer("teacher_weight", None, persistent=False)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        if not self.training and self.cfg.eval_capacity_factor is not None:
+            return self.cfg.eval_capacity_factor
+        return self.cfg.capacity_factor
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            return F.linear(tokens.float(), self.weight.float())
+
+    def forward(self, tokens: torch.Tensor) -> Routing:
+        logits = self.logits(tokens)
+        if not self.disabled:
+            return self.gate(logits)
+        off = torch.zeros(self.cfg.experts, dtype=torch.bool, device=logits.device)
+        off[list(self.disabled)] = True
+        r = self.gate(logits.masked_fill(off, float("-inf")))
+        # soft and expert-choice gates list every expert: drop the disabled ones
+        dead = off[r.expert.clamp(min=0)] & (r.expert >= 0)
+        return Routing(torch.where(dead, -1, r.expert), torch.where(dead, 0.0, r.weight), r.probs, r.logits)
+
+    def gate(self, logits: torch.Tensor) -> Routing:
+        raise NotImplementedError
+
+    def noisy(self, logits: torch.Tensor) -> torch.Tensor:
+        std = self.cfg.router_noise
+        return logits + std * torch.randn_like(logits) if (self.training and std > 0) else logits
+
+    @property
+    def active_experts(self) -> float:
+        """Experts a token runs through on average, with the disabled ones off."""
+        return min(self.cfg.experts - len(self.disabled), self.cfg.active_experts)
+
+    def distill_loss(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(softmax(teacher x) || softmax(router x)), per token, batch mean."""
+        with torch.autocast(device_type=tokens.device.type, enabled=False), torch.no_grad():
+            target = F.log_softmax(F.linear(tokens.float(), self.teacher_weight), dim=-1)
+        return F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        cf = f", capacity_factor={c.capacity_factor}, eval_capacity_factor={c.eval_capacity_factor}, " \
+            f"priority={c.priority}" if c.capacity_factor or c.eval_capacity_factor else ""
+        return f"in_features={self.weight.shape[1]}, experts={c.experts}{cf}"
+
+
+class TopKRouter(Router):
+    """Token choice: each token goes to its k highest-scoring experts; with a capacity factor, overflow drops."""
+
+    def gate(self, logits: torch.Tensor) -> Routing:
+        r = top_k(self.noisy(logits), self.cfg.k, self.cfg.normalize)
+        cf = self.capacity_factor
+        return apply_capacity(r, cf, self.cfg.priority) if cf is not None else r
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.cfg.k}, normalize={self.cfg.normalize}"
+
+
+class SoftRouter(Router):
+    """Dense gate: softmax(g(x) + eps) over every expert."""
+
+    def gate(self, logits: torch.Tensor) -> Routing:
+        return soft(logits, self.noisy(logits))
+
+
+class ExpertChoiceRouter(Router):
+    """Each expert takes its top C = ceil(cf * T / N) tokens (cf default 1)."""
+
+    def gate(self, logits: torch.Tensor) -> Routing:
+        cf = self.capacity_factor
+        return expert_choice(logits, cf if cf is not None else 1.0)
+
+    @property
+    def active_experts(self) -> float:
+        enabled = self.cfg.experts - len(self.disabled)
+        return min(enabled, (self.capacity_factor or 1.0) * enabled / self.cfg.experts)
+
+
+ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "soft": SoftRouter, "expert_choice": ExpertChoiceRouter}
+
+
+def make_router(in_features: int, cfg: MoEConfig, like: Router | None = None, **kwargs) -> Router:
+    """The router class for ``cfg.gate``; with ``like``, it takes over that router's weight, teacher and
+    switched-off experts (changing the gate or k of a trained layer)."""
+    router = ROUTERS[cfg.gate](in_features, cfg, **kwargs)
+    if like is not None:
+        router.weight = like.weight
+        router.teacher_weight = like.teacher_weight
+        router.disabled = like.disabled
+        router.train(like.training)
+    return router

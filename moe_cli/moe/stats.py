@@ -1,0 +1,150 @@
+"""Routing statistics and aux losses, collected in one explicit place.
+
+An MoE layer's forward computes its output and nothing else. To get aux losses (training) or statistics
+(evaluation), run the forward inside a :class:`RoutingRecorder`::
+
+    with RoutingRecorder(model, aux=True) as rec:
+        loss = task_loss(model(x))
+    loss = loss + rec.aux_loss(load_balance=0.01, z_loss=0.001)
+    rec.records["blocks.0.mlp"].counts      # tokens per expert in the last forward
+
+The training loop, the dense-to-sparse stages and ``moe eval`` all read routing this way. Recorders nest (the
+dense-to-sparse CV losses ask for gate matrices inside the loop's aux-loss recorder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_cli.moe.losses import batch_variation, load_balance_loss, z_loss
+from moe_cli.moe.routing import Routing
+
+
+@dataclass
+class LayerRecord:
+    """What one MoE layer reported for its last forward."""
+
+    counts: torch.Tensor  # (E,) routed (token, slot) pairs per expert, detached
+    dropped: torch.Tensor  # share of tokens with no expert at all (their residual passes through)
+    load_balance: torch.Tensor | None = None  # aux losses (with aux=True), differentiable
+    z_loss: torch.Tensor | None = None
+    distill: torch.Tensor | None = None  # KL to the router's teacher, when it has one
+    gate: torch.Tensor | None = None  # (batch, tokens, E) combine weights (with gates=True)
+
+
+def dropped_fraction(routing: Routing) -> torch.Tensor:
+    """Share of tokens left without any expert."""
+    return (routing.expert < 0).all(dim=-1).float().mean().detach()
+
+
+def gate_matrix(routing: Routing, num_experts: int) -> torch.Tensor:
+    """(T, E) combine weights: row t holds the weight each expert's output gets for token t (0 if not routed)."""
+    keep = routing.expert >= 0
+    index = routing.expert.clamp(min=0)
+    weight = torch.where(keep, routing.weight, torch.zeros_like(routing.weight))
+    return weight.new_zeros(routing.expert.shape[0], num_experts).scatter_add(1, index, weight)
+
+
+def moe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every MoE layer (anything with a ``recorders`` list and a router)."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "recorders") and hasattr(m, "router")]
+
+
+class RoutingRecorder:
+    """Collects per-layer routing records of the forwards run inside ``with``; ``records`` holds the last one."""
+
+    def __init__(self, model: nn.Module, aux: bool = False, gates: bool = False):
+        self.aux, self.gates = aux, gates
+        self.layers = moe_modules(model)
+        self._names = {id(m): n for n, m in self.layers}
+        self.records: dict[str, LayerRecord] = {}
+
+    def __enter__(self) -> RoutingRecorder:
+        for _, m in self.layers:
+            m.recorders.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, m in self.layers:
+            if self in m.recorders:
+                m.recorders.remove(self)
+
+    def record(self, layer: nn.Module, tokens: torch.Tensor, routing: Routing, counts: torch.Tensor,
+               batch: int) -> None:
+        """Called by the layer at the end of its forward."""
+        E = counts.shape[0]
+        rec = LayerRecord(counts=counts.detach(), dropped=dropped_fraction(routing))
+        if self.aux:
+            rec.load_balance = load_balance_loss(routing, E, counts)
+            rec.z_loss = z_loss(routing.logits)
+            if layer.router.teacher_weight is not None:
+                rec.distill = layer.router.distill_loss(tokens, routing.logits)
+        if self.gates:
+            rec.gate = gate_matrix(routing, E).view(batch, -1, E)
+        self.records[self._names.get(id(layer), str(id(layer)))] = rec
+
+    def __iter__(self) -> Iterator[LayerRecord]:
+        return iter(self.records.values())
+
+    def aux_loss(self, load_balance: float, z_loss: float) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Weighted load-balance + z-loss averaged over the MoE layers of the last forward, and the unweighted
+        means as tensors (``load_balance``, ``z_loss``, ``dropped``) for logging (read them at log steps only)."""
+        recs = [r for r in self if r.load_balance is not None]
+        if not recs:
+            return None, {}
+        lb = torch.stack([r.load_balance for r in recs]).mean()
+        z = torch.stack([r.z_loss for r in recs]).mean()
+        dropped = torch.stack([r.dropped for r in recs]).mean()
+        return load_balance * lb + z_loss * z, {"load_balance": lb.detach(), "z_loss": z.detach(), "dropped": dropped}
+
+    def imbalance(self) -> torch.Tensor | None:
+        """Mean over MoE layers of max/mean tokens per expert (1.0 = perfectly balanced), as a tensor."""
+        ratios = []
+        for r in self:
+            c = r.counts.float()
+            ratios.append(torch.where(c.sum() > 0, c.max() / c.mean().clamp_min(1e-12), 1.0))
+        return torch.stack(ratios).mean() if ratios else None
+
+
+@torch.no_grad()
+def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
+                  max_batches: int | None = None) -> dict[str, dict]:
+    """{layer: {load: [fraction of routed (token, slot) pairs per expert], entropy of the normalised gate,
+    batch-wise variation (DESIGN.md §3), dropped: share of tokens with no expert}} over ``loader``.
+    ``autocast``: a context factory for the forward (mixed precision)."""
+    layers = moe_modules(model)
+    counts = {n: torch.zeros(m.num_experts, dtype=torch.float64) for n, m in layers}
+    entropy = {n: 0.0 for n, _ in layers}
+    variation = {n: 0.0 for n, _ in layers}
+    dropped = {n: 0.0 for n, _ in layers}
+    tokens, batches = 0, 0
+    was_training = model.training
+    model.eval()
+    with RoutingRecorder(model, gates=True) as rec:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch[0].to(device)
+            with (autocast() if autocast else nullcontext()):
+                model(x)
+            for name, _ in layers:
+                r = rec.records[name]
+                counts[name] += r.counts.double().cpu()
+                gate = r.gate.float()
+                p = gate.reshape(-1, gate.shape[-1])
+                p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+                entropy[name] += (-(p * p.clamp_min(1e-12).log()).sum(-1)).sum().item()
+                variation[name] += batch_variation(gate).item()
+                dropped[name] += float(r.dropped)
+            tokens += rec.records[layers[0][0]].gate[..., 0].numel() if layers else 0
+            batches += 1
+    model.train(was_training)
+    return {name: {"load": (counts[name] / counts[name].sum().clamp_min(1)).tolist(),
+                   "entropy": entropy[name] / max(tokens, 1),
+                   "variation": variation[name] / max(batches, 1),
+                   "dropped": dropped[name] / max(batches, 1)} for name, _ in layers}

@@ -1,0 +1,51 @@
+"""What the loop and `moe eval` need of an objective."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from moe_cli.config import Recipe
+from moe_cli.io.checkpoint import Checkpoint
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_token_model(model: nn.Module) -> bool:
+    return hasattr(model, "token_shape")
+
+
+def section(cls, config: dict):
+    """The config dataclass ``cls`` from a dict that may hold other keys (a checkpoint's task_config)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in fields})
+
+
+class Task:
+    """What the loop and `moe eval` need of an objective."""
+
+    name = ""
+    section = ""  # the recipe section that configures it (`mae`, `masked_tokens`), if any
+    quality: frozenset[str] = frozenset()  # the `moe eval` quality metrics (accuracy, ce, mse, lpips) it reports
+    produces = ""  # what the model outputs, for the note when a metric does not apply
+    default_metrics = ""  # `moe eval` without --metric
+
+    @classmethod
+    def from_config(cls, config: dict, label_smoothing: float = 0.0) -> Task:
+        """Built from its recipe section or a checkpoint's task_config."""
+        return cls()
+
+    def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
+        """Turn the recipe's loaded source into the model this task trains (wrap it, swap its head, check it)."""
+        return ckpt
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",
+                 lpips: nn.Module | None = None) -> dict:
+        raise NotImplementedError

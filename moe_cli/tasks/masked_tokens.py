@@ -1,0 +1,144 @@
+"""`masked-tokens`: MaskGIT-style masked-token modelling over video tokens (moe_cli.models.video); cosine mask
+schedule, CE / accuracy on masked tokens, LPIPS of decoded frames through a user decoder (module:function)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_cli.config import MaskedTokensCfg, Recipe
+from moe_cli.data.tokens import load_decoder
+from moe_cli.errors import ConfigError
+from moe_cli.io.checkpoint import Checkpoint
+from moe_cli.runtime import autocast
+from moe_cli.tasks.base import Task, is_token_model, section, unwrap
+from moe_cli.tasks.lpips import lpips_distance
+
+
+def token_mask(batch: int, n: int, device: torch.device, generator: torch.Generator | None = None,
+               ratio: float | None = None) -> torch.Tensor:
+    """(batch, n) bool, True = masked. MaskGIT's cosine schedule: ratio = cos(pi/2 * r), r ~ U(0, 1), per
+    sequence (or the fixed ``ratio``); ceil(ratio * n) tokens masked, at least one."""
+    where = "cpu" if generator is not None else device
+    if ratio is None:
+        ratio_t = torch.cos(math.pi / 2 * torch.rand(batch, generator=generator, device=where))
+    else:
+        ratio_t = torch.full((batch,), float(ratio), device=where)
+    n_mask = (ratio_t * n).ceil().clamp(1, n)
+    scores = torch.rand(batch, n, generator=generator, device=where)
+    return (scores.argsort(-1).argsort(-1) < n_mask[:, None]).to(device)
+
+
+@torch.no_grad()
+def fill_masked(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, steps: int = 8,
+                precision: str = "fp32") -> torch.Tensor:
+    """MaskGIT iterative decoding: start with the masked positions as [MASK]; at each of ``steps`` steps predict
+    all of them and keep the most confident, so that cos(pi/2 * s/steps) of them stay masked after step s."""
+    net = unwrap(model)
+    b = tokens.shape[0]
+    flat_mask = mask.reshape(b, -1)
+    cur = tokens.masked_fill(mask, net.mask_id).reshape(b, -1)
+    remaining = flat_mask.clone()
+    total = flat_mask.sum(-1)
+    for s in range(steps):
+        with autocast(tokens.device, precision):
+            logits = model(cur.view_as(tokens))
+        conf, pred = logits.float().reshape(b, cur.shape[1], -1).softmax(-1).max(-1)
+        keep_masked = (total * math.cos(math.pi / 2 * (s + 1) / steps)).floor().long()
+        n_reveal = (remaining.sum(-1) - keep_masked).clamp(min=1)
+        conf = conf.masked_fill(~remaining, -1.0)
+        rank = conf.argsort(-1, descending=True).argsort(-1)
+        reveal = remaining & (rank < n_reveal[:, None])
+        cur = torch.where(reveal, pred, cur)
+        remaining &= ~reveal
+    return cur.view_as(tokens)
+
+
+class MaskedTokensTask(Task):
+    name = "masked-tokens"
+    section = "masked_tokens"
+    quality = frozenset({"ce", "accuracy", "lpips"})
+    produces = "token predictions"
+    default_metrics = "ce,accuracy,routing,flops"
+
+    def __init__(self, cfg: MaskedTokensCfg | None = None, label_smoothing: float = 0.0):
+        self.cfg = cfg or MaskedTokensCfg()
+        self.label_smoothing = label_smoothing
+
+    @classmethod
+    def from_config(cls, config: dict, label_smoothing: float = 0.0) -> MaskedTokensTask:
+        return cls(section(MaskedTokensCfg, config), label_smoothing)
+
+    def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
+        if not is_token_model(ckpt.model):
+            raise ConfigError(f"task masked-tokens needs a token model such as maskgit_video; "
+                              f"{recipe.model.source} is a {type(ckpt.model).__name__}")
+        frames = ckpt.model.token_shape[0]
+        if self.cfg.predict_frames >= frames:
+            raise ConfigError(f"`masked_tokens.predict_frames` ({self.cfg.predict_frames}) must be smaller than the "
+                              f"model's frames ({frames})")
+        ckpt.task_config = {**dataclasses.asdict(self.cfg), "data_root": recipe.data.root,
+                            "val_split": recipe.data.val_split}
+        return ckpt
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        tokens = batch[0]
+        net = unwrap(model)
+        mask = token_mask(tokens.shape[0], tokens[0].numel(), tokens.device).view_as(tokens)
+        logits = model(tokens.masked_fill(mask, net.mask_id))
+        loss = F.cross_entropy(logits.float()[mask], tokens[mask], label_smoothing=self.label_smoothing)
+        return loss, {"ce": loss.item()}
+
+    def eval_mask(self, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.cfg.predict_frames:
+            mask = torch.zeros_like(tokens, dtype=torch.bool)
+            mask[:, -self.cfg.predict_frames:] = True
+            return mask
+        return token_mask(tokens.shape[0], tokens[0].numel(), tokens.device, generator,
+                          self.cfg.eval_mask_ratio).view_as(tokens)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",
+                 lpips: nn.Module | None = None) -> dict:
+        """CE and accuracy on held-out masked tokens (masks from a fixed seed, or the last frames); with ``lpips``
+        and a decoder, LPIPS between decoded frames holding masked tokens (filled by iterative decoding) and the
+        decoded ground truth."""
+        decoder = load_decoder(self.cfg.decoder) if lpips is not None and self.cfg.decoder else None
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(0)
+        ce_sum, correct, count, lp_sum, frames = 0.0, 0, 0, 0.0, 0
+        for batch in loader:
+            tokens = batch[0].to(device, non_blocking=True)
+            mask = self.eval_mask(tokens, gen)
+            with autocast(device, precision):
+                logits = model(tokens.masked_fill(mask, unwrap(model).mask_id)).float()
+            ce_sum += F.cross_entropy(logits[mask], tokens[mask], reduction="sum").item()
+            correct += (logits[mask].argmax(-1) == tokens[mask]).sum().item()
+            count += int(mask.sum())
+            if decoder is not None:
+                filled = fill_masked(model, tokens, mask, self.cfg.sample_steps, precision)
+                pred_img, true_img = decoded_frames(decoder, filled, device), decoded_frames(decoder, tokens, device)
+                keep = mask.flatten(2).any(-1).flatten()  # frames that held masked tokens
+                lp_sum += lpips_distance(pred_img[keep], true_img[keep], lpips).sum().item()
+                frames += int(keep.sum())
+        model.train(was_training)
+        out = {"ce": ce_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+        if decoder is not None:
+            out["lpips"] = lp_sum / max(frames, 1)
+        return out
+
+
+def decoded_frames(decoder, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Run the user decoder and check its output: (B, F, C, h, w) in [-1, 1] -> (B*F, C, h, w)."""
+    images = decoder(tokens)
+    b, f = tokens.shape[:2]
+    if not isinstance(images, torch.Tensor) or images.dim() != 5 or tuple(images.shape[:2]) != (b, f):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ConfigError(f"the token decoder must return images (batch, frames, C, H, W) = ({b}, {f}, C, H, W), "
+                          f"got {shape}")
+    return images.to(device).float().flatten(0, 1)
