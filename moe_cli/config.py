@@ -86,6 +86,8 @@ class TrainCfg:
     ckpt_every: int = 0  # steps; 0 = only at the end
     log_every: int = 10
     label_smoothing: float = 0.0
+    compile: bool = False  # torch.compile the model for training (dynamic token counts: no recompile per step)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for debugging)
 
 
 @dataclass(frozen=True)

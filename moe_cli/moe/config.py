@@ -39,6 +39,7 @@ class Impl(str, Enum):
     auto = "auto"
     loop = "loop"  # one F.linear per expert (host sync for the group sizes)
     grouped = "grouped"  # two F.grouped_mm over expert-sorted rows (no host sync)
+    triton = "triton"  # ScatterMoE-style fused gather/scatter GEMMs (CUDA; CPU under TRITON_INTERPRET=1)
 
 
 GATES = tuple(g.value for g in Gate)
@@ -70,7 +71,7 @@ class MoEConfig:
     capacity_factor: float | None = None  # None: no token dropping (token choice); expert choice default 1.0
     eval_capacity_factor: float | None = None  # None: same as capacity_factor
     priority: Literal["slot", "score"] = "slot"  # who keeps its place when an expert overflows
-    impl: Literal["auto", "loop", "grouped"] = "auto"  # expert dispatch
+    impl: Literal["auto", "loop", "grouped", "triton"] = "auto"  # expert dispatch
 
     def validate(self, label: Label = flag) -> MoEConfig:
         """Check every field and their combinations; returns self so it chains."""

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_cli.errors import ConfigError
 from moe_cli.moe.config import ROUTER_STD, MoEConfig
-from moe_cli.moe.dispatch import DISPATCHERS, Dispatcher, grouped_supported
+from moe_cli.moe.dispatch import DISPATCHERS, Dispatcher, grouped_supported, triton_supported
 from moe_cli.moe.router import Router, make_router
 from moe_cli.moe.routing import Routing
 
@@ -89,25 +92,62 @@ class Experts(nn.Module):
             return x_sorted.new_zeros(0, self.w2.shape[1])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    def _row_affine(self, h: torch.Tensor, row_expert: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-row hidden LayerNorm with the row's expert's scale and shift, gathered by a one-hot matmul (its
+        backward is a matmul too: no atomic index_add_ into E rows)."""
+        h = F.layer_norm(h, h.shape[-1:], None, None, self.norm_eps)
+        one_hot = F.one_hot(row_expert, self.num_experts + 1)[:, :self.num_experts].to(dtype)
+        return h * (one_hot @ self.norm_w.to(dtype)) + one_hot @ self.norm_b.to(dtype)
+
     def run_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
-        """All experts in two grouped GEMMs (``F.grouped_mm``) over rows sorted by expert; bf16 on CUDA."""
-        dtype = torch.get_autocast_dtype(x_sorted.device.type) if torch.is_autocast_enabled(x_sorted.device.type) \
-            else x_sorted.dtype
+        """All experts in two grouped GEMMs (``F.grouped_mm``) over rows sorted by expert; bf16 on CUDA. Biases
+        are added by a one-hot matmul, so their gradient is a matmul, not an atomic scatter."""
+        dtype = self._compute_dtype(x_sorted)
         offs = counts.cumsum(0).to(torch.int32)
         x = x_sorted.to(dtype)
+        one_hot = F.one_hot(row_expert, self.num_experts).to(dtype) if (self.b1 is not None or self.b2 is not None) \
+            else None
 
         def gmm(inp, w, b):
             y = F.grouped_mm(inp, w.to(dtype).transpose(-2, -1), offs=offs)
-            return y + b.to(dtype).index_select(0, row_expert) if b is not None else y
+            return y + one_hot @ b.to(dtype) if b is not None else y
 
         h = gmm(x, self.w1, self.b1)
         h = self.act(gmm(x, self.wg, self.bg)) * h if self.glu else self.act(h)
         h = F.dropout(h, self.drop[0], self.training)
         if self.norm_eps is not None:
-            h = F.layer_norm(h, h.shape[-1:], None, None, self.norm_eps)
-            nw, nb = self.norm_w.to(dtype), self.norm_b.to(dtype)
-            h = h * nw.index_select(0, row_expert) + nb.index_select(0, row_expert)
+            h = self._row_affine(h, row_expert, dtype)
         return F.dropout(gmm(h.to(dtype), self.w2, self.b2), self.drop[1], self.training)
+
+    def run_triton(self, d) -> torch.Tensor:
+        """Both expert GEMMs as Triton scattered GEMMs: token rows gathered inside the first, outputs written
+        straight to (token, slot) order by the second (dropped slots stay zero)."""
+        from moe_cli.moe.triton_gemm import scatter_linear
+
+        dtype = self._compute_dtype(d.x_sorted)
+        x = d.x_sorted.to(dtype)
+        rows = d.tokens * d.slots
+
+        def cast(t):
+            return t.to(dtype) if t is not None else None
+
+        def first(w, b):
+            return scatter_linear(x, cast(w), cast(b), d.table, x_map=d.row_token, out_rows=rows,
+                                  x_rows_grad=(d.order, d.slots))
+
+        h = first(self.w1, self.b1)
+        h = self.act(first(self.wg, self.bg)) * h if self.glu else self.act(h)
+        h = F.dropout(h, self.drop[0], self.training)
+        if self.norm_eps is not None:
+            ends = d.table.expert_end.long()  # expert of each sorted row (E for the unused dropped rows)
+            row_expert = torch.searchsorted(ends, torch.arange(rows, device=h.device), right=True)
+            h = self._row_affine(h, row_expert, dtype)
+        return F.dropout(scatter_linear(h.to(dtype), cast(self.w2), cast(self.b2), d.table, y_map=d.order,
+                                        out_rows=rows), self.drop[1], self.training)
 
 
 def _norm_eps(norm_layer, hidden: int) -> float | None:
@@ -201,17 +241,29 @@ class MoEMlp(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def dispatcher(self, x: torch.Tensor) -> Dispatcher:
-        """The configured dispatcher; ``auto``: grouped GEMMs for bf16 on CUDA where supported, else the loop."""
-        return DISPATCHERS[self.resolve_impl(x)]
+        """The configured dispatcher (``auto``: see :meth:`resolve_impl`)."""
+        impl = self.resolve_impl(x)
+        if impl == "triton" and not triton_supported(x):
+            raise ConfigError(f"impl triton runs on CUDA tensors with Triton installed (or CPU tensors under "
+                              f"TRITON_INTERPRET=1); got a {x.device.type} tensor")
+        return DISPATCHERS[impl]
 
     def resolve_impl(self, x: torch.Tensor) -> str:
+        """``auto``: on CUDA the Triton kernels (when Triton imports and its self-check passed), else grouped
+        GEMMs for bf16 where supported; elsewhere the loop (in 16 bit under torch.compile: grouped GEMMs, which
+        trace without a graph break)."""
         if self.cfg.impl != "auto":
             return self.cfg.impl
         ex = self.experts
         dims = (ex.w1.shape[1], ex.w1.shape[2], ex.w2.shape[1])
-        amp_bf16 = torch.is_autocast_enabled(x.device.type) and \
-            torch.get_autocast_dtype(x.device.type) == torch.bfloat16
-        return "grouped" if (x.dtype == torch.bfloat16 or amp_bf16) and grouped_supported(x, dims) else "loop"
+        if x.is_cuda and triton_ready(x.device):
+            return "triton"
+        amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        if (x.dtype == torch.bfloat16 or amp == torch.bfloat16) and grouped_supported(x, dims):
+            return "grouped"
+        half = x.dtype in (torch.bfloat16, torch.float16) or amp in (torch.bfloat16, torch.float16)
+        # the loop reads group sizes on the host (a graph break under torch.compile); grouped_mm traces in 16 bit
+        return "grouped" if torch.compiler.is_compiling() and half and hasattr(F, "grouped_mm") else "loop"
 
     def route(self, tokens: torch.Tensor) -> Routing:
         return self.router(tokens)
@@ -256,6 +308,39 @@ class MoEMlp(nn.Module):
                     noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
                     param.add_(noise.to(param.device) * noise_std)
         return layer.to(device=spec["device"])
+
+
+@functools.cache
+def _triton_ready(device: str) -> bool:
+    """Whether the Triton path compiles and matches the loop on this device (checked once, on a tiny problem).
+    ``auto`` falls back to grouped GEMMs, with a warning, where it does not."""
+    dev = torch.device(device)
+    probe = torch.empty(0, device=dev)
+    if not triton_supported(probe):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        experts = Experts(4, 32, 64, 32).to(dev)
+        x = torch.randn(37, 32, generator=gen).to(dev)
+        expert = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(37)]).to(dev)
+        weight = torch.rand(37, 2, generator=gen).to(dev)
+        r = Routing(expert, weight, probe, probe)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            got = DISPATCHERS["triton"](x, r, experts)[0].float()
+            want = DISPATCHERS["loop"](x, r, experts)[0].float()
+        ok = bool(torch.allclose(got, want, rtol=0.05, atol=0.05))
+        if not ok:
+            warnings.warn("moe-cli: the Triton MoE kernels disagree with the reference on this device; impl auto "
+                          "uses grouped GEMMs instead", RuntimeWarning, stacklevel=2)
+        return ok
+    except Exception as e:  # a Triton or driver that cannot build the kernels
+        warnings.warn(f"moe-cli: the Triton MoE kernels do not run on this device ({type(e).__name__}: {e}); "
+                      "impl auto uses grouped GEMMs instead", RuntimeWarning, stacklevel=2)
+        return False
+
+
+def triton_ready(device: torch.device) -> bool:
+    return _triton_ready(str(device))
 
 
 def _linear_weight(layer: nn.Module) -> torch.Tensor:

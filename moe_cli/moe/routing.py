@@ -53,7 +53,7 @@ def apply_capacity(r: Routing, capacity_factor: float, priority: str = "slot") -
     keep = torch.empty_like(keep_queue)
     pair_index = (torch.arange(k, device=r.expert.device)[:, None] * T + token_order[None, :]).reshape(-1)
     keep[pair_index] = keep_queue  # back to (slot, token) order
-    keep = keep.view(k, T).t()
+    keep = keep.reshape(k, T).t().contiguous()
     return Routing(expert=torch.where(keep, r.expert, -1), weight=torch.where(keep, r.weight, 0.0),
                    probs=r.probs, logits=r.logits)
 

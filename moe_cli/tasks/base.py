@@ -44,6 +44,7 @@ class Task:
         return ckpt
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        """The training loss and logs as detached tensors (the loop reads them only at log steps)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",

@@ -44,7 +44,7 @@ class ClassifyTask(Task):
         x, y = batch
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        return loss, {"ce": loss.item()}
+        return loss, {"ce": loss.detach()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",

@@ -52,7 +52,7 @@ class MAETask(Task):
         mae = unwrap(model)
         mask = mae.random_mask(images.shape[0], images.device)
         loss = mae.loss(images, model(images, mask), mask)
-        return loss, {"mae": loss.item()}
+        return loss, {"mae": loss.detach()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",

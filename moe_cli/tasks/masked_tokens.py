@@ -90,8 +90,12 @@ class MaskedTokensTask(Task):
         net = unwrap(model)
         mask = token_mask(tokens.shape[0], tokens[0].numel(), tokens.device).view_as(tokens)
         logits = model(tokens.masked_fill(mask, net.mask_id))
-        loss = F.cross_entropy(logits.float()[mask], tokens[mask], label_smoothing=self.label_smoothing)
-        return loss, {"ce": loss.item()}
+        # mean over the masked tokens without selecting them (a boolean index would wait for the GPU)
+        ce = F.cross_entropy(logits.float().flatten(0, -2), tokens.flatten(), reduction="none",
+                             label_smoothing=self.label_smoothing)
+        weight = mask.flatten().float()
+        loss = (ce * weight).sum() / weight.sum().clamp_min(1.0)
+        return loss, {"ce": loss.detach()}
 
     def eval_mask(self, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.cfg.predict_frames:

@@ -148,6 +148,35 @@ def tensorboard_writer(out: Path):
 # ----------------------------------------------------------------------------------------------- state
 
 
+def prefetch(loader, device: torch.device):
+    """Batches moved to ``device`` one ahead: the next batch's (pinned, non-blocking) copy is queued before the
+    current step runs, so the host never waits on it."""
+    it = iter(loader)
+    nxt = next(it, None)
+    while nxt is not None:
+        cur = tuple(b.to(device, non_blocking=True) for b in nxt)
+        nxt = next(it, None)
+        yield cur
+
+
+def check_finite(first_bad: torch.Tensor, loss: torch.Tensor | None, out: Path,
+                 params: list[nn.Parameter] | None = None) -> None:
+    """Stop with TrainingDiverged if any loss since the start was not finite, or (``params``, before a checkpoint
+    is written) a parameter is: a non-finite checkpoint is never published. One host read."""
+    bad = int(first_bad)
+    if bad < 0 and params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+        bad = -2
+    if bad == -2:
+        where = find_last(out)
+        keep = f"last good checkpoint: {where}" if where else "no checkpoint was written yet"
+        raise TrainingDiverged(f"the weights became non-finite; training stopped ({keep})")
+    if bad >= 0:
+        where = find_last(out)
+        keep = f"last good checkpoint: {where}" if where else "no checkpoint was written yet"
+        value = f" (now {loss.item()})" if loss is not None else ""
+        raise TrainingDiverged(f"loss became non-finite at step {bad}{value}; training stopped ({keep})")
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -251,6 +280,8 @@ def train(
     if dd.world > 1:
         ids = [dev.index] if dev.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if t.compile:
+        train_model = torch.compile(train_model, backend=t.compile_backend)
     val_loader = make_loader(val_ds, t.batch_size * 2, None, recipe.data.num_workers, dev)
     val_loader.generator = torch.Generator().manual_seed(0)  # keep the global RNG untouched by eval
 
@@ -291,6 +322,7 @@ def train(
         return rec
 
     recorder = RoutingRecorder(model, aux=True)  # aux losses and routing statistics of each training forward
+    first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step whose loss was not finite
     reporter.start(total, step)
     last_eval: dict = {}
     window_t, window_n = time.perf_counter(), 0
@@ -300,8 +332,7 @@ def train(
         sampler.set_position(epoch, batch_in_epoch * t.batch_size)
         loader = make_loader(train_ds, t.batch_size, sampler, recipe.data.num_workers, dev)
         loader.generator = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
-        for batch in loader:
-            batch = tuple(b.to(dev, non_blocking=True) for b in batch)
+        for batch in prefetch(loader, dev):
             batch_in_epoch += 1
             micro += 1
             sync = micro % t.grad_accum == 0
@@ -310,11 +341,8 @@ def train(
                 loss, logs = loss_fn(train_model, batch)
                 aux, aux_logs = recorder.aux_loss(recipe.moe.load_balance, recipe.moe.z_loss)
                 total_loss = loss + aux if aux is not None else loss
-            value = total_loss.item()
-            if not math.isfinite(value):
-                where = find_last(out)
-                keep = f"last good checkpoint: {where}" if where else "no checkpoint was written yet"
-                raise TrainingDiverged(f"loss became {value} at step {step + 1}; training stopped ({keep})")
+            # divergence is tracked on the device and read at log / eval / checkpoint steps only (no per-step sync)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total_loss.detach()), step + 1, first_bad)
             scaler.scale(total_loss / t.grad_accum).backward()
             window_n += len(batch[0])
             if not sync:
@@ -327,20 +355,24 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
+            at_eval = bool(t.eval_every and step % t.eval_every == 0 and step < total)
+            at_ckpt = bool(t.ckpt_every and step % t.ckpt_every == 0 and step < total)
+            if step % t.log_every == 0 or step == total or at_eval or at_ckpt:
+                check_finite(first_bad, total_loss, out, [p for _, p in named] if at_ckpt else None)
             if step % t.log_every == 0 or step == total:
                 now = time.perf_counter()
-                rec = {"step": step, "split": "train", "loss": value, "lr": scheduler.get_last_lr()[0],
-                       "img_s": window_n * dd.world / max(now - window_t, 1e-9), **logs,
-                       **{k: v.item() for k, v in aux_logs.items()}}
+                rec = {"step": step, "split": "train", "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
+                       "img_s": window_n * dd.world / max(now - window_t, 1e-9),
+                       **{k: float(v) for k, v in {**logs, **aux_logs}.items()}}
                 imbalance = recorder.imbalance()
                 if imbalance is not None:
                     rec["expert_imbalance"] = imbalance.item()
                 record(rec)
                 reporter.log(rec)
                 window_t, window_n = now, 0
-            if t.eval_every and step % t.eval_every == 0 and step < total:
+            if at_eval:
                 last_eval = evaluate()
-            if t.ckpt_every and step % t.ckpt_every == 0 and step < total:
+            if at_ckpt:
                 state = checkpoint_state()
                 if dd.main:
                     save_last(out, ckpt, state)
@@ -349,6 +381,7 @@ def train(
         else:
             epoch, batch_in_epoch = epoch + 1, 0
 
+    check_finite(first_bad, None, out, [p for _, p in named])
     last_eval = evaluate()
     final = None
     state = checkpoint_state()

@@ -61,7 +61,7 @@ def cv_loss(task: ClassifyTask, token_w: float, expert_w: float, eps: float) -> 
         gates = [r.gate for r in rec]
         tok = torch.stack([token_cv_loss(g, eps) for g in gates]).mean()
         exp = torch.stack([expert_cv_loss(g, eps) for g in gates]).mean()
-        return loss + token_w * tok + expert_w * exp, {**logs, "token_cv": tok.item(), "expert_cv": exp.item()}
+        return loss + token_w * tok + expert_w * exp, {**logs, "token_cv": tok.detach(), "expert_cv": exp.detach()}
 
     return loss_fn
 
@@ -83,7 +83,7 @@ def distill_loss(task: ClassifyTask, distill_w: float, task_w: float) -> Callabl
         with RoutingRecorder(model, aux=True) as rec:
             loss, logs = task.loss(model, batch)
         kl = torch.stack([r.distill for r in rec]).mean()
-        return distill_w * kl + task_w * loss, {**logs, "distill_kl": kl.item()}
+        return distill_w * kl + task_w * loss, {**logs, "distill_kl": kl.detach()}
 
     return loss_fn
 

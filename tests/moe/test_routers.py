@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from moe_cli.moe.dispatch import triton_supported
 from moe_cli.moe.layer import MoEMlp
 from moe_cli.moe.stats import RoutingRecorder
 
@@ -69,7 +70,11 @@ def make(gate, k, normalize, cf, priority, impl, E=4, D=16, H=32, seed=0):
     return moe
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
+IMPLS = ["loop", "grouped", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_supported(torch.empty(0)), reason="Triton not importable"))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T", [37, 8])
 @pytest.mark.parametrize("gate,k,normalize,cf,priority", CASES)
 def test_router_and_dispatch_match_reference(gate, k, normalize, cf, priority, impl, T):
