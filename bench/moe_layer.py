@@ -4,6 +4,7 @@ one-hot/where/index_add_ loop, forward and forward+backward, for ViT-S and ViT-B
     python bench/moe_layer.py                                  # full grid on CPU fp32, writes bench/RESULTS.md
     python bench/moe_layer.py --shapes vit_s --experts 4 --k 2 --routing balanced      # one row
     python bench/moe_layer.py --device cuda --dtype bf16 --shapes vit_b --experts 8 --k 2
+    python bench/moe_layer.py --model vit_small_patch16_224 --device cuda --dtype bf16 --batch 128   # train step
 
 Routing is fixed (balanced: token t -> experts t, t+1, ... mod E; skewed: Zipf(1.5) over experts) so the
 expert loads are controlled for the dispatch + experts columns; the `layer` columns time the whole MoEMlp
@@ -14,12 +15,14 @@ expert loads are controlled for the dispatch + experts columns; the `layer` colu
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -108,6 +111,45 @@ def bench_one(shape, E, k, kind, T, device, dtype, repeats, impl):
     return resolved, res
 
 
+def bench_model(name: str, E: int, k: int, batch: int, img: int, device, dtype, steps: int, impl: str) -> dict:
+    """Images/s of whole training steps (forward, backward, AdamW) of the dense timm model and its upcycled MoE."""
+    from moe_cli.models.surgery import upcycle
+    from moe_cli.moe.stats import RoutingRecorder
+
+    torch.manual_seed(0)
+    dense = timm.create_model(name, pretrained=False, img_size=img, num_classes=100).to(device)
+    moe, _ = upcycle(copy.deepcopy(dense), experts=E, k=k, impl=impl)
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {}
+    for label, model in (("dense", dense), ("moe", moe)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        rec = RoutingRecorder(model, aux=True)
+
+        def step(model=model, opt=opt, rec=rec):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), rec:
+                loss = F.cross_entropy(model(x).float(), y)
+                aux, _ = rec.aux_loss(0.01, 0.001)
+                loss = loss + aux if aux is not None else loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        out[label] = batch * steps / (time.perf_counter() - t0)
+        if device.type == "cuda":
+            out[f"{label}_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -120,10 +162,16 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--impl", default="auto", choices=["auto", "loop", "grouped"])
     ap.add_argument("--out", default=None, help="Markdown file to append the table to (e.g. bench/RESULTS.md).")
+    ap.add_argument("--model", default=None, help="timm model: time whole training steps, dense vs upcycled.")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    if args.model:
+        return model_mode(args, argv, device, dtype, name)
     header = ("| shape | E | k | routing | path | fwd ms | fwd / ideal | fwd / naive | fwd+bwd ms | fwd+bwd / ideal "
               "| fwd+bwd / naive | layer fwd+bwd ms | layer / ideal |")
     lines = [header, "|" + "---|" * 13]
@@ -144,6 +192,26 @@ def main(argv=None) -> None:
         cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
         with open(args.out, "a") as f:
             f.write(f"\n### {name}, {args.dtype}, T={args.tokens} tokens, torch {torch.__version__}\n\n"
+                    f"Command: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+
+
+def model_mode(args, argv, device, dtype, name) -> None:
+    header = "| model | E | k | batch | img | dense img/s | MoE img/s | MoE / dense | path |"
+    lines = [header, "|" + "---|" * 9]
+    print(header)
+    for E in args.experts:
+        for k in args.k:
+            r = bench_model(args.model, E, k, args.batch, args.img_size, device, dtype, args.steps, args.impl)
+            probe = torch.empty(1, device=device, dtype=dtype)
+            path = MoEMlp(8, 8, num_experts=2, k=1, impl=args.impl).to(device).resolve_impl(probe)
+            row = (f"| {args.model} | {E} | {k} | {args.batch} | {args.img_size} | {r['dense']:.1f} | {r['moe']:.1f} | "
+                   f"{r['moe'] / r['dense']:.3f} | {path} |")
+            print(row, flush=True)
+            lines.append(row)
+    if args.out:
+        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+        with open(args.out, "a") as f:
+            f.write(f"\n### Training step, {name}, {args.dtype}, torch {torch.__version__}\n\n"
                     f"Command: `{cmd}`\n\n" + "\n".join(lines) + "\n")
 
 

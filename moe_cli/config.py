@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,7 +308,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name} is not a text file (a YAML recipe was expected)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -317,6 +320,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe_from_dict(data, path.name, overrides)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, field: str, expected: str, value, src: str) -> None:
+    if not ok:
+        raise ConfigError(f"`{field}` in {src} must be {expected}, got {value!r}")
+
+
 def validate(r: Recipe, src: str) -> None:
     t = r.train
     if r.densify is not None:
@@ -324,8 +336,15 @@ def validate(r: Recipe, src: str) -> None:
         if d.experts < 2 or not 1 <= d.k <= d.experts:
             raise ConfigError(f"`densify` in {src}: need experts >= 2 and 1 <= k <= experts, "
                               f"got experts={d.experts}, k={d.k}")
-        if min(d.stage1.steps, d.stage2.steps, d.stage3.steps) < 0:
-            raise ConfigError(f"`densify.stageN.steps` in {src} must be >= 0")
+        for i, stage in enumerate((d.stage1, d.stage2, d.stage3), 1):
+            _check(stage.steps >= 1, f"densify.stage{i}.steps", "an integer >= 1", stage.steps, src)
+            _check(stage.lr is None or _finite(stage.lr) and stage.lr > 0, f"densify.stage{i}.lr",
+                   "a finite number > 0 (or null: optim.lr)", stage.lr, src)
+        for name in ("token_cv", "expert_cv", "noise_std"):
+            _check(_finite(getattr(d.stage1, name)) and getattr(d.stage1, name) >= 0, f"densify.stage1.{name}",
+                   "a finite number >= 0", getattr(d.stage1, name), src)
+        _check(_finite(d.stage1.cv_eps) and d.stage1.cv_eps > 0, "densify.stage1.cv_eps", "a finite number > 0",
+               d.stage1.cv_eps, src)
     elif (t.steps is None) == (t.epochs is None):
         raise ConfigError(f"{src}: set exactly one of `train.steps` and `train.epochs`")
     for name in ("batch_size", "grad_accum"):
@@ -333,8 +352,30 @@ def validate(r: Recipe, src: str) -> None:
             raise ConfigError(f"`train.{name}` in {src} must be >= 1, got {getattr(t, name)}")
     if (t.steps is not None and t.steps < 1) or (t.epochs is not None and t.epochs <= 0):
         raise ConfigError(f"{src}: `train.steps` / `train.epochs` must be positive")
-    if r.optim.lr <= 0:
-        raise ConfigError(f"`optim.lr` in {src} must be > 0, got {r.optim.lr}")
+    o = r.optim
+    _check(_finite(o.lr) and o.lr > 0, "optim.lr", "a finite number > 0", o.lr, src)
+    _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", "a finite number >= 0",
+           o.weight_decay, src)
+    _check(all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas), src)
+    _check(_finite(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum, src)
+    sc = r.schedule
+    _check(sc.warmup_steps >= 0, "schedule.warmup_steps", "an integer >= 0", sc.warmup_steps, src)
+    _check(_finite(sc.min_lr_ratio) and 0 <= sc.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a number in [0, 1]",
+           sc.min_lr_ratio, src)
+    _check(t.log_every >= 1, "train.log_every", "an integer >= 1", t.log_every, src)
+    for name in ("eval_every", "ckpt_every"):
+        _check(getattr(t, name) >= 0, f"train.{name}", "an integer >= 0 (0: only at the end)", getattr(t, name), src)
+    _check(t.clip is None or _finite(t.clip) and t.clip > 0, "train.clip", "a finite number > 0 or null (no clipping)",
+           t.clip, src)
+    _check(_finite(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)",
+           t.label_smoothing, src)
+    _check(t.epochs is None or _finite(t.epochs), "train.epochs", "a finite number", t.epochs, src)
+    _check(r.data.num_workers >= 0, "data.num_workers", "an integer >= 0", r.data.num_workers, src)
+    _check(r.data.img_size is None or r.data.img_size >= 1, "data.img_size", "an integer >= 1 or null (the model's)",
+           r.data.img_size, src)
+    for name in ("load_balance", "z_loss"):
+        value = getattr(r.moe, name)
+        _check(_finite(value) and value >= 0, f"moe.{name}", "a finite number >= 0", value, src)
     if r.densify is not None and r.task != "classify":
         raise ConfigError(f"`densify` in {src} trains classifiers; `task` must be classify, got {r.task!r}")
     if not 0 < r.mae.mask_ratio < 1:

@@ -15,7 +15,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(requested: str | None) -> torch.device:
-    """``requested`` ('cpu', 'cuda', 'cuda:1', ...) checked, or cuda when available, else cpu."""
+    """``requested`` ('cpu', 'cuda', 'cuda:1', ...) checked; else the ``MOE_DEVICE`` environment variable; else
+    cuda when available, else cpu."""
+    requested = requested or os.environ.get("MOE_DEVICE") or None
     if requested:
         try:
             dev = torch.device(requested)
@@ -34,15 +36,47 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
 
 
+def memory_bytes(device: torch.device | None = None) -> int | None:
+    """Memory of ``device`` (CUDA: the GPU's; else the machine's RAM), or None when unknown."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename onto ``target``, so no half-written file is ever visible."""
+    """Call ``write(tmp_path)``, flush it to disk and rename onto ``target``, so no half-written file is ever
+    visible, even after a power cut. The file gets the permissions the umask gives new files (not mkstemp's
+    0600); temporary files that a killed earlier write left for ``target`` are removed first. A folder that
+    cannot be written is an OSError naming ``target``, not the temporary file."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except PermissionError as e:
+        raise PermissionError(e.errno, e.strerror, str(target)) from None
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -6,6 +6,8 @@ import sys
 # MoE kernels on CPU tensors through its interpreter (set before torch, which may import Triton, is imported)
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["TRITON_INTERPRET"] = "1"
+# training and eval in tests run on CPU also where a GPU is present (tiny models; CUDA tests pick their device)
+os.environ.setdefault("MOE_DEVICE", "cpu")
 
 import pytest
 import timm

@@ -16,6 +16,7 @@ from moe_cli.cli.common import STATE, OneLineErrors
 app = typer.Typer(
     name="moe",
     cls=OneLineErrors,
+    rich_markup_mode=None,
     help="Turn dense transformer checkpoints into Mixture-of-Experts models; train, distil, evaluate, export.",
     no_args_is_help=True,
     add_completion=False,

@@ -7,7 +7,16 @@ import json
 import typer
 from rich.table import Table
 
-from moe_cli.cli.common import STATE, CheckpointArg, DisableExpertsOpt, Precision, PrecisionOpt, console, user_errors
+from moe_cli.cli.common import (
+    STATE,
+    CheckpointArg,
+    DisableExpertsOpt,
+    Precision,
+    PrecisionOpt,
+    console,
+    err_console,
+    user_errors,
+)
 from moe_cli.evaluate.report import DEFAULT_METRICS, METRICS, evaluate, parse_metrics
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.models.overrides import apply_overrides
@@ -19,16 +28,19 @@ def eval_cmd(
     ckpt: CheckpointArg,
     data: str | None = typer.Option(None, help="digits (built in), an ImageFolder folder, or a token folder "
                                     "(default: digits; a masked-tokens checkpoint's own token data)."),
-    metric: str | None = typer.Option(None, help="Comma list of: " + ",".join(METRICS) + " (default by task: "
-                                      + "; ".join(f"{k}: {v}" for k, v in DEFAULT_METRICS.items()) + ")."),
+    metric: str | None = typer.Option(None, help="Comma list of: " + ", ".join(METRICS) + ". Default by task: "
+                                      + "; ".join(f"{k}: {v.replace(',', ', ')}" for k, v in DEFAULT_METRICS.items())
+                                      + ".", show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
     batch_size: int = typer.Option(64, min=1, help="Evaluation batch size."),
     precision: PrecisionOpt = Precision.fp32,
     top_k: int | None = typer.Option(None, help="Route each token to K experts instead of the trained k."),
     capacity_factor: float | None = typer.Option(None, help="Capacity factor for token dropping at eval."),
     disable_experts: DisableExpertsOpt = None,
-    decoder: str | None = typer.Option(None, help="masked-tokens: token decoder module:function for lpips "
-                                       "(default: the recipe's)."),
+    decoder: str | None = typer.Option(None, help="masked-tokens: token decoder module:function (or file.py:"
+                                       "function) for lpips. Executes that code."),
+    trust_checkpoint_code: bool = typer.Option(False, "--trust-checkpoint-code", help="Run the decoder the "
+                                               "checkpoint names (executes code from its metadata)."),
 ) -> None:
     """Evaluate a checkpoint; routing overrides show how quality moves when experts change."""
     if metric is not None:
@@ -37,8 +49,11 @@ def eval_cmd(
     checkpoint = load_checkpoint(ckpt)
     metrics = parse_metrics(metric or DEFAULT_METRICS.get(checkpoint.task, DEFAULT_METRICS["classify"]))
     apply_overrides(checkpoint.model, top_k, capacity_factor, disable_experts)
-    result = evaluate(checkpoint, metrics, data, batch_size, pick_device(STATE["device"]), precision, decoder)
+    result = evaluate(checkpoint, metrics, data, batch_size, pick_device(STATE["device"]), precision, decoder,
+                      trust_checkpoint_code)
     result["overrides"] = {"top_k": top_k, "capacity_factor": capacity_factor, "disable_experts": disable_experts}
+    for warning in result["warnings"]:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -17,11 +17,14 @@ def export(
     ckpt: CheckpointArg,
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
     dtype: Annotated[Precision, typer.Option(help="Floating-point dtype of the weights.")] = Precision.fp32,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export a checkpoint to a single .safetensors file that `moe_cli.load` rebuilds alone."""
     dtype = dtype.value
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must be a .safetensors file, got {out}")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
     checkpoint = load_checkpoint(ckpt)
-    path = save(checkpoint, out, dtype=None if dtype == "fp32" else dtype)
+    path = save(checkpoint, out, dtype=dtype)
     console.print(f"exported {path} ({dtype}, {path.stat().st_size / 1e6:.1f} MB)")

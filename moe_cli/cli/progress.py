@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from moe_cli.cli.common import STATE, console
 from moe_cli.train.loop import Reporter
@@ -13,23 +13,38 @@ class RichReporter(Reporter):
         self.title = title
         self.progress: Progress | None = None
         self.task = None
+        self.total = 0
 
     def start(self, total_steps: int, step: int) -> None:
         if STATE["quiet"]:
             return
-        self.progress = Progress(TextColumn(f"[bold]{self.title}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn(f"[bold]{self.title}"), BarColumn(bar_width=None if console.width > 120
+                                                                              else 12),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
                                  console=console, transient=False)
         self.progress.start()
         self.task = self.progress.add_task(self.title, total=total_steps, completed=step, stats="")
+        self.total = total_steps
 
     def log(self, record: dict) -> None:
         if self.progress is None:
             return
-        stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['img_s']:.0f} img/s"
-        if "expert_imbalance" in record:
-            stats += f"  load max/mean {record['expert_imbalance']:.2f}"
-        self.progress.update(self.task, completed=record["step"], stats=stats)
+        self.progress.update(self.task, completed=record["step"], stats=self.stats(record))
+
+    def stats(self, record: dict) -> str:
+        """The fields that fit the terminal, most important first (metrics.jsonl has the full record)."""
+        fields = [f"loss {record['loss']:.4f}", f"{record['img_s']:.0f} img/s"]
+        if "expert_imbalance" in record:  # max/mean tokens per expert
+            fields.append(f"load {record['expert_imbalance']:.2f}")
+        fields.append(f"lr {record['lr']:.1e}")
+        # title, a 12-wide bar, "step/total", the time remaining (h:mm:ss) and the spaces between the columns
+        room = console.width - len(self.title) - 12 - (2 * len(str(self.total)) + 1) - 7 - 5
+        shown = fields[:1]  # the loss, always
+        for field in fields[1:]:
+            if len("  ".join([*shown, field])) > room:
+                break
+            shown.append(field)
+        return "  ".join(shown)
 
     def evaluated(self, record: dict) -> None:
         text = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "split"))

@@ -32,8 +32,8 @@ def upcycle(
                                                                "same).", show_default=False)] = None,
     priority: Annotated[Priority, typer.Option(help="Who keeps its place on overflow: slot (token order) or "
                                                "score (BPR).")] = Priority.slot,
-    impl: Annotated[Impl, typer.Option(help="Expert dispatch: loop (F.linear per expert) or grouped "
-                                       "(grouped_mm); auto picks.")] = Impl.auto,
+    impl: Annotated[Impl, typer.Option(help="Expert dispatch: loop (F.linear per expert), grouped "
+                                       "(grouped_mm), triton (fused kernels); auto picks.")] = Impl.auto,
     normalize: Annotated[bool, typer.Option(help="Softmax over the k kept logits (else top-k of the full "
                                             "softmax).")] = True,
     noise_std: Annotated[float, typer.Option(help="Std of Gaussian noise added to each expert copy.")] = 0.0,

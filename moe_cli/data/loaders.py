@@ -27,9 +27,34 @@ def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module) -> Datas
                           f"folder, not the image dataset `{cfg.name or 'ImageFolder'}`")
     chans, h, _ = input_size(model)
     size = cfg.img_size or h
+    if cfg.img_size and cfg.img_size != h and _fixed_size(model):
+        raise ConfigError(f"`data.img_size` {cfg.img_size} does not match the model, which takes {h} px images "
+                          "(set model.kwargs.img_size, or leave data.img_size unset)")
     if cfg.name == "digits":
         return digits("train", size, chans, cfg.augment) if training else digits("val", size, chans)
-    return _timm_split(cfg, split, training, size)
+    ds = _timm_split(cfg, split, training, size)
+    _check_classes(ds, model, cfg.root)
+    return ds
+
+
+def _fixed_size(model: torch.nn.Module) -> bool:
+    """A patch embedding built for one image size (not timm's dynamic_img_size / strict_img_size=False)."""
+    pe = getattr(model, "patch_embed", None) or getattr(getattr(model, "encoder", None), "patch_embed", None)
+    return pe is not None and getattr(pe, "strict_img_size", False) and not getattr(pe, "dynamic_img_size", False)
+
+
+def _check_classes(ds: Dataset, model: torch.nn.Module, root: str | None) -> None:
+    """An image folder must have class subfolders, and no more classes than a classifier's head has outputs."""
+    class_to_idx = getattr(getattr(ds, "reader", None), "class_to_idx", None)
+    if not class_to_idx:
+        return
+    if "" in class_to_idx or "." in class_to_idx:
+        raise ConfigError(f"{root}: images must sit in one subfolder per class (root/<class>/image.png); found "
+                          "images directly in the folder")
+    heads = getattr(model, "num_classes", 0)
+    if isinstance(heads, int) and heads > 0 and len(class_to_idx) > heads:
+        raise ConfigError(f"{root} has {len(class_to_idx)} classes but the model's head has {heads} outputs "
+                          "(set model.kwargs.num_classes)")
 
 
 def build_datasets(cfg: DataCfg, model: torch.nn.Module) -> tuple[Dataset, Dataset]:

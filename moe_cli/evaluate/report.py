@@ -64,19 +64,28 @@ def throughput(model: torch.nn.Module, images: torch.Tensor, device: torch.devic
 
 
 def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batch_size: int = 64,
-             device: torch.device | None = None, precision: str = "fp32", decoder: str | None = None) -> dict:
+             device: torch.device | None = None, precision: str = "fp32", decoder: str | None = None,
+             trust_checkpoint_code: bool = False) -> dict:
     """The requested metrics for ``ckpt`` on ``data`` (see :func:`data_config`); quality metrics come from the
-    checkpoint's task, and those that do not apply to it come back as {"skipped": reason}."""
+    checkpoint's task, and those that do not apply to it come back as {"skipped": reason}.
+
+    Code named by the checkpoint (a masked-tokens token decoder) is never imported unless
+    ``trust_checkpoint_code``; ``decoder`` (the user's own choice) is."""
     device = device or torch.device("cpu")
     model = ckpt.model.to(device).eval()
-    config = {**ckpt.task_config, **({"decoder": decoder} if decoder else {})}
+    stored = ckpt.task_config.get("decoder")
+    config = {**ckpt.task_config, "decoder": decoder or (stored if trust_checkpoint_code else None)}
     task = make_task(ckpt.task, config)
     data_cfg = data_config(data, ckpt)
     loader = val_loader(model, data_cfg, batch_size, device)
     samples = next(iter(loader))[0].to(device)
     out: dict = {"checkpoint": {"source": ckpt.source, "task": ckpt.task,
                                 "moe": ckpt.moe.to_dict() if ckpt.moe else None},
-                 "data": data_cfg.root or data_cfg.name}
+                 "data": data_cfg.root or data_cfg.name, "warnings": []}
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        out["warnings"].append(f"{len(bad)} parameter tensor(s) hold NaN or inf (first: {bad[0]}); the metrics "
+                               "below are not meaningful")
     quality = [m for m in metrics if m in ("accuracy", "ce", "mse", "lpips")]
     for m in quality:
         if m not in task.quality:
@@ -86,8 +95,11 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
     lp = None
     if "lpips" in wanted:
         if ckpt.task == "masked-tokens" and not config.get("decoder"):
-            out["lpips"] = {"skipped": "lpips needs a token decoder: pass --decoder module:function "
-                                       "(tokens (B,F,H,W) -> images (B,F,C,H,W) in [-1, 1])"}
+            named = f"the checkpoint names the decoder {stored!r}, which is not run unless you pass --decoder " \
+                    f"{stored} or --trust-checkpoint-code (both execute its code)" if stored else \
+                "lpips needs a token decoder: pass --decoder module:function (tokens (B,F,H,W) -> images " \
+                "(B,F,C,H,W) in [-1, 1]; it executes that code)"
+            out["lpips"] = {"skipped": named}
             wanted.remove("lpips")
         else:
             lp = lpips_model(device)

@@ -98,15 +98,22 @@ class Checkpoint:
 
 
 def weights_path(path: str | os.PathLike) -> Path:
-    """``dir/`` -> ``dir/model.safetensors``; a ``.safetensors`` file stays as it is."""
+    """``dir/`` -> ``dir/model.safetensors``; a ``.safetensors`` file stays as it is; another file is an error."""
     p = Path(path)
-    return p if p.suffix == ".safetensors" else p / WEIGHTS_NAME
+    if p.suffix == ".safetensors":
+        return p
+    if p.is_file():
+        raise CheckpointError(f"{p} is not a .safetensors file: moe-cli reads safetensors checkpoints (a folder "
+                              "with model.safetensors, or a .safetensors file)")
+    return p / WEIGHTS_NAME
 
 
 def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None) -> Path:
     """Write ``ckpt`` to ``path`` (a folder, or a ``.safetensors`` file), optionally casting floats to ``dtype``."""
     target = weights_path(path)
     cast = DTYPES[dtype] if dtype else None
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tensors = {}
     for name, t in ckpt.model.state_dict().items():
         t = t.detach()
@@ -157,10 +164,42 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> 
     model.load_state_dict(state, strict=True)
 
 
+# timm.create_model keywords that read files, fetch weights or change how a model is loaded rather than what it
+# is: never taken from a checkpoint's metadata (a downloaded checkpoint must not make moe-cli open other files)
+NOT_ARCHITECTURE = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                              "pretrained_strict", "cache_dir", "features_only", "scriptable", "exportable", "no_jit"})
+
+
+def architecture_kwargs(kwargs: dict, where: str) -> dict:
+    """``kwargs`` from checkpoint metadata, refused in one line unless they are plain architecture arguments."""
+    def scan(d: dict, path: str) -> None:
+        for key, value in d.items():
+            if key in NOT_ARCHITECTURE or key.startswith("_"):
+                raise CheckpointError(f"{where}: `{path}.{key}` is not an architecture argument; moe-cli does not "
+                                      "pass it on from a checkpoint")
+            if not _plain_json(value):
+                raise CheckpointError(f"{where}: `{path}.{key}` must be a number, string, list or mapping")
+            if isinstance(value, dict):  # nested model kwargs (mae_vit's encoder_kwargs)
+                scan(value, f"{path}.{key}")
+
+    scan(kwargs, "architecture.kwargs")
+    return kwargs
+
+
+def _plain_json(value) -> bool:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return True
+    if isinstance(value, list):
+        return all(_plain_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_json(v) for k, v in value.items())
+    return False
+
+
 def create_timm(name: str, kwargs: dict) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except (RuntimeError, TypeError, ValueError) as e:
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise ModelSourceError(f"cannot build timm model `{name}` with {kwargs}: {str(e).splitlines()[0]}") from None
 
 
@@ -180,7 +219,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{target}: corrupt moe-cli metadata ({e})") from None
     if not (isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(arch.get("kwargs", {}), dict)):
         raise CheckpointError(f"{target}: metadata `architecture` must be {{\"name\": str, \"kwargs\": {{...}}}}")
-    model = create_timm(arch["name"], arch.get("kwargs", {}))
+    model = create_timm(arch["name"], architecture_kwargs(arch.get("kwargs", {}), str(target)))
     if moe_dict is not None:
         def label(name: str) -> str:
             return f"{target}: metadata `moe{'.' + name if name else ''}`"

@@ -95,7 +95,7 @@ def _from_timm(name: str, pretrained: bool, kwargs: dict) -> Checkpoint:
             model = timm.create_model(resolved, pretrained=pretrained, **kwargs)
     except DOWNLOAD_ERRORS as e:
         raise download_hint(f"pretrained weights for `{resolved}`", e) from None
-    except (RuntimeError, TypeError, ValueError) as e:
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise ModelSourceError(f"cannot build `{resolved}` with {kwargs}: {str(e).splitlines()[0]}") from None
     arch = {"name": resolved.split(".", 1)[0], "kwargs": built_kwargs(model, kwargs)}
     return Checkpoint(model, arch, source=resolved)
@@ -111,7 +111,7 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
             model = timm.create_model(spec, pretrained=pretrained, **kwargs)
     except DOWNLOAD_ERRORS as e:
         raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
         raise ModelSourceError(f"cannot build `{spec}`: {str(e).splitlines()[0]}") from None
     arch = {"name": arch_name, "kwargs": built_kwargs(model, {**(model_args or {}), **kwargs})}
     return Checkpoint(model, arch, source=spec)
@@ -125,9 +125,18 @@ def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
         arch = meta.get("architecture")
         config = path / "config.json" if path.is_dir() else None
         if arch is None and config is not None and config.is_file():
-            cfg = json.loads(config.read_text())
+            try:
+                cfg = json.loads(config.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelSourceError(f"{config} is not valid JSON ({getattr(e, 'msg', e)}); fix it or name the "
+                                       "architecture with --arch") from None
+            if not isinstance(cfg, dict) or not isinstance(cfg.get("model_args", {}), dict):
+                raise ModelSourceError(f"{config} must be a JSON object with `architecture` and optionally "
+                                       "`model_args` (a mapping), as timm writes it")
             arch = cfg.get("architecture")
             kwargs = {**cfg.get("model_args", {}), **kwargs}
+    if arch is not None and not isinstance(arch, str):
+        raise ModelSourceError(f"{target}: the architecture must be a timm model name, got {arch!r}")
     if not arch:
         raise ModelSourceError(f"{target} has no architecture in its metadata; name it with --arch (a timm model)")
     name = resolve_timm_name(arch)

@@ -15,6 +15,7 @@ from torch import nn
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.moe.config import MoELayout, UpcycleCfg
 from moe_cli.moe.layer import MoEMlp, dense_spec
+from moe_cli.runtime import memory_bytes
 
 FFN_TYPES = (Mlp, GluMlp, SwiGLU)
 TOLERANCE = 1e-4  # upcycling check: max |dense - moe| relative to max(1, max |dense|)
@@ -81,9 +82,24 @@ def upcycle(model: nn.Module, cfg: UpcycleCfg | None = None, *, seed: int = 0, *
         raise ConfigError(f"no FFN module (timm {', '.join(t.__name__ for t in FFN_TYPES)}) found in "
                           f"{type(model).__name__}; name the FFNs with --target GLOB")
     names = tuple(ffns[i][0] for i in select_layers(len(ffns), cfg.layers))
+    check_memory(model, names, cfg.experts)
     layout = MoELayout(**cfg.routing().__dict__, layers=names)
     apply_moe(model, layout, seed=seed, noise_std=cfg.noise_std)
     return model, layout
+
+
+def check_memory(model: nn.Module, names: tuple[str, ...], experts: int) -> None:
+    """Refuse in one line an MoE whose experts would not fit in memory (before allocating anything)."""
+    need = 0
+    for name in names:
+        ffn = model.get_submodule(name)
+        need += experts * sum(p.numel() * p.element_size() for p in ffn.parameters())
+    param = next(model.parameters(), None)
+    have = memory_bytes(param.device if param is not None else None)
+    if have is not None and need > 0.8 * have:
+        raise ConfigError(f"--experts {experts} needs about {need / 1e9:.1f} GB for the expert weights of "
+                          f"{len(names)} layers, more than this machine has ({have / 1e9:.1f} GB); use fewer experts "
+                          "or layers")
 
 
 def apply_moe(model: nn.Module, layout: MoELayout, seed: int = 0, noise_std: float = 0.0) -> nn.Module:

@@ -22,7 +22,7 @@ from torch import nn
 
 from moe_cli.config import Recipe
 from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
-from moe_cli.errors import ConfigError, MoeError
+from moe_cli.errors import CheckpointError, ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
 from moe_cli.io.sources import load_source
 from moe_cli.moe.stats import RoutingRecorder
@@ -204,6 +204,71 @@ def save_last(out: Path, ckpt: Checkpoint, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# sections a resumed run must share with the run it continues (the rest, e.g. train.steps, may change)
+FIXED_ON_RESUME = ("model", "data", "optim", "task", "mae", "masked_tokens", "densify")
+
+
+def read_state(last: Path, recipe: Recipe) -> dict:
+    """The training state in ``last``, checked to belong to a run of this recipe; one-line errors otherwise."""
+    path = last / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or not a torch file
+        raise CheckpointError(f"--resume: {path} cannot be read ({type(e).__name__}); it is damaged — start over "
+                              "with --overwrite") from None
+    needed = ("optimizer", "scheduler", "scaler", "rng", "step", "epoch", "batch_in_epoch")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise CheckpointError(f"--resume: {path} is not a moe-cli training state")
+    old, new = state.get("recipe") or {}, recipe.to_dict()
+    for section in FIXED_ON_RESUME:
+        if section in old and old[section] != new.get(section):
+            field = _first_difference(old[section], new.get(section), section)
+            raise ConfigError(f"--resume: `{field}` differs from the run being resumed ({last.parent}); a resumed run "
+                              f"keeps its model, data and optimizer — start a new run for that change")
+    return state
+
+
+def _first_difference(a, b, where: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
+    return where
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write(path, lambda p: Path(p).write_text("".join(f"{line}\n" for line in keep)))
+
+
+def clear_run(out: Path) -> None:
+    """Remove what a previous run left in ``out`` (checkpoints, metrics, summary, TensorBoard log)."""
+    for name in (LAST, f".{LAST}.old", f".{LAST}.tmp", FINAL, "tb"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def lock_output(out: Path):
+    """An exclusive lock on ``out`` for this process: two runs writing one folder would interleave everything."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "w")  # noqa: SIM115 — held for the whole run
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # not POSIX: no lock
+        return handle
+    except OSError:
+        handle.close()
+        raise ConfigError(f"{out} is in use by another run (it holds the lock {out / '.lock'}); wait for it or "
+                          "choose another output folder") from None
+    return handle
+
+
 def find_last(out: Path) -> Path | None:
     """`last`, or the previous one if a run was killed in the middle of swapping checkpoints."""
     for name in (LAST, f".{LAST}.old"):
@@ -227,12 +292,38 @@ def train(
     loss_fn: Callable[[nn.Module, tuple], tuple[torch.Tensor, dict]] | None = None,
     trainable: Callable[[str, nn.Parameter], bool] | None = None,
     out_dir: str | Path | None = None,
+    can_resume: bool = True,
 ) -> TrainResult:
     """Train ``ckpt`` (default: the recipe's model) as the recipe says; returns the final eval.
 
     ``loss_fn`` replaces the task loss (stages of other methods plug in here); ``trainable`` selects the
-    parameters to optimise (others are frozen).
+    parameters to optimise (others are frozen). The output folder is locked for the run: a second run on it
+    stops with a ConfigError. ``can_resume``: whether the caller offers --resume (for the error hint).
     """
+    out = Path(out_dir or recipe.output)
+    lock = lock_output(out) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _train(recipe, ckpt, device=device, resume=resume, overwrite=overwrite, reporter=reporter, task=task,
+                      loss_fn=loss_fn, trainable=trainable, out_dir=out, can_resume=can_resume)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(
+    recipe: Recipe,
+    ckpt: Checkpoint | None = None,
+    *,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    task: Task | None = None,
+    loss_fn: Callable[[nn.Module, tuple], tuple[torch.Tensor, dict]] | None = None,
+    trainable: Callable[[str, nn.Parameter], bool] | None = None,
+    out_dir: str | Path | None = None,
+    can_resume: bool = True,
+) -> TrainResult:
     reporter = reporter or Reporter()
     t = recipe.train
     dev = pick_device(device)
@@ -241,8 +332,13 @@ def train(
     last = find_last(out) if resume else None
     if resume and last is None:
         raise ConfigError(f"--resume: no checkpoint to resume in {out} (expected {out / LAST}/{STATE_FILE})")
-    if not resume and not overwrite and find_last(out) is not None:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
+    if not resume and not overwrite and (find_last(out) is not None or (out / FINAL).exists()):
+        hint = "pass --resume to continue it or --overwrite to start over" if can_resume else \
+            "pass --overwrite to start over"
+        raise ConfigError(f"{out} already holds a run; {hint}")
+    state = read_state(last, recipe) if last is not None else None
+    if not resume and dd.main:
+        clear_run(out)  # --overwrite: nothing of the old run survives to be resumed or appended to
 
     task = task or recipe_task(recipe)
     torch.manual_seed(t.seed)  # same initial model on every rank
@@ -267,12 +363,17 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total))
     scaler = torch.amp.GradScaler(dev.type, enabled=t.precision == "fp16")
     step, epoch, batch_in_epoch = 0, 0, 0
-    if last is not None:
-        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"--resume: {last / STATE_FILE} does not fit this run's optimizer "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if dd.main:
+            trim_metrics(out / "metrics.jsonl", step)  # the steps after the checkpoint are replayed
         set_rng_state(state["rng"][min(dd.rank, len(state["rng"]) - 1)])
         reporter.message(f"resumed from {last} at step {step}")
 

@@ -33,8 +33,8 @@ STAGE_NAMES = {1: "dense", 2: "distill", 3: "finetune"}
 
 
 def stage_recipe(recipe: Recipe, steps: int, lr: float | None, name: str, **moe_weights) -> Recipe:
-    train_cfg = dataclasses.replace(recipe.train, steps=max(steps, 1), epochs=None)
-    optim = dataclasses.replace(recipe.optim, lr=lr or recipe.optim.lr)
+    train_cfg = dataclasses.replace(recipe.train, steps=steps, epochs=None)
+    optim = dataclasses.replace(recipe.optim, lr=lr if lr is not None else recipe.optim.lr)
     moe = dataclasses.replace(recipe.moe, **moe_weights)
     return dataclasses.replace(recipe, train=train_cfg, optim=optim, moe=moe, output=str(Path(recipe.output) / name))
 
@@ -138,7 +138,7 @@ def densify_to_sparse(recipe: Recipe, *, from_stage: int = 1, init: str | Path |
         s1 = d.stage1
         res = train(stage_recipe(recipe, s1.steps, s1.lr, "stage1"), ckpt, device=device, overwrite=overwrite,
                     task=task, loss_fn=cv_loss(task, s1.token_cv, s1.expert_cv, s1.cv_eps),
-                    reporter=make_reporter("stage 1 dense"))
+                    reporter=make_reporter("stage 1 dense"), can_resume=False)
         ckpt = finish(1, res.ckpt, trainable_count(res.ckpt.model, None))
     else:
         init = Path(init)
@@ -157,14 +157,14 @@ def densify_to_sparse(recipe: Recipe, *, from_stage: int = 1, init: str | Path |
                   f"of {trainable_count(ckpt.model, None):,} parameters")
         res = train(stage_recipe(recipe, s2.steps, s2.lr, "stage2", load_balance=0.0, z_loss=0.0), ckpt,
                     device=device, overwrite=overwrite, task=task, loss_fn=distill_loss(task, s2.distill, s2.task),
-                    trainable=is_gate, reporter=make_reporter("stage 2 distill"))
+                    trainable=is_gate, reporter=make_reporter("stage 2 distill"), can_resume=False)
         for _, layer in moe_layers(res.ckpt.model):
             layer.set_teacher(None)
         ckpt = finish(2, res.ckpt, count)
 
     s3 = d.stage3
     res = train(stage_recipe(recipe, s3.steps, s3.lr, "stage3"), ckpt, device=device, overwrite=overwrite,
-                task=task, reporter=make_reporter("stage 3 finetune"))
+                task=task, reporter=make_reporter("stage 3 finetune"), can_resume=False)
     for p in res.ckpt.model.parameters():
         p.requires_grad_(True)
     finish(3, res.ckpt, trainable_count(res.ckpt.model, None))

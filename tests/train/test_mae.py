@@ -109,7 +109,9 @@ def test_mae_run_then_classifier_from_encoder(tmp_path):
     assert ck.task == "mae" and isinstance(ck.model, MaskedAutoencoder)
     assert ck.architecture["name"] == "mae_vit" and ck.architecture["kwargs"]["encoder_kwargs"]["num_classes"] == 0
     x = digits("val", 32).images[:4]
-    torch.testing.assert_close(ck.model.eval()(x), first.ckpt.model.eval()(x))  # rebuilt from metadata alone
+    trained = first.ckpt.model.eval()
+    rebuilt = ck.model.eval()(x)  # rebuilt from metadata alone (on CPU), against the trained model on its device
+    torch.testing.assert_close(rebuilt, trained(x.to(next(trained.parameters()).device)).cpu())
 
     start = build_model(chain[1]).model.state_dict()  # the classifier starts from the MAE encoder's weights
     enc = ck.model.encoder.state_dict()

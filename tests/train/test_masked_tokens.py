@@ -181,7 +181,10 @@ def test_eval_cli_ce_and_lpips(tmp_path, cli, torch_hub):
     assert r.exit_code == 0 and abs(out["ce"] - result.eval["ce"]) < 1e-5 and "routing" in out
     assert out["accuracy"]["top1"] == pytest.approx(result.eval["accuracy"])
     seed_alexnet(torch_hub)
+    # the decoder the checkpoint names is code: not run unless asked for on the command line
     out = json.loads(cli("eval", ck, "--metric", "ce,lpips", "--json").stdout)
+    assert "--trust-checkpoint-code" in out["lpips"]["skipped"] and "ce" in out
+    out = json.loads(cli("eval", ck, "--metric", "ce,lpips", "--trust-checkpoint-code", "--json").stdout)
     assert 0 < out["lpips"] < 1
     perfect = f"{tmp_path / 'dec.py'}:decode"  # a decoder that ignores tokens: identical frames, LPIPS 0
     (tmp_path / "dec.py").write_text("import torch\ndef decode(t):\n    return torch.zeros(*t.shape[:2], 3, 32, 32)\n")

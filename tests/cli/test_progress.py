@@ -1,0 +1,37 @@
+"""The training progress line stays readable in an 80-column terminal: fields are dropped by priority, never cut."""
+
+from moe_cli.cli.common import console
+from moe_cli.cli.progress import RichReporter
+
+RECORD = {"step": 40, "loss": 0.51843, "lr": 1e-3, "img_s": 267.3, "expert_imbalance": 1.1034}
+
+
+def test_fields_fit_and_drop_by_priority():
+    old = console.width
+    try:
+        r = RichReporter("classify")
+        r.total = 2000
+        console.width = 200
+        assert r.stats(RECORD) == "loss 0.5184  267 img/s  load 1.10  lr 1.0e-03"
+        console.width = 80
+        line = r.stats(RECORD)
+        assert line.startswith("loss 0.5184  267 img/s") and "…" not in line
+        assert len("classify") + 12 + len("2000/2000") + len(line) + 7 + 5 <= 80
+        console.width = 50
+        assert r.stats(RECORD) == "loss 0.5184"
+    finally:
+        console.width = old
+
+
+def test_help_fits_80_columns_and_lists_every_choice():
+    from conftest import run_moe
+
+    for command in ("upcycle", "finetune", "densify-to-sparse", "eval", "inspect", "export"):
+        r = run_moe(command, "--help", env={"COLUMNS": "80"})
+        assert r.returncode == 0
+        assert all(len(line) <= 80 for line in r.stdout.splitlines()), command
+        if command == "upcycle":
+            assert "<topk|soft|expert_choice>" in r.stdout and "<auto|loop|grouped|triton>" in r.stdout
+        if command == "eval":
+            text = " ".join(r.stdout.split())
+            assert "accuracy, ce, mse, lpips, routing, flops, throughput" in text and "<fp32|bf16|fp16>" in text
