@@ -68,32 +68,52 @@ def write_figures(routes: dict, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
+    E = routes["experts"]
+
+    def caption(fig, text: str) -> None:
+        fig.text(0.5, -0.02, text, ha="center", va="top", fontsize=8, wrap=True)
+
     load = np.array([routes["layers"][n]["load"] for n in names])
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * load.shape[1], 1 + 0.4 * len(names)))
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * load.shape[1], 1.5 + 0.4 * len(names)))
     im = ax.imshow(load, cmap="viridis", vmin=0, aspect="auto")
-    ax.set(xlabel="expert", ylabel="MoE layer", yticks=range(len(names)), yticklabels=names,
-           title="expert load (share of routed tokens)")
-    fig.colorbar(im, ax=ax)
+    ax.set(xlabel="expert", ylabel="MoE layer", xticks=range(E), yticks=range(len(names)), yticklabels=names,
+           title="expert load per layer")
+    fig.colorbar(im, ax=ax, label="share of routed (token, slot) pairs")
+    caption(fig, "Each row sums to 1; a balanced layer has every cell near 1/E.")
     save(fig, "expert_load.png")
 
-    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names) + 1, 4.5), squeeze=False)
+    im = None
     for ax, n in zip(axes[0], names, strict=True):
-        ax.imshow(np.array(routes["layers"][n]["per_class"]), cmap="magma", vmin=0, aspect="auto")
-        ax.set(title=n, xlabel="expert", ylabel="class")
+        per_class = np.array(routes["layers"][n]["per_class"])
+        im = ax.imshow(per_class, cmap="magma", vmin=0, vmax=1, aspect="auto")
+        ax.set(title=n, xlabel="expert", ylabel="class", xticks=range(E))
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of the class's routed tokens")
+    caption(fig, "Cell (c, e): the share of class c's routed (token, slot) pairs that go to expert e; each row sums "
+                 "to 1 (normalised per class, as in the dense-to-sparse paper's figures).")
     save(fig, "class_routing.png")
 
     if routes["patch_grid"] and routes["_images"]:
+        from matplotlib.patches import Patch
+
         imgs = routes["_images"]
-        fig, axes = plt.subplots(len(imgs), 1 + len(names), figsize=(2 * (1 + len(names)), 2 * len(imgs)),
+        cmap = plt.get_cmap("tab10" if E <= 10 else "tab20", E)
+        fig, axes = plt.subplots(len(imgs), 1 + len(names), figsize=(2 * (1 + len(names)), 2 * len(imgs) + 1),
                                  squeeze=False)
         for i, img in enumerate(imgs):
             axes[i][0].imshow(((img[:3].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            axes[i][0].set_title("image" if i == 0 else "", fontsize=8)
             for j, n in enumerate(names):
-                axes[i][j + 1].imshow(np.array(routes["layers"][n]["patch_experts"][i]), cmap="tab10",
-                                      vmin=0, vmax=max(routes["experts"] - 1, 1))
+                axes[i][j + 1].imshow(np.array(routes["layers"][n]["patch_experts"][i]), cmap=cmap,
+                                      vmin=-0.5, vmax=E - 0.5)
                 axes[i][j + 1].set_title(n if i == 0 else "", fontsize=8)
             for ax in axes[i]:
-                ax.axis("off")
+                ax.set_xticks([])
+                ax.set_yticks([])
+        fig.legend(handles=[Patch(color=cmap(e), label=f"expert {e}") for e in range(E)], loc="upper center",
+                   ncol=min(E, 8), fontsize=8, bbox_to_anchor=(0.5, 1.02))
+        caption(fig, "Each patch is coloured by the expert with the largest gate weight for that patch's token, "
+                     "per MoE layer (columns); the left column is the input image.")
         save(fig, "patch_experts.png")
     return written
 
