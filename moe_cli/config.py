@@ -56,6 +56,7 @@ class DataCfg:
     num_workers: int = 0
     augment: bool = False
     synthetic: SyntheticTokensCfg | None = None  # tokens only: generate the data into `root` if missing
+    stride: int = 15  # genie: images between the frames of a clip (15: 2 Hz from the 30 Hz recordings)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,17 @@ class MaskedTokensCfg:
     sample_steps: int = 8  # iterative decoding steps when filling masked tokens for LPIPS
 
 
-TASKS = ("classify", "mae", "masked-tokens")
+@dataclass(frozen=True)
+class GenieTaskCfg:
+    """The GENIE objective and evaluation protocol (1X world-model challenge)."""
+
+    maskgit_steps: int = 2  # eval: MaskGIT steps per generated frame
+    decoder: str | None = None  # module:function, tokens (B,F,H,W) -> images (B,F,C,h,w) in [-1, 1], for LPIPS
+    eval_max_batches: int | None = None  # eval: stop after this many validation batches (None: all)
+    seed: int = 42  # eval: the re-masking order of MaskGIT decoding
+
+
+TASKS = ("classify", "mae", "masked-tokens", "genie")
 
 
 @dataclass(frozen=True)
@@ -171,9 +182,10 @@ class Recipe:
     train: TrainCfg = field(default_factory=TrainCfg)
     moe: MoELossCfg = field(default_factory=MoELossCfg)
     densify: DensifyCfg | None = None  # only for `moe densify-to-sparse`
-    task: Literal["classify", "mae", "masked-tokens"] = "classify"
+    task: Literal["classify", "mae", "masked-tokens", "genie"] = "classify"
     mae: MAECfg = field(default_factory=MAECfg)  # task: mae
     masked_tokens: MaskedTokensCfg = field(default_factory=MaskedTokensCfg)  # task: masked-tokens
+    genie: GenieTaskCfg = field(default_factory=GenieTaskCfg)  # task: genie
     output: str = "runs/run"
     # a follow-up run (e.g. MAE pretraining, then classification): sections given here replace this recipe's,
     # the rest are inherited, and `model.source` defaults to this run's `<output>/final`
@@ -389,6 +401,11 @@ def validate(r: Recipe, src: str) -> None:
         raise ConfigError(f"`masked_tokens.eval_mask_ratio` in {src} must be in (0, 1], got {mt.eval_mask_ratio}")
     if mt.predict_frames < 0 or mt.sample_steps < 1:
         raise ConfigError(f"`masked_tokens` in {src}: predict_frames must be >= 0 and sample_steps >= 1")
+    if (r.data.name == "genie") != (r.task == "genie"):
+        raise ConfigError(f"{src}: task `genie` trains on `data.name: genie` (1X token folders) and only it does "
+                          f"(task {r.task!r}, data {r.data.name!r})")
+    _check(r.data.stride >= 1, "data.stride", "an integer >= 1", r.data.stride, src)
+    _check(r.genie.maskgit_steps >= 1, "genie.maskgit_steps", "an integer >= 1", r.genie.maskgit_steps, src)
     if (r.data.name == "tokens") != (r.task == "masked-tokens"):
         raise ConfigError(f"{src}: task `masked-tokens` trains on `data.name: tokens` and only it does "
                           f"(task {r.task!r}, data {r.data.name!r})")

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from moe_cli.config import DataCfg
 from moe_cli.data.digits import digits
+from moe_cli.data.genie import genie_dataset
 from moe_cli.data.tokens import synthetic_tokens, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
 from moe_cli.models.probe import input_size
@@ -22,6 +23,13 @@ def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module) -> Datas
     split = cfg.train_split if training else cfg.val_split
     if cfg.name == "tokens":
         return _token_split(cfg, split, model)
+    if cfg.name == "genie":
+        if not hasattr(model, "token_shape"):
+            raise ConfigError(f"1X token data (`data.name: genie`) needs a token model such as genie, not "
+                              f"{type(model).__name__}")
+        if cfg.root is None:
+            raise ConfigError("`data.root` is required for data genie (the folder with train_v1.1/ and val_v1.1/)")
+        return genie_dataset(Path(cfg.root) / split, model.token_shape, model.vocab_size, training, cfg.stride)
     if hasattr(model, "token_shape"):
         raise ConfigError(f"{type(model).__name__} reads discrete tokens: use `data.name: tokens` with a token "
                           f"folder, not the image dataset `{cfg.name or 'ImageFolder'}`")

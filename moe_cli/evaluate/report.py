@@ -35,6 +35,13 @@ def data_config(data: str | None, ckpt: Checkpoint | None = None) -> DataCfg:
     present). None: the token folder a masked-tokens checkpoint was trained on, else digits."""
     if data == "digits":
         return DataCfg(name="digits")
+    if ckpt is not None and ckpt.task == "genie":
+        tc = ckpt.task_config
+        root = data or tc.get("data_root")
+        if data is None and (not root or not Path(root).is_dir()):
+            raise ConfigError(f"this GENIE checkpoint was trained on 1X token data at {root}, which is not here; pass "
+                              "--data FOLDER (the folder holding val_v1.1/)")
+        return DataCfg(name="genie", root=root, val_split=tc.get("val_split", "val_v1.1"), stride=tc.get("stride", 15))
     if ckpt is not None and ckpt.task == "masked-tokens":
         tc = ckpt.task_config
         root = data or tc.get("data_root")
@@ -94,7 +101,7 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
     wanted = [m for m in quality if m in task.quality]
     lp = None
     if "lpips" in wanted:
-        if ckpt.task == "masked-tokens" and not config.get("decoder"):
+        if ckpt.task in ("masked-tokens", "genie") and not config.get("decoder"):
             named = f"the checkpoint names the decoder {stored!r}, which is not run unless you pass --decoder " \
                     f"{stored} or --trust-checkpoint-code (both execute its code)" if stored else \
                 "lpips needs a token decoder: pass --decoder module:function (tokens (B,F,H,W) -> images " \

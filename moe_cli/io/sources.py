@@ -14,6 +14,7 @@ from timm.models import load_model_config_from_hf
 
 from moe_cli.errors import ModelSourceError
 from moe_cli.io.checkpoint import (
+    WEIGHTS_NAME,
     Checkpoint,
     create_timm,
     is_moe_checkpoint,
@@ -23,6 +24,7 @@ from moe_cli.io.checkpoint import (
     read_tensors,
     weights_path,
 )
+from moe_cli.models.genie import GenieConfig, is_genie_config
 
 # short forms users type -> the timm default they mean
 ALIASES = {
@@ -101,10 +103,55 @@ def _from_timm(name: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     return Checkpoint(model, arch, source=resolved)
 
 
+def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -> Checkpoint:
+    """A GENIE model from its released ``config.json`` fields, weights loaded strictly (a missing or unexpected
+    key is a one-line error naming it)."""
+    try:
+        cfg = GenieConfig.from_dict({**config, **kwargs})
+    except (TypeError, ValueError) as e:
+        raise ModelSourceError(f"{source}: not a usable GENIE config ({str(e).splitlines()[0]})") from None
+    arch = {"name": "genie", "kwargs": {k: v for k, v in cfg.to_dict().items() if k != "factored_vocab_size"}}
+    model = create_timm("genie", arch["kwargs"])
+    if weights is not None:
+        load_state(model, read_tensors(weights), weights)
+    return Checkpoint(model, arch, source=source)
+
+
+def _hub_config(hub_id: str) -> dict | None:
+    """The repository's config.json (from the local cache when offline), or None if it has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        with quiet_hub():
+            path = hf_hub_download(hub_id, "config.json")
+    except EntryNotFoundError:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelSourceError(f"config.json of `{hub_id}` is not valid JSON") from None
+
+
 def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     hub_id = spec.split(":", 1)[1]
     if not hub_id or "/" not in hub_id:
         raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
+    try:
+        config = _hub_config(hub_id)
+    except DOWNLOAD_ERRORS as e:
+        raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
+    if is_genie_config(config):  # a released 1X GENIE repository: flat config.json + model.safetensors
+        from huggingface_hub import hf_hub_download
+
+        weights = None
+        if pretrained:
+            try:
+                with quiet_hub():
+                    weights = Path(hf_hub_download(hub_id, WEIGHTS_NAME))
+            except DOWNLOAD_ERRORS as e:
+                raise download_hint(f"the weights of `{hub_id}`", e) from None
+        return _from_genie(config, weights, spec, kwargs)
     try:
         with quiet_hub():
             _, arch_name, model_args = load_model_config_from_hf(hub_id)
@@ -130,6 +177,8 @@ def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ModelSourceError(f"{config} is not valid JSON ({getattr(e, 'msg', e)}); fix it or name the "
                                        "architecture with --arch") from None
+            if is_genie_config(cfg):
+                return _from_genie(cfg, target, str(path), kwargs)
             if not isinstance(cfg, dict) or not isinstance(cfg.get("model_args", {}), dict):
                 raise ModelSourceError(f"{config} must be a JSON object with `architecture` and optionally "
                                        "`model_args` (a mapping), as timm writes it")

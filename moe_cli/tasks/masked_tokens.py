@@ -74,6 +74,9 @@ class MaskedTokensTask(Task):
         return cls(section(MaskedTokensCfg, config), label_smoothing)
 
     def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
+        if type(ckpt.model).__name__ == "Genie":
+            raise ConfigError(f"{recipe.model.source} is a GENIE model: train it with `task: genie` and `data.name: "
+                              "genie`")
         if not is_token_model(ckpt.model):
             raise ConfigError(f"task masked-tokens needs a token model such as maskgit_video; "
                               f"{recipe.model.source} is a {type(ckpt.model).__name__}")

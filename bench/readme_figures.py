@@ -1,0 +1,127 @@
+"""Rerun every command behind a README results table and print the tables in README form.
+
+    python bench/readme_figures.py                 # all tables (about 30 min on a 2-core CPU)
+    python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens
+
+Each run writes where its recipe says (runs/...); the script reads summary.json / report.json and prints
+markdown. Training is deterministic on CPU with the recipes' seeds, so a rerun prints the same figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def moe(*args: str) -> float:
+    """Run `moe ARGS` (the real CLI, quiet) from the repository root; returns the seconds it took."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "moe_cli", "--quiet", *args]
+    print("$ moe " + " ".join(args), file=sys.stderr, flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def summary(run: str) -> dict:
+    return json.loads((ROOT / run / "summary.json").read_text())
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def digits() -> None:
+    t = moe("finetune", "recipes/digits-vit-tiny-dense.yaml", "--overwrite")
+    t += moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite")
+    d, u = summary("runs/digits-dense"), summary("runs/digits-upcycle")
+    print(f"\n#### digits quick start (both runs: {t / 60:.1f} min)\n")
+    print("| model | steps | val accuracy | val CE |\n|---|---|---|---|")
+    print(f"| dense ViT (depth 4, dim 192, patch 8 at 32 px), from scratch | 600 | {pct(d['accuracy'])} | "
+          f"{d['ce']:.4f} |")
+    print(f"| upcycled to 4 experts top-2 (all 4 FFNs), fine-tuned | +200 | {pct(u['accuracy'])} | {u['ce']:.4f} |")
+
+
+def densify() -> None:
+    if not (ROOT / "runs/digits-dense/final").is_dir():
+        moe("finetune", "recipes/digits-vit-tiny-dense.yaml", "--overwrite")
+    moe("densify-to-sparse", "recipes/digits-densify-to-sparse.yaml", "--overwrite")
+    moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--set", "model.upcycle.k=1", "--set",
+        "model.upcycle.normalize=false", "--set", "train.steps=400", "--output", "runs/digits-top1-400")
+    moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--set", "model.upcycle=null", "--set",
+        "train.steps=400", "--output", "runs/digits-dense-400")
+    report = json.loads((ROOT / "runs/digits-d2s/report.json").read_text())["stages"]
+    rows = []
+    for label, run in (("dense ViT (start point)", "runs/digits-dense"), ("dense ViT, +400 steps",
+                                                                        "runs/digits-dense-400"),
+                       ("upcycled top-1, +400 steps", "runs/digits-top1-400")):
+        ev = json.loads(subprocess.run([sys.executable, "-m", "moe_cli", "eval", f"{run}/final", "--metric",
+                                        "accuracy,ce,flops", "--json"], cwd=ROOT, check=True, capture_output=True,
+                                       text=True).stdout)
+        f = ev["flops"]
+        rows.append(f"| {label} | {pct(ev['accuracy']['top1'])} | {ev['ce']:.4f} | - | {f['gflops_per_image']:.4f} | "
+                    f"{f['params_total'] / 1e6:.2f}M / {f['params_active'] / 1e6:.2f}M |")
+    names = {"dense": "D2S stage 1 (dense MoE, 200 steps)", "distill": "D2S stage 2 (gates only, 100 steps)",
+             "finetune": "D2S stage 3 (fine-tune, 100 steps)"}
+    for key, label in names.items():
+        r = report[key]
+        rows.append(f"| {label} | {pct(r['accuracy'])} | {r['ce']:.4f} | {r['variation']:.3f} | "
+                    f"{r['gflops_per_image']:.4f} | {r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M |")
+    print("\n#### dense-to-sparse on digits\n")
+    print("| model | val accuracy | val CE | batch-wise variation | GFLOPs/image | params total / active |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def mae() -> None:
+    t = moe("finetune", "recipes/digits-mae.yaml", "--overwrite")
+    moe("finetune", "recipes/digits-vit-scratch-baseline.yaml", "--overwrite")
+    pre, cls, scratch = summary("runs/digits-mae"), summary("runs/digits-mae-classify"), \
+        summary("runs/digits-scratch-baseline")
+    tok = ("--set", "mae.norm_pix_loss=true", "--set", "model.kwargs.global_pool=token")
+    moe("finetune", "recipes/digits-mae.yaml", "--overwrite", *tok, "--set", "output=runs/digits-mae-tok",
+        "--set", "then.output=runs/digits-mae-tok-classify", "--set", "then.model.kwargs.global_pool=token")
+    moe("finetune", "recipes/digits-vit-scratch-baseline.yaml", "--overwrite", "--set",
+        "model.kwargs.global_pool=token", "--output", "runs/digits-scratch-tok")
+    cls_tok, scratch_tok = summary("runs/digits-mae-tok-classify"), summary("runs/digits-scratch-tok")
+    print(f"\n#### MAE -> classify (pretraining + classifier: {t / 60:.1f} min; MAE val MSE {pre['mse']:.4f})\n")
+    print("| classifier | classifier steps | val accuracy | val CE |\n|---|---|---|---|")
+    for label, s in (("from scratch", scratch), ("from the MAE encoder (pixel targets)", cls),
+                     ("from scratch, class-token pooling", scratch_tok),
+                     ("from the MAE encoder, `norm_pix_loss: true`, class-token pooling", cls_tok)):
+        print(f"| {label} | 200 | {pct(s['accuracy'])} | {s['ce']:.4f} |")
+
+
+def tokens() -> None:
+    t = moe("finetune", "recipes/tokens-maskgit-synthetic.yaml", "--overwrite")
+    dense, moe_run = summary("runs/tokens-maskgit"), summary("runs/tokens-maskgit-moe")
+    moe("finetune", "recipes/tokens-maskgit-synthetic.yaml", "--overwrite", "--set", "then.model={}", "--set",
+        "then.output=runs/tokens-maskgit-dense-more")
+    more = summary("runs/tokens-maskgit-dense-more")
+    print(f"\n#### masked tokens (dense + upcycled chain: {t / 60:.1f} min)\n")
+    print("| model | steps | masked-token CE | masked-token accuracy |\n|---|---|---|---|")
+    print(f"| dense | 1000 | {dense['ce']:.4f} | {pct(dense['accuracy'])} |")
+    print(f"| dense, trained on | +200 | {more['ce']:.4f} | {pct(more['accuracy'])} |")
+    print(f"| upcycled to 4 experts top-2 (copied experts), trained on | +200 | {moe_run['ce']:.4f} | "
+          f"{pct(moe_run['accuracy'])} |")
+
+
+GROUPS = {"digits": digits, "densify": densify, "mae": mae, "tokens": tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    args = ap.parse_args()
+    for name in args.only:
+        GROUPS[name]()
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
