@@ -10,6 +10,7 @@ from moe_cli.cli import eval as eval_cmd
 from moe_cli.cli import export as export_cmd
 from moe_cli.cli import finetune as finetune_cmd
 from moe_cli.cli import inspect as inspect_cmd
+from moe_cli.cli import reduce as reduce_cmd
 from moe_cli.cli import upcycle as upcycle_cmd
 from moe_cli.cli.common import STATE, OneLineErrors
 
@@ -46,6 +47,8 @@ app.command("finetune")(finetune_cmd.finetune)
 app.command("densify-to-sparse")(densify_cmd.densify)
 app.command("eval")(eval_cmd.eval_cmd)
 app.command("inspect")(inspect_cmd.inspect_cmd)
+app.command("merge")(reduce_cmd.merge_cmd)
+app.command("prune")(reduce_cmd.prune_cmd)
 
 
 def main() -> None:

@@ -93,9 +93,10 @@ def print_tables(r: dict) -> None:
             console.print(r[key]["skipped"])
     if r.get("routing"):
         table = Table(title="routing per MoE layer")
-        for col in ("layer", "expert load", "entropy", "variation", "dropped"):
+        for col in ("layer", "expert load", "experts/token", "entropy", "variation", "dropped"):
             table.add_column(col)
         for name, s in r["routing"].items():
-            table.add_row(name, " ".join(f"{v:.2f}" for v in s["load"]), f"{s['entropy']:.3f}",
+            table.add_row(name, " ".join(f"{v:.2f}" for v in s["load"]), f"{s['experts_per_token']:.2f}",
+                          f"{s['entropy']:.3f}",
                           f"{s['variation']:.3f}", f"{s['dropped']:.2%}")
         console.print(table)

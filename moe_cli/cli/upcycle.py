@@ -9,11 +9,12 @@ import typer
 from rich.table import Table
 
 from moe_cli.cli.common import STATE, console, parse_kv, say, user_errors
+from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import save
 from moe_cli.io.sources import load_source
 from moe_cli.models.surgery import TOLERANCE, UpcycleMismatch, Verification, param_counts
-from moe_cli.moe.config import Gate, Impl, MoELayout, Priority, UpcycleCfg, flag
+from moe_cli.moe.config import Gate, Impl, Init, MoELayout, Priority, RouterInit, Split, UpcycleCfg, flag
 
 
 @user_errors
@@ -48,38 +49,72 @@ def upcycle(
                                              "out/<model>-moe<E>k<K>).", show_default=False)] = None,
     tolerance: Annotated[float, typer.Option(help="Max allowed |dense - MoE| relative to max |dense|.")] =
         TOLERANCE,
+    init: Annotated[Init, typer.Option(help="How experts start: copy (the dense FFN), drop (Drop-Upcycling: "
+                                       "re-initialise a share of units), split (MoEfication: slices).")] =
+        Init.copy,
+    drop_ratio: Annotated[float, typer.Option(help="--init drop: share of hidden units re-initialised per expert.")]
+        = 0.5,
+    split: Annotated[Split, typer.Option(help="--init split: group units by balanced k-means (cluster) or at "
+                                         "random.")] = Split.cluster,
+    router_init: Annotated[RouterInit, typer.Option(help="random; kmeans (centres of each layer's inputs on "
+                                                    "--calib); activation (split: predict the most active "
+                                                    "slice).")] = RouterInit.random,
+    calib: Annotated[str | None, typer.Option(help="Calibration images for --router-init: digits or an image "
+                                              "folder.", show_default=False)] = None,
+    calib_batches: Annotated[int, typer.Option(help="Calibration batches of 64 images.")] = 4,
+    top_p: Annotated[float, typer.Option(help="--gate top_p: probability mass each token's experts reach "
+                                         "(1 to k experts).")] = 0.5,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts and check it computes what the dense one did."""
     cfg = UpcycleCfg(experts=experts, k=k, gate=gate.value, normalize=normalize, capacity_factor=capacity_factor,
                      eval_capacity_factor=eval_capacity_factor, priority=priority.value, impl=impl.value,
-                     layers=layers, target=target, noise_std=noise_std).validate(flag)
-    if gate != Gate.topk and not normalize:
-        raise ConfigError("--no-normalize only applies to --gate topk")
+                     layers=layers, target=target, noise_std=noise_std, init=init.value, drop_ratio=drop_ratio,
+                     split=split.value, router_init=router_init.value, calib=calib, calib_batches=calib_batches,
+                     top_p=top_p).validate(flag)
+    if gate not in (Gate.topk, Gate.top_p) and not normalize:
+        raise ConfigError("--no-normalize only applies to --gate topk and top_p")
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     source = load_source(model, pretrained=pretrained, arch=arch, model_kwargs=parse_kv(model_arg, "--model-arg"))
     if source.moe is not None:
         raise ConfigError(f"{model} is already a MoE checkpoint ({source.moe.experts} experts)")
     dense_total, _ = param_counts(source.model)
+    batches = calibration_batches(source.model, calib, calib_batches) if cfg.router_init != "random" else None
     try:
-        check = source.upcycle(cfg, seed=STATE["seed"], verify=True, tolerance=tolerance)
+        check = source.upcycle(cfg, seed=STATE["seed"], verify=True, tolerance=tolerance, calibration=batches)
     except UpcycleMismatch:
         console.print("verify: [red]FAILED[/] — the upcycled model does not reproduce the dense model; "
                       "nothing was written")
         raise
-    console.print(verify_line(check, cfg.noise_std > 0))
+    console.print(verify_line(check, cfg))
+    if source.initial_load:
+        say(load_table(source.initial_load, cfg.router_init))
     name = source.architecture["name"]
     path = save(source, out or Path("out") / f"{name}-moe{experts}k{k}")
     say(summary_table(name, dense_total, source.model, source.moe))
     console.print(f"saved {path}")
 
 
-def verify_line(v: Verification, noisy: bool) -> str:
+def verify_line(v: Verification, cfg: UpcycleCfg) -> str:
     if v.skipped:
         return f"verify: skipped — {v.skipped}"
-    status = "[green]ok[/]" if v.ok else ("[yellow]differs (noise asked for)[/]" if noisy else "[red]FAILED[/]")
+    expected = [w for w, on in (("noise asked for", cfg.noise_std > 0), ("init drop", cfg.init == "drop"),
+                                (f"split, k={cfg.k} < {cfg.experts} experts", cfg.init == "split" and
+                                 (cfg.k < cfg.experts or cfg.gate != "topk"))) if on]
+    status = "[green]ok[/]" if v.ok else (f"[yellow]differs, as expected ({', '.join(expected)})[/]" if expected
+                                          else "[red]FAILED[/]")
     return f"verify: max |dense - moe| = {v.max_diff:.3e} on a probe batch (tolerance {v.limit:.1e}, capacity " \
            f"limits lifted) {status}"
+
+
+def load_table(load: dict, method: str) -> Table:
+    table = Table(title=f"initial expert load ({method} router, calibration tokens)")
+    table.add_column("layer")
+    table.add_column("share of tokens per expert")
+    table.add_column("max / mean", justify="right")
+    for name, shares in load.items():
+        table.add_row(name, " ".join(f"{v:.2f}" for v in shares), f"{max(shares) * len(shares):.2f}")
+    return table
 
 
 def summary_table(name: str, dense_total: int, sparse, cfg: MoELayout) -> Table:

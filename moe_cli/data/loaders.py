@@ -65,6 +65,19 @@ def _check_classes(ds: Dataset, model: torch.nn.Module, root: str | None) -> Non
                           "(set model.kwargs.num_classes)")
 
 
+def calibration_batches(model: torch.nn.Module, spec: str, batches: int, batch_size: int = 64) -> list[torch.Tensor]:
+    """``batches`` batches of model inputs from ``spec`` ("digits" or an image folder) for data-driven
+    initialisation (router k-means, expert merging and pruning statistics)."""
+    cfg = DataCfg(name="digits") if spec == "digits" else DataCfg(name="", root=spec)
+    loader = make_loader(build_dataset(cfg, False, model), batch_size, None, 0, torch.device("cpu"))
+    out = []
+    for batch in loader:
+        out.append(batch[0])
+        if len(out) >= batches:
+            break
+    return out
+
+
 def build_datasets(cfg: DataCfg, model: torch.nn.Module) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for the recipe's data section."""
     return build_dataset(cfg, True, model), build_dataset(cfg, False, model)

@@ -21,8 +21,11 @@ from moe_cli.models.surgery import (
     UpcycleMismatch,
     Verification,
     apply_moe,
+    capture_inputs,
+    init_routers,
     moe_layers,
     upcycle,
+    upcycle_targets,
     verify_upcycle,
 )
 from moe_cli.moe.config import MoELayout, UpcycleCfg
@@ -47,6 +50,7 @@ class Checkpoint:
         self.task = task
         self.extra = dict(extra or {})
         self.task_config = dict(task_config or {})  # the task's eval settings (masked-tokens: decoder, masks)
+        self.initial_load: dict | None = None  # expert load on calibration data after a data-driven router init
         if moe is not None and (self.moe is None or self.moe.layers != moe.layers):
             raise ValueError(f"the MoE layout names layers {list(moe.layers)}, the model has "
                              f"{list(self.moe.layers) if self.moe else []}")
@@ -56,25 +60,37 @@ class Checkpoint:
         layers = moe_layers(self.model)
         if not layers:
             return None
-        return MoELayout(**layers[0][1].cfg.routing().__dict__, layers=tuple(n for n, _ in layers))
+        first = layers[0][1]
+        return MoELayout(**first.cfg.routing().__dict__, layers=tuple(n for n, _ in layers), init=first.init_method)
 
     def upcycle(self, cfg: UpcycleCfg | None = None, *, seed: int = 0, verify: bool = False,
-                tolerance: float = TOLERANCE, **fields) -> Verification | None:
+                tolerance: float = TOLERANCE, calibration=None, **fields) -> Verification | None:
         """Turn this dense model into an MoE in place (see surgery.upcycle), remembering the dense size.
 
-        With ``verify``, prove on a probe batch that the MoE computes what the dense model did; a mismatch
-        (without copy noise asked for) raises :class:`UpcycleMismatch` and leaves this checkpoint dense."""
+        ``calibration``: batches of model inputs for a data-driven ``router_init`` (the routers are fitted to the inputs
+        each converted FFN sees in the dense model; the initial expert load lands in ``self.initial_load``).
+        With ``verify``, prove on a probe batch that the MoE computes what the dense model did; where it must
+        (copy without noise, split with k = E), a mismatch raises :class:`UpcycleMismatch` and leaves this
+        checkpoint dense; otherwise the difference is only reported."""
         cfg = (cfg or UpcycleCfg(**fields)).validate()
         if self.moe is not None:
             raise ConfigError(f"{self.source or 'the model'} is already an MoE ({self.moe.experts} experts)")
+        tokens = None
+        if cfg.router_init != "random":
+            if calibration is None:
+                raise ConfigError(f"router_init {cfg.router_init} needs calibration batches (calibration=)")
+            tokens = capture_inputs(self.model, upcycle_targets(self.model, cfg), calibration)
         dense = copy.deepcopy(self.model).eval() if verify else self.model
         dense_params = sum(p.numel() for p in self.model.parameters())
         probe = probe_batch(dense, seed=seed) if verify else None
         sparse, layout = upcycle(self.model, cfg, seed=seed)
+        self.initial_load = init_routers(sparse, tokens, cfg.router_init, seed) if tokens is not None else None
         result = None
         if verify:
             result = verify_upcycle(dense, sparse, probe, layout, tolerance)
-            if not result.ok and cfg.noise_std == 0:
+            exact = cfg.noise_std == 0 and (cfg.init == "copy" or (cfg.init == "split" and cfg.k == cfg.experts
+                                                                   and cfg.gate == "topk"))
+            if not result.ok and exact:
                 self.model = dense
                 raise UpcycleMismatch(f"the upcycled model does not reproduce the dense model: max |dense - moe| = "
                                       f"{result.max_diff:.3e} > {result.limit:.1e}; nothing was written")
@@ -224,7 +240,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         def label(name: str) -> str:
             return f"{target}: metadata `moe{'.' + name if name else ''}`"
 
-        apply_moe(model, MoELayout.from_dict(moe_dict, label))
+        apply_moe(model, MoELayout.from_dict(moe_dict, label), shapes_only=True)
     load_state(model, read_tensors(target), target)
     if meta.get("dtype") in DTYPES:
         model.to(DTYPES[meta["dtype"]])

@@ -45,7 +45,7 @@ def apply_overrides(model: nn.Module, top_k: int | None = None, capacity_factor:
                                   "(expert_choice); change --capacity-factor instead")
             if not isinstance(top_k, int) or not 1 <= top_k <= m.num_experts:
                 raise ConfigError(f"--top-k must be between 1 and {m.num_experts} (experts in `{name}`), got {top_k}")
-            changes.update(gate="topk", k=top_k)
+            changes.update(k=top_k) if m.gate == "top_p" else changes.update(gate="topk", k=top_k)
         if capacity_factor is not None:
             changes.update(capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
         if changes:

@@ -14,6 +14,7 @@ from torch import nn
 
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.moe.config import MoELayout, UpcycleCfg
+from moe_cli.moe.init import activation_router, kmeans_router
 from moe_cli.moe.layer import MoEMlp, dense_spec
 from moe_cli.runtime import memory_bytes
 
@@ -71,20 +72,28 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def upcycle(model: nn.Module, cfg: UpcycleCfg | None = None, *, seed: int = 0, **fields) -> tuple[nn.Module, MoELayout]:
-    """Replace the chosen FFNs of ``model`` (in place) by MoE layers whose experts copy the dense FFN.
-
-    ``cfg`` (or ``fields``: experts, k, layers, target, gate, capacity_factor, ... — see UpcycleCfg) says which
-    FFNs and how; the routers are drawn from ``seed``. Returns the model and the layout to store with it."""
-    cfg = (cfg or UpcycleCfg(**fields)).validate()
+def upcycle_targets(model: nn.Module, cfg: UpcycleCfg) -> tuple[str, ...]:
+    """The module names of the FFNs that ``cfg`` converts."""
     ffns = find_ffns(model, cfg.target)
     if not ffns:
         raise ConfigError(f"no FFN module (timm {', '.join(t.__name__ for t in FFN_TYPES)}) found in "
                           f"{type(model).__name__}; name the FFNs with --target GLOB")
-    names = tuple(ffns[i][0] for i in select_layers(len(ffns), cfg.layers))
-    check_memory(model, names, cfg.experts)
-    layout = MoELayout(**cfg.routing().__dict__, layers=names)
-    apply_moe(model, layout, seed=seed, noise_std=cfg.noise_std)
+    return tuple(ffns[i][0] for i in select_layers(len(ffns), cfg.layers))
+
+
+def upcycle(model: nn.Module, cfg: UpcycleCfg | None = None, *, seed: int = 0, **fields) -> tuple[nn.Module, MoELayout]:
+    """Replace the chosen FFNs of ``model`` (in place) by MoE layers whose experts start from the dense FFN.
+
+    ``cfg`` (or ``fields``: experts, k, layers, target, gate, capacity_factor, init, ... — see UpcycleCfg) says
+    which FFNs and how; the routers are drawn from ``seed``. Returns the model and the layout to store with it."""
+    cfg = (cfg or UpcycleCfg(**fields)).validate()
+    names = upcycle_targets(model, cfg)
+    check_memory(model, names, cfg.experts if cfg.init != "split" else 1)
+    routing = cfg.routing()
+    if cfg.init == "split":
+        routing = dataclasses.replace(routing, combine="sum")
+    layout = MoELayout(**routing.__dict__, layers=names, init=cfg.init)
+    apply_moe(model, layout, seed=seed, noise_std=cfg.noise_std, drop_ratio=cfg.drop_ratio, split=cfg.split)
     return model, layout
 
 
@@ -102,8 +111,10 @@ def check_memory(model: nn.Module, names: tuple[str, ...], experts: int) -> None
                           "or layers")
 
 
-def apply_moe(model: nn.Module, layout: MoELayout, seed: int = 0, noise_std: float = 0.0) -> nn.Module:
-    """Swap each module named in ``layout.layers`` for an MoEMlp built from it (routers from ``seed``)."""
+def apply_moe(model: nn.Module, layout: MoELayout, seed: int = 0, noise_std: float = 0.0, drop_ratio: float = 0.5,
+              split: str = "cluster", shapes_only: bool = False) -> nn.Module:
+    """Swap each module named in ``layout.layers`` for an MoEMlp built from it (routers from ``seed``);
+    ``shapes_only`` when the weights will be loaded from a checkpoint."""
     gen = torch.Generator().manual_seed(seed)
     cfg = layout.routing()
     for name in layout.layers:
@@ -115,8 +126,58 @@ def apply_moe(model: nn.Module, layout: MoELayout, seed: int = 0, noise_std: flo
             dense_spec(dense)
         except (AttributeError, ValueError) as e:
             raise ConfigError(f"cannot upcycle `{name}` ({type(dense).__name__}): {e}") from None
-        _set_module(model, name, MoEMlp.from_dense(dense, config=cfg, noise_std=noise_std, generator=gen))
+        _set_module(model, name, MoEMlp.from_dense(dense, config=cfg, noise_std=noise_std, generator=gen,
+                                                   init=layout.init, drop_ratio=drop_ratio, split=split,
+                                                   shapes_only=shapes_only))
     return model
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, names: tuple[str, ...], batches, max_tokens: int = 8192) -> dict:
+    """The input tokens (N, D) of each named module over ``batches`` (forward pre-hooks), up to ``max_tokens``."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name):
+        def fn(_module, args):
+            x = args[0]
+            x = x.movedim(1, -1) if x.dim() == 4 and isinstance(getattr(_module, "fc2", None), nn.Conv2d) else x
+            seen[name].append(x.reshape(-1, x.shape[-1]).detach().float().cpu())
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            model(batch.to(device))
+            if sum(t.shape[0] for t in seen[names[0]]) >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: torch.cat(v)[:max_tokens] for n, v in seen.items()}
+
+
+@torch.no_grad()
+def init_routers(model: nn.Module, tokens: dict, method: str, seed: int = 0) -> dict[str, list[float]]:
+    """Set each MoE layer's router from its input ``tokens`` (kmeans centres, or fitted to the most active split
+    slice) and return the initial expert load per layer on those tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    load = {}
+    for name, layer in moe_layers(model):
+        x = tokens[name]
+        if method == "kmeans":
+            rows = kmeans_router(x, layer.num_experts, gen)
+        else:
+            with torch.enable_grad():
+                rows = activation_router(x, layer)
+        layer.router.weight.copy_(rows.to(layer.router.weight))
+        routing = layer.router.eval()(x.to(layer.router.weight.device))
+        counts = torch.bincount(routing.expert[routing.expert >= 0].flatten(), minlength=layer.num_experts).float()
+        load[name] = (counts / counts.sum().clamp_min(1)).tolist()
+    return load
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoEMlp]]:

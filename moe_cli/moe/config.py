@@ -26,6 +26,7 @@ from moe_cli.errors import ConfigError
 
 class Gate(str, Enum):
     topk = "topk"  # token choice: each token picks its k experts
+    top_p = "top_p"  # adaptive: the fewest experts whose probabilities add up to top_p (1..k)
     soft = "soft"  # dense: every expert, softmax weights
     expert_choice = "expert_choice"  # each expert picks its top tokens
 
@@ -40,6 +41,23 @@ class Impl(str, Enum):
     loop = "loop"  # one F.linear per expert (host sync for the group sizes)
     grouped = "grouped"  # two F.grouped_mm over expert-sorted rows (no host sync)
     triton = "triton"  # ScatterMoE-style fused gather/scatter GEMMs (CUDA; CPU under TRITON_INTERPRET=1)
+
+
+class Init(str, Enum):
+    copy = "copy"
+    drop = "drop"
+    split = "split"
+
+
+class Split(str, Enum):
+    cluster = "cluster"
+    random = "random"
+
+
+class RouterInit(str, Enum):
+    random = "random"
+    kmeans = "kmeans"
+    activation = "activation"
 
 
 GATES = tuple(g.value for g in Gate)
@@ -65,8 +83,10 @@ class MoEConfig:
 
     experts: int = 4
     k: int = 2  # experts per token (topk); ignored by soft and expert_choice gates
-    gate: Literal["topk", "soft", "expert_choice"] = "topk"
+    gate: Literal["topk", "top_p", "soft", "expert_choice"] = "topk"
     normalize: bool = True  # topk: softmax over the k kept logits (else the top-k of the full softmax)
+    top_p: float = 0.5  # gate top_p: probability mass a token's experts must reach
+    combine: Literal["weighted", "sum"] = "weighted"  # sum: chosen experts' outputs added with weight exactly 1
     router_noise: float = 0.0  # std of Gaussian noise on the router logits in training (topk, soft)
     capacity_factor: float | None = None  # None: no token dropping (token choice); expert choice default 1.0
     eval_capacity_factor: float | None = None  # None: same as capacity_factor
@@ -83,7 +103,7 @@ class MoEConfig:
             raise ConfigError(f"{label('experts')} must be at least 1, got {self.experts}")
         if self.gate not in GATES:
             raise ConfigError(f"{label('gate')} must be one of {', '.join(GATES)}, got {self.gate!r}")
-        if self.gate == "topk" and not 1 <= self.k <= self.experts:
+        if self.gate in ("topk", "top_p") and not 1 <= self.k <= self.experts:
             raise ConfigError(f"{label('k')} must be between 1 and {label('experts')} ({self.experts}), got {self.k}")
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"{label('normalize')} must be true or false, got {self.normalize!r}")
@@ -92,6 +112,10 @@ class MoEConfig:
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
                 raise ConfigError(f"{label(name)} must be a finite number > 0, got {value!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{label('top_p')} must be in (0, 1], got {self.top_p!r}")
+        if self.combine not in ("weighted", "sum"):
+            raise ConfigError(f"{label('combine')} must be weighted or sum, got {self.combine!r}")
         if self.priority not in PRIORITIES:
             raise ConfigError(f"{label('priority')} must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
         if self.impl not in IMPLS:
@@ -105,7 +129,7 @@ class MoEConfig:
             return self.experts
         if self.gate == "expert_choice":
             return min(self.experts, self.capacity_factor or 1.0)
-        return self.k
+        return self.k  # top_p: at most k (moe eval measures the mean)
 
     def routing(self) -> MoEConfig:
         """Just the layer's own fields (drops what subclasses add)."""
@@ -149,10 +173,35 @@ class UpcycleCfg(MoEConfig):
     layers: str = "all"  # all, every-N, last-N or a list like 0,3,5 (indices into the FFNs found)
     target: str | None = None  # glob over module names for non-timm FFNs, e.g. 'blocks.*.ffn'
     noise_std: float = 0.0  # std of Gaussian noise added to each expert's copy of the dense weights
+    init: Literal["copy", "drop", "split"] = "copy"  # how experts start (moe_cli.moe.init)
+    drop_ratio: float = 0.5  # init drop: share of hidden units re-initialised per expert
+    split: Literal["cluster", "random"] = "cluster"  # init split: how hidden units are grouped into experts
+    router_init: Literal["random", "kmeans", "activation"] = "random"  # kmeans / activation need calib data
+    calib: str | None = None  # calibration images for router_init: digits or an image folder
+    calib_batches: int = 4  # calibration batches (of 64 images)
 
     def validate(self, label: Label = flag) -> UpcycleCfg:
         super().validate(label)
         _check_std(self, "noise_std", label)
+        if self.init not in ("copy", "drop", "split"):
+            raise ConfigError(f"{label('init')} must be copy, drop or split, got {self.init!r}")
+        if not _is_number(self.drop_ratio) or not 0 <= self.drop_ratio < 1:
+            raise ConfigError(f"{label('drop_ratio')} must be in [0, 1), got {self.drop_ratio!r}")
+        if self.split not in ("cluster", "random"):
+            raise ConfigError(f"{label('split')} must be cluster or random, got {self.split!r}")
+        if self.router_init not in ("random", "kmeans", "activation"):
+            raise ConfigError(f"{label('router_init')} must be random, kmeans or activation, got {self.router_init!r}")
+        if self.router_init == "activation" and self.init != "split":
+            raise ConfigError(f"{label('router_init')} activation predicts which split slice is most active: it needs "
+                              f"{label('init')} split")
+        if self.router_init != "random" and not self.calib:
+            raise ConfigError(f"{label('router_init')} {self.router_init} learns from data: give {label('calib')} "
+                              "(digits or an image folder)")
+        if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise ConfigError(f"{label('calib_batches')} must be an integer >= 1, got {self.calib_batches!r}")
+        if self.init == "split" and self.gate not in ("topk", "top_p"):
+            raise ConfigError(f"{label('init')} split routes each token to k of the slices: use {label('gate')} topk "
+                              "or top_p")
         if not isinstance(self.layers, str) or not self.layers.strip():
             raise ConfigError(f"{label('layers')} must be all, every-N, last-N or a list like 0,3,5; "
                               f"got {self.layers!r}")
@@ -161,9 +210,11 @@ class UpcycleCfg(MoEConfig):
 
 @dataclass(frozen=True)
 class MoELayout(MoEConfig):
-    """The MoE part of a checkpoint (metadata ``moe``): the layer settings and the module names converted."""
+    """The MoE part of a checkpoint (metadata ``moe``): the layer settings, the module names converted, and how
+    the experts were made (``split`` experts hold H/E hidden units, so the shapes depend on it)."""
 
     layers: tuple[str, ...] = field(default_factory=tuple)
+    init: str = "copy"
 
     def validate(self, label: Label = flag) -> MoELayout:
         super().validate(label)

@@ -26,6 +26,7 @@ from torch import nn
 from moe_cli.errors import ConfigError
 from moe_cli.moe.config import ROUTER_STD, MoEConfig
 from moe_cli.moe.dispatch import DISPATCHERS, Dispatcher, grouped_supported, triton_supported
+from moe_cli.moe.init import expert_weights
 from moe_cli.moe.router import Router, make_router
 from moe_cli.moe.routing import Routing
 
@@ -150,6 +151,12 @@ class Experts(nn.Module):
                                         out_rows=rows), self.drop[1], self.training)
 
 
+def layer_config(config: MoEConfig | None, num_experts: int | None, k: int | None, moe: dict) -> MoEConfig:
+    """``config`` (default MoEConfig()) with the keywords given, validated."""
+    given = {n: v for n, v in {"experts": num_experts, "k": k}.items() if v is not None}
+    return dataclasses.replace((config or MoEConfig()).routing(), **given, **moe).validate(lambda name: name)
+
+
 def _norm_eps(norm_layer, hidden: int) -> float | None:
     """timm passes a norm class for the hidden activations; experts support LayerNorm (eps read from it)."""
     if norm_layer is None:
@@ -177,10 +184,7 @@ class MoEMlp(nn.Module):
                  use_conv: bool = False, glu: bool = False, num_experts: int | None = None, k: int | None = None,
                  config: MoEConfig | None = None, router_std: float = ROUTER_STD, device=None, dtype=None, **moe):
         super().__init__()
-        given = {"experts": num_experts, "k": k}
-        cfg = dataclasses.replace((config or MoEConfig()).routing(),
-                                  **{n: v for n, v in given.items() if v is not None}, **moe)
-        self.cfg = cfg.validate(lambda name: name)
+        self.cfg = cfg = layer_config(config, num_experts, k, moe)
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.channels_first = use_conv
@@ -188,6 +192,7 @@ class MoEMlp(nn.Module):
         self.experts = Experts(cfg.experts, in_features, hidden_features, out_features, act_layer, glu, bias,
                                _norm_eps(norm_layer, hidden_features), drop, device=device, dtype=dtype)
         self.recorders: list = []  # RoutingRecorders collecting this layer's routing (moe_cli.moe.stats)
+        self.init_method = "copy"  # how the experts were made from a dense FFN (split experts are smaller)
 
     # ------------------------------------------------------------------ configuration
 
@@ -227,7 +232,7 @@ class MoEMlp(nn.Module):
         if bad:
             raise ValueError(f"expert {bad[0]} does not exist (the layer has {self.num_experts})")
         enabled = self.num_experts - len(set(experts))
-        if enabled < 1 or (self.gate == "topk" and enabled < self.k):
+        if enabled < 1 or (self.gate in ("topk", "top_p") and enabled < self.k):
             raise ValueError(f"disabling {sorted(experts)} leaves {enabled} expert(s), fewer than k={self.k}")
         self.router.disabled = frozenset(experts)
 
@@ -288,25 +293,32 @@ class MoEMlp(nn.Module):
     @classmethod
     def from_dense(cls, mlp: nn.Module, num_experts: int | None = None, k: int | None = None,
                    noise_std: float = 0.0, generator: torch.Generator | None = None,
-                   config: MoEConfig | None = None, **moe) -> MoEMlp:
-        """Upcycle a dense timm FFN: every expert a copy of it (plus optional N(0, noise_std) noise on the
-        weights); the router from ``generator`` (random, std 0.02)."""
+                   config: MoEConfig | None = None, init: str = "copy", drop_ratio: float = 0.5,
+                   split: str = "cluster", shapes_only: bool = False, **moe) -> MoEMlp:
+        """Upcycle a dense timm FFN: experts made by ``init`` (copy: copies of it, plus optional N(0, noise_std)
+        noise; drop; split — see moe_cli.moe.init), the router from ``generator`` (random, std 0.02).
+        ``shapes_only``: build the layer for loading saved weights, without computing expert weights."""
         spec = dense_spec(mlp)
         act, eps = mlp.act, spec["norm_eps"]
-        layer = cls(spec["in_features"], spec["hidden_features"], spec["out_features"],
+        if init == "split":
+            moe = {**moe, "combine": "sum"}
+        probe = layer_config(config, num_experts, k, moe)
+        hidden = spec["hidden_features"] // probe.experts if init == "split" else spec["hidden_features"]
+        layer = cls(spec["in_features"], hidden, spec["out_features"],
                     act_layer=lambda: copy.deepcopy(act), glu=spec["glu"], bias=spec["bias"], drop=spec["drop"],
                     norm_layer=None if eps is None else (lambda h: nn.LayerNorm(h, eps=eps)),
-                    use_conv=spec["channels_first"], num_experts=num_experts, k=k, config=config, **moe)
+                    use_conv=spec["channels_first"], config=probe)
+        layer.init_method = init
+        if shapes_only:
+            return layer.to(device=spec["device"])
+        weights = expert_weights(spec, layer.num_experts, init, noise_std, drop_ratio, split, generator)
         with torch.no_grad():
             if generator is not None:
                 weight = layer.router.weight
                 weight.copy_(torch.randn(weight.shape, generator=generator) * ROUTER_STD)
-            for name, tensor in spec["weights"].items():
+            for name, tensor in weights.items():
                 param = getattr(layer.experts, name)
-                param.copy_(tensor.to(param.dtype).unsqueeze(0).expand_as(param))
-                if noise_std > 0 and name in ("w1", "wg", "w2"):
-                    noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
-                    param.add_(noise.to(param.device) * noise_std)
+                param.copy_(tensor.to(param.dtype))
         return layer.to(device=spec["device"])
 
 

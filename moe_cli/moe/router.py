@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_cli.moe.config import ROUTER_STD, MoEConfig
-from moe_cli.moe.routing import Routing, apply_capacity, expert_choice, soft, top_k
+from moe_cli.moe.routing import Routing, apply_capacity, expert_choice, soft, top_k, top_p, unit_weights
 
 
 class Router(nn.Module):
@@ -39,7 +39,10 @@ class Router(nn.Module):
             return F.linear(tokens.float(), self.weight.float())
 
     def forward(self, tokens: torch.Tensor) -> Routing:
-        logits = self.logits(tokens)
+        r = self._route(self.logits(tokens))
+        return unit_weights(r) if self.cfg.combine == "sum" else r
+
+    def _route(self, logits: torch.Tensor) -> Routing:
         if not self.disabled:
             return self.gate(logits)
         off = torch.zeros(self.cfg.experts, dtype=torch.bool, device=logits.device)
@@ -86,6 +89,16 @@ class TopKRouter(Router):
         return f"{super().extra_repr()}, k={self.cfg.k}, normalize={self.cfg.normalize}"
 
 
+class TopPRouter(Router):
+    """Adaptive token choice: the fewest experts (1..k) whose probabilities reach ``top_p``."""
+
+    def gate(self, logits: torch.Tensor) -> Routing:
+        return top_p(self.noisy(logits), self.cfg.top_p, self.cfg.k, self.cfg.normalize)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, top_p={self.cfg.top_p}, k={self.cfg.k}"
+
+
 class SoftRouter(Router):
     """Dense gate: softmax(g(x) + eps) over every expert."""
 
@@ -106,7 +119,8 @@ class ExpertChoiceRouter(Router):
         return min(enabled, (self.capacity_factor or 1.0) * enabled / self.cfg.experts)
 
 
-ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "soft": SoftRouter, "expert_choice": ExpertChoiceRouter}
+ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "top_p": TopPRouter, "soft": SoftRouter,
+                                    "expert_choice": ExpertChoiceRouter}
 
 
 def make_router(in_features: int, cfg: MoEConfig, like: Router | None = None, **kwargs) -> Router:

@@ -79,3 +79,24 @@ def soft(logits: torch.Tensor, noisy: torch.Tensor | None = None) -> Routing:
     expert = torch.arange(E, device=logits.device).expand(T, E)
     return Routing(expert=expert, weight=probs, probs=probs, logits=logits)
 
+
+
+def top_p(logits: torch.Tensor, p: float, k: int, normalize: bool = True) -> Routing:
+    """Adaptive: each token goes to the fewest of its top experts whose probabilities add up to ``p`` (at least
+    one, at most ``k``); slots beyond are dropped (-1). Weights renormalised over the kept experts (or raw)."""
+    probs = logits.softmax(dim=-1)
+    top, expert = probs.topk(k, dim=-1)
+    before = top.cumsum(-1) - top  # mass of the higher-ranked experts
+    keep = before < p
+    keep[:, 0] = True
+    weight = torch.where(keep, top, 0.0)
+    if normalize:
+        weight = weight / weight.sum(-1, keepdim=True)
+    return Routing(expert=torch.where(keep, expert, -1), weight=weight, probs=probs, logits=logits)
+
+
+def unit_weights(r: Routing) -> Routing:
+    """``combine: sum``: every routed slot weighs exactly 1 in value, with the router's probability's gradient
+    (1 + p - p.detach()), so the router still learns."""
+    w = torch.where(r.expert >= 0, 1.0 + r.weight - r.weight.detach(), 0.0)
+    return Routing(r.expert, w, r.probs, r.logits)

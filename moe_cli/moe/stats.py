@@ -115,7 +115,8 @@ class RoutingRecorder:
 def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
                   max_batches: int | None = None) -> dict[str, dict]:
     """{layer: {load: [fraction of routed (token, slot) pairs per expert], entropy of the normalised gate,
-    batch-wise variation (DESIGN.md §3), dropped: share of tokens with no expert}} over ``loader``.
+    batch-wise variation (DESIGN.md §3), dropped: share of tokens with no expert, experts_per_token: routed
+    (token, slot) pairs per token (k for top-k without drops; between 1 and k for top_p)}} over ``loader``.
     ``autocast``: a context factory for the forward (mixed precision)."""
     layers = moe_modules(model)
     counts = {n: torch.zeros(m.num_experts, dtype=torch.float64) for n, m in layers}
@@ -145,6 +146,7 @@ def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
             batches += 1
     model.train(was_training)
     return {name: {"load": (counts[name] / counts[name].sum().clamp_min(1)).tolist(),
+                   "experts_per_token": float(counts[name].sum()) / max(tokens, 1),
                    "entropy": entropy[name] / max(tokens, 1),
                    "variation": variation[name] / max(batches, 1),
                    "dropped": dropped[name] / max(batches, 1)} for name, _ in layers}

@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from moe_cli.config import Recipe
-from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
+from moe_cli.data.loaders import ResumableSampler, build_datasets, calibration_batches, make_loader
 from moe_cli.errors import CheckpointError, ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
 from moe_cli.io.sources import load_source
@@ -90,7 +90,9 @@ def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:
     if m.upcycle is not None:
         if ckpt.moe is not None:
             raise ConfigError(f"`model.upcycle` is set but {m.source} is already an MoE checkpoint")
-        ckpt.upcycle(m.upcycle, seed=recipe.train.seed)
+        u = m.upcycle
+        calib = calibration_batches(ckpt.model, u.calib, u.calib_batches) if u.router_init != "random" else None
+        ckpt.upcycle(u, seed=recipe.train.seed, calibration=calib)
     ckpt.task = recipe.task
     return ckpt
 

@@ -1,0 +1,98 @@
+"""`moe prune` and `moe merge`: fewer experts for good, from usage on calibration data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moe_cli.cli.common import CheckpointArg, console, say, user_errors
+from moe_cli.data.loaders import calibration_batches
+from moe_cli.errors import ConfigError
+from moe_cli.io.checkpoint import Checkpoint, create_timm, load_checkpoint, save
+from moe_cli.models.reduce import densify, expert_usage, merge_layer, prune
+from moe_cli.models.surgery import moe_layers, param_counts
+
+CalibOpt = Annotated[str, typer.Option(help="Calibration images for expert usage: digits or an image folder.")]
+CalibBatchesOpt = Annotated[int, typer.Option(min=1, help="Calibration batches of 64 images.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder (must not exist).",
+                                      show_default=False)]
+
+
+def _target(out: Path) -> None:
+    if out.exists():
+        raise ConfigError(f"--out {out} exists; choose a new folder")
+
+
+def _report(title: str, before: int, ckpt: Checkpoint, path: Path, rows: dict) -> None:
+    table = Table(title=title)
+    table.add_column("layer")
+    table.add_column("kept / groups")
+    for name, value in rows.items():
+        table.add_row(name, str(value))
+    say(table)
+    total, active = param_counts(ckpt.model)
+    console.print(f"params {before / 1e6:.2f}M -> {total / 1e6:.2f}M (active / token {active / 1e6:.2f}M); "
+                  f"saved {path} ({path.stat().st_size / 1e6:.1f} MB)", soft_wrap=True)
+
+
+@user_errors
+def prune_cmd(
+    ckpt: CheckpointArg,
+    out: OutOpt,
+    keep: Annotated[int | None, typer.Option(help="Keep the N most used experts of every MoE layer.",
+                                             show_default=False)] = None,
+    drop_experts: Annotated[str | None, typer.Option(help="Remove these: LAYER:EXPERT,... (MoE layer index).",
+                                                     show_default=False)] = None,
+    calib: CalibOpt = "digits",
+    calib_batches: CalibBatchesOpt = 4,
+) -> None:
+    """Remove experts permanently (a smaller checkpoint), unlike eval's --disable-experts, which only masks."""
+    if (keep is None) == (drop_experts is None):
+        raise ConfigError("give exactly one of --keep N and --drop-experts LAYER:EXPERT,...")
+    _target(out)
+    checkpoint = load_checkpoint(ckpt)
+    before = param_counts(checkpoint.model)[0]
+    usage = expert_usage(checkpoint.model, calibration_batches(checkpoint.model, calib, calib_batches)) \
+        if keep is not None else None
+    kept = prune(checkpoint.model, keep, drop_experts, usage)
+    _report("kept experts per layer", before, checkpoint, save(checkpoint, out), kept)
+
+
+@user_errors
+def merge_cmd(
+    ckpt: CheckpointArg,
+    out: OutOpt,
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per layer after merging (1: a dense "
+                                         "model plain timm loads).", show_default=False)],
+    calib: CalibOpt = "digits",
+    calib_batches: CalibBatchesOpt = 4,
+) -> None:
+    """Merge similar experts (router-logit similarity, usage-weighted, hidden units aligned) into N per layer."""
+    _target(out)
+    checkpoint = load_checkpoint(ckpt)
+    layers = moe_layers(checkpoint.model)
+    if not layers:
+        raise ConfigError(f"{ckpt} has no MoE layers to merge")
+    for name, layer in layers:
+        if not 1 <= experts <= layer.num_experts:
+            raise ConfigError(f"--experts must be between 1 and {layer.num_experts} (experts in `{name}`), got "
+                              f"{experts}")
+        if experts < layer.k and layer.gate in ("topk", "top_p"):
+            layer.reconfigure(k=experts)
+    before = param_counts(checkpoint.model)[0]
+    usage = expert_usage(checkpoint.model, calibration_batches(checkpoint.model, calib, calib_batches))
+    groups = {name: merge_layer(layer, usage[name], experts) for name, layer in layers}
+    if experts == 1:
+        arch = checkpoint.architecture
+        dense = densify(checkpoint.model, create_timm(arch["name"], arch.get("kwargs", {})))
+        checkpoint = Checkpoint(dense.eval(), arch, None, checkpoint.source, checkpoint.task, {},
+                                checkpoint.task_config)
+    path = save(checkpoint, out)
+    _report("merged expert groups per layer", before, checkpoint, path, groups)
+    if experts == 1:
+        console.print(f"a plain {arch['name']} checkpoint: timm.create_model({arch['name']!r}, **kwargs)"
+                      f".load_state_dict(safetensors.torch.load_file({str(path)!r})) loads it without moe-cli "
+                      f"(kwargs: {arch.get('kwargs', {})})", soft_wrap=True)

@@ -1,0 +1,197 @@
+"""Fewer experts, permanently: prune the least-used ones, or merge similar ones (MC-SMoE style), down to a dense
+FFN that plain timm loads.
+
+Both read expert usage from calibration batches: how often each expert is chosen (share of routed pairs) and
+its router logits. Merging groups experts around the N most used ones by the correlation of their router
+logits, aligns each member's hidden units to the group's dominant expert by a greedy permutation (cosine
+similarity of fc1 rows), averages weighted by usage, and keeps the dominant expert's router row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_cli.errors import ConfigError
+from moe_cli.models.surgery import moe_layers
+from moe_cli.moe.layer import MoEMlp, dense_spec
+from moe_cli.moe.stats import RoutingRecorder
+
+EXPERT_PARAMS = ("w1", "b1", "wg", "bg", "norm_w", "norm_b", "w2", "b2")
+
+
+@torch.no_grad()
+def expert_usage(model: nn.Module, batches) -> dict[str, dict]:
+    """Per MoE layer: ``share`` (E,) of routed (token, slot) pairs and ``logits`` (N, E) router logits."""
+    layers = moe_layers(model)
+    shares = {n: torch.zeros(m.num_experts, dtype=torch.float64) for n, m in layers}
+    logits: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+    hooks = []
+    for name, layer in layers:
+        def grab(_m, args, out, name=name):
+            logits[name].append(out.logits.detach().float().cpu())
+        hooks.append(layer.router.register_forward_hook(grab))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with RoutingRecorder(model) as rec:
+            for batch in batches:
+                model(batch.to(device))
+                for name, _ in layers:
+                    shares[name] += rec.records[name].counts.double().cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {n: {"share": (shares[n] / shares[n].sum().clamp_min(1)).float(), "logits": torch.cat(logits[n])}
+            for n, _ in layers}
+
+
+@torch.no_grad()
+def select_experts(layer: MoEMlp, keep: list[int]) -> None:
+    """Keep only the experts ``keep`` (in that order) of ``layer``: its weights, router rows and config shrink."""
+    if len(keep) < 1 or (layer.gate in ("topk", "top_p") and len(keep) < layer.k):
+        raise ConfigError(f"keeping {len(keep)} expert(s) leaves fewer than k={layer.k}")
+    idx = torch.tensor(keep)
+    for name in EXPERT_PARAMS:
+        p = getattr(layer.experts, name)
+        if p is not None:
+            setattr(layer.experts, name, nn.Parameter(p.data[idx.to(p.device)].clone()))
+    layer.experts.num_experts = len(keep)
+    layer.router.weight = nn.Parameter(layer.router.weight.data[idx.to(layer.router.weight.device)].clone())
+    layer.router.disabled = frozenset()
+    cfg = dataclasses.replace(layer.cfg, experts=len(keep))
+    layer.cfg = cfg.validate(lambda n: n)
+    layer.router.cfg = layer.cfg
+
+
+def parse_drop(spec: str) -> dict[int, set[int]]:
+    from moe_cli.models.overrides import parse_disabled
+
+    return parse_disabled(spec).copy() if spec else {}
+
+
+def prune(model: nn.Module, keep: int | None = None, drop: str | None = None,
+          usage: dict[str, dict] | None = None) -> dict[str, list[int]]:
+    """Remove experts for good: all but the ``keep`` most used per layer (needs ``usage``), or those named in
+    ``drop`` ('layer:expert,...'). Returns the kept expert indices per layer."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ConfigError("this checkpoint has no MoE layers to prune")
+    dropped = parse_drop(drop) if drop else {}
+    for index in dropped:
+        if not 0 <= index < len(layers):
+            raise ConfigError(f"--drop-experts: MoE layer {index} does not exist (0..{len(layers) - 1})")
+    kept = {}
+    for i, (name, layer) in enumerate(layers):
+        E = layer.num_experts
+        if keep is not None:
+            if not 1 <= keep <= E:
+                raise ConfigError(f"--keep must be between 1 and {E} (experts in `{name}`), got {keep}")
+            share = usage[name]["share"]
+            order = sorted(range(E), key=lambda e: (-float(share[e]), e))
+            chosen = sorted(order[:keep])
+        else:
+            bad = [e for e in dropped.get(i, ()) if not 0 <= e < E]
+            if bad:
+                raise ConfigError(f"--drop-experts: expert {bad[0]} does not exist in `{name}` (0..{E - 1})")
+            chosen = [e for e in range(E) if e not in dropped.get(i, set())]
+        try:
+            select_experts(layer, chosen)
+        except ConfigError as e:
+            raise ConfigError(f"`{name}`: {e}") from None
+        kept[name] = chosen
+    return kept
+
+
+def _align(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """A permutation of ``other``'s hidden units (rows) that matches ``reference``'s, greedily by cosine."""
+    sim = F.normalize(reference.float(), dim=-1) @ F.normalize(other.float(), dim=-1).T
+    perm = torch.full((sim.shape[0],), -1, dtype=torch.long)
+    used = torch.zeros(sim.shape[1], dtype=torch.bool)
+    for flat in sim.flatten().argsort(descending=True).tolist():
+        r, c = divmod(flat, sim.shape[1])
+        if perm[r] < 0 and not used[c]:
+            perm[r], used[c] = c, True
+    return perm
+
+
+@torch.no_grad()
+def merge_layer(layer: MoEMlp, usage: dict, n: int) -> list[list[int]]:
+    """Merge ``layer``'s experts into ``n``; returns the groups (dominant expert first)."""
+    E = layer.num_experts
+    share, logits = usage["share"], usage["logits"]
+    dominant = sorted(sorted(range(E), key=lambda e: (-float(share[e]), e))[:n])
+    z = logits - logits.mean(0)
+    corr = F.normalize(z.T, dim=-1) @ F.normalize(z.T, dim=-1).T  # (E, E) correlation of router logits
+    groups = {d: [d] for d in dominant}
+    for e in range(E):
+        if e not in groups:
+            groups[max(dominant, key=lambda d: float(corr[e, d]))].append(e)
+    ex = layer.experts
+    merged: dict[str, list[torch.Tensor]] = {name: [] for name in EXPERT_PARAMS if getattr(ex, name) is not None}
+    for d in dominant:
+        members = groups[d]
+        w = torch.tensor([float(share[m]) for m in members])
+        w = w / w.sum() if w.sum() > 0 else torch.full((len(members),), 1 / len(members))
+        acc = {name: torch.zeros_like(getattr(ex, name)[d]) for name in merged}
+        for m, wm in zip(members, w.tolist(), strict=True):
+            perm = _align(ex.w1[d], ex.w1[m]) if m != d else torch.arange(ex.w1.shape[1])
+            perm = perm.to(ex.w1.device)
+            for name in merged:
+                t = getattr(ex, name)[m]
+                t = t[:, perm] if name == "w2" else (t if name == "b2" else t[perm])
+                acc[name] += wm * t
+        for name in merged:
+            merged[name].append(acc[name])
+    select_experts(layer, dominant)
+    for name, tensors in merged.items():
+        getattr(layer.experts, name).data.copy_(torch.stack(tensors))
+    return [groups[d] for d in dominant]
+
+
+def write_dense(mlp: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """The inverse of dense_spec: put one expert's weights into a timm Mlp / GluMlp / SwiGLU."""
+
+    def put(layer, w, b):
+        layer.weight.data.copy_(w.view_as(layer.weight))
+        if b is not None:
+            layer.bias.data.copy_(b)
+
+    if hasattr(mlp, "fc1_g"):
+        put(mlp.fc1_x, weights["w1"], weights.get("b1"))
+        put(mlp.fc1_g, weights["wg"], weights.get("bg"))
+    elif hasattr(mlp, "gate_last"):
+        a, g = (weights["w1"], weights["wg"]) if mlp.gate_last else (weights["wg"], weights["w1"])
+        ba, bg = (weights.get("b1"), weights.get("bg")) if mlp.gate_last else (weights.get("bg"), weights.get("b1"))
+        put(mlp.fc1, torch.cat([a, g]), torch.cat([ba, bg]) if ba is not None else None)
+    else:
+        put(mlp.fc1, weights["w1"], weights.get("b1"))
+    if "norm_w" in weights:
+        mlp.norm.weight.data.copy_(weights["norm_w"])
+        mlp.norm.bias.data.copy_(weights["norm_b"])
+    put(mlp.fc2, weights["w2"], weights.get("b2"))
+
+
+@torch.no_grad()
+def densify(moe_model: nn.Module, dense_model: nn.Module) -> nn.Module:
+    """Copy ``moe_model`` (every MoE layer down to one expert) into the dense architecture ``dense_model``."""
+    layers = dict(moe_layers(moe_model))
+    state = {k: v for k, v in moe_model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
+    missing, unexpected = dense_model.load_state_dict(state, strict=False)
+    for name, layer in layers.items():
+        if layer.num_experts != 1:
+            raise ConfigError(f"`{name}` still has {layer.num_experts} experts")
+        ffn = dense_model.get_submodule(name)
+        dense_spec(ffn)  # a supported FFN
+        write_dense(ffn, {n: getattr(layer.experts, n)[0] for n in EXPERT_PARAMS
+                          if getattr(layer.experts, n) is not None})
+    left = [k for k in missing if not any(k.startswith(n + ".") for n in layers)]
+    if left or unexpected:
+        raise ConfigError(f"the dense architecture does not match the MoE model outside its MoE layers "
+                          f"({(left or unexpected)[0]})")
+    return dense_model
