@@ -1,7 +1,7 @@
 """Rerun every command behind a README results table and print the tables in README form.
 
     python bench/readme_figures.py                 # all tables (about 30 min on a 2-core CPU)
-    python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens
+    python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens, inits
 
 Each run writes where its recipe says (runs/...); the script reads summary.json / report.json and prints
 markdown. Training is deterministic on CPU with the recipes' seeds, so a rerun prints the same figures.
@@ -111,7 +111,40 @@ def tokens() -> None:
           f"{pct(moe_run['accuracy'])} |")
 
 
-GROUPS = {"digits": digits, "densify": densify, "mae": mae, "tokens": tokens}
+def inits() -> None:
+    """Expert and router initialisations, each upcycled from the dense digits ViT and fine-tuned 200 steps."""
+    if not (ROOT / "runs/digits-dense/final").is_dir():
+        moe("finetune", "recipes/digits-vit-tiny-dense.yaml", "--overwrite")
+    runs = [("copy-upcycle, E4 k2 (`--init copy`)", "runs/init-copy", []),
+            ("drop-upcycle r=0.5, E4 k2", "runs/init-drop", ["--set", "model.upcycle.init=drop"]),
+            ("split E8 k2, router k-means", "runs/init-split-kmeans",
+             ["--set", "model.upcycle={experts: 8, k: 2, init: split, router_init: kmeans, calib: digits}"]),
+            ("split E8 k2, router random", "runs/init-split-random",
+             ["--set", "model.upcycle={experts: 8, k: 2, init: split}"])]
+    rows = []
+    dense = _eval("runs/digits-dense/final")
+    rows.append(f"| dense ViT (start point) | - | {pct(dense['accuracy']['top1'])} | "
+                f"{dense['flops']['gflops_per_image']:.4f} |")
+    for label, out, extra in runs:
+        moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--output", out, *extra)
+        ev = _eval(f"{out}/final")
+        rows.append(f"| {label} | +200 | {pct(ev['accuracy']['top1'])} | {ev['flops']['gflops_per_image']:.4f} |")
+    moe("merge", "runs/init-copy/final", "--experts", "1", "--out", "runs/init-copy-merged")
+    ev = _eval("runs/init-copy-merged")
+    rows.append(f"| copy-upcycle merged back to 1 expert (`moe merge --experts 1`) | +200 | "
+                f"{pct(ev['accuracy']['top1'])} | {ev['flops']['gflops_per_image']:.4f} |")
+    print("\n#### expert initialisations on digits\n")
+    print("| model | steps | val accuracy | GFLOPs/image (active) |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def _eval(ckpt: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "moe_cli", "eval", ckpt, "--metric", "accuracy,flops", "--json"],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+GROUPS = {"digits": digits, "densify": densify, "mae": mae, "tokens": tokens, "inits": inits}
 
 
 def main() -> None:
