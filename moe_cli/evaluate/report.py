@@ -30,25 +30,24 @@ def parse_metrics(spec: str) -> list[str]:
     return names
 
 
+# token tasks: the data they read, their default validation split, and what --data must hold
+TOKEN_DATA = {"masked-tokens": ("tokens", "validation", "a folder with validation.json"),
+              "genie": ("genie", "val_v1.1", "the folder holding val_v1.1/")}
+
+
 def data_config(data: str | None, ckpt: Checkpoint | None = None) -> DataCfg:
     """'digits', a token folder (<split>.json), or an image folder (ImageFolder; its `validation`/`val` split if
     present). None: the token folder a masked-tokens checkpoint was trained on, else digits."""
     if data == "digits":
         return DataCfg(name="digits")
-    if ckpt is not None and ckpt.task == "genie":
+    if ckpt is not None and ckpt.task in TOKEN_DATA:
+        name, split, what = TOKEN_DATA[ckpt.task]
         tc = ckpt.task_config
         root = data or tc.get("data_root")
         if data is None and (not root or not Path(root).is_dir()):
-            raise ConfigError(f"this GENIE checkpoint was trained on 1X token data at {root}, which is not here; pass "
-                              "--data FOLDER (the folder holding val_v1.1/)")
-        return DataCfg(name="genie", root=root, val_split=tc.get("val_split", "val_v1.1"), stride=tc.get("stride", 15))
-    if ckpt is not None and ckpt.task == "masked-tokens":
-        tc = ckpt.task_config
-        root = data or tc.get("data_root")
-        if data is None and (not root or not Path(root).is_dir()):
-            raise ConfigError(f"this masked-tokens checkpoint was trained on token data at {root}, which is not here; "
-                              "pass --data FOLDER (a folder with validation.json)")
-        return DataCfg(name="tokens", root=root, val_split=tc.get("val_split", "validation"))
+            raise ConfigError(f"this {ckpt.task} checkpoint was trained on token data at {root}, which is not here; "
+                              f"pass --data FOLDER ({what})")
+        return DataCfg(name=name, root=root, val_split=tc.get("val_split", split), stride=tc.get("stride", 15))
     return DataCfg(name="digits") if data is None else DataCfg(name="", root=data)
 
 

@@ -66,6 +66,13 @@ def grouped_supported(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
     return all(d % 8 == 0 for d in dims)
 
 
+def sort_dropped_last(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts (E+1,), sort key per slot (dropped = E), stable order of the slots by key)."""
+    flat = expert.reshape(-1)
+    key = torch.where(flat < 0, num_experts, flat)
+    return expert_counts(expert, num_experts), key, torch.argsort(key, stable=True)
+
+
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
@@ -134,10 +141,7 @@ class GroupedDispatcher(Dispatcher):
         # to cut them off; their outputs are zeroed before the combine, so they get no gradient either
         T, S = expert.shape
         E = num_experts
-        flat = expert.reshape(-1)
-        counts = expert_counts(expert, E)
-        key = torch.where(flat < 0, E, flat)
-        order = torch.argsort(key, stable=True)
+        counts, key, order = sort_dropped_last(expert, E)
         row_expert = key.index_select(0, order)
         x_sorted = x.index_select(0, torch.div(order, S, rounding_mode="floor"))
         group_sizes = counts[1:].clone()
@@ -160,10 +164,7 @@ class TritonDispatcher(Dispatcher):
         from moe_cli.moe.triton_gemm import block_table
 
         T, S = expert.shape
-        E = num_experts
-        flat = expert.reshape(-1)
-        counts = expert_counts(expert, E)
-        order = torch.argsort(torch.where(flat < 0, E, flat), stable=True)  # dropped slots sort last, unused
+        counts, _, order = sort_dropped_last(expert, num_experts)  # dropped slots sort last, unused
         table = block_table(counts[1:], T * S)
         row_token = torch.div(order, S, rounding_mode="floor")
         return Dispatched(x, order, counts, T, S, table=table, row_token=row_token)

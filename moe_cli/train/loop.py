@@ -4,6 +4,7 @@ atomic checkpoints with exact resume, torchrun DDP, metrics log. Every training 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -282,6 +283,23 @@ def find_last(out: Path) -> Path | None:
 # ----------------------------------------------------------------------------------------------- loop
 
 
+def holds_output_lock(fn):
+    """Run ``fn`` (train) holding the exclusive lock on its output folder (rank 0), released however it ends."""
+
+    @functools.wraps(fn)
+    def wrapper(recipe: Recipe, *args, out_dir: str | Path | None = None, **kwargs):
+        out = Path(out_dir or recipe.output)
+        lock = lock_output(out) if int(os.environ.get("RANK", "0")) == 0 else None
+        try:
+            return fn(recipe, *args, out_dir=out, **kwargs)
+        finally:
+            if lock is not None:
+                lock.close()
+
+    return wrapper
+
+
+@holds_output_lock
 def train(
     recipe: Recipe,
     ckpt: Checkpoint | None = None,
@@ -302,30 +320,6 @@ def train(
     parameters to optimise (others are frozen). The output folder is locked for the run: a second run on it
     stops with a ConfigError. ``can_resume``: whether the caller offers --resume (for the error hint).
     """
-    out = Path(out_dir or recipe.output)
-    lock = lock_output(out) if int(os.environ.get("RANK", "0")) == 0 else None
-    try:
-        return _train(recipe, ckpt, device=device, resume=resume, overwrite=overwrite, reporter=reporter, task=task,
-                      loss_fn=loss_fn, trainable=trainable, out_dir=out, can_resume=can_resume)
-    finally:
-        if lock is not None:
-            lock.close()
-
-
-def _train(
-    recipe: Recipe,
-    ckpt: Checkpoint | None = None,
-    *,
-    device: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    reporter: Reporter | None = None,
-    task: Task | None = None,
-    loss_fn: Callable[[nn.Module, tuple], tuple[torch.Tensor, dict]] | None = None,
-    trainable: Callable[[str, nn.Parameter], bool] | None = None,
-    out_dir: str | Path | None = None,
-    can_resume: bool = True,
-) -> TrainResult:
     reporter = reporter or Reporter()
     t = recipe.train
     dev = pick_device(device)
