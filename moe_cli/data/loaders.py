@@ -124,7 +124,33 @@ def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int) -> Data
         raise ConfigError(f"dataset at {cfg.root} (split `{split}`) holds no images")
     ds.transform = create_transform(img_size, is_training=training and cfg.augment,
                                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return ds
+    return StrictImages(ds) if not cfg.name else ds
+
+
+class StrictImages(Dataset):
+    """An image folder read like timm's ImageDataset, except that a file that cannot be decoded is an error
+    naming it (timm logs a warning and silently returns the next image instead)."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+        self.reader = ds.reader
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        img, target = self.reader[index][:2]
+        try:
+            img = Image.open(img).convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            name = self.reader.filename(index, absolute=True)
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{name} is not a readable image ({why}); remove or replace it") from None
+        if self.ds.transform is not None:
+            img = self.ds.transform(img)
+        return img, -1 if target is None else target
 
 
 class ResumableSampler(Sampler[int]):

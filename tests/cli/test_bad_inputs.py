@@ -238,3 +238,17 @@ def test_decoder_named_by_a_checkpoint_is_never_run(cli, tmp_path, torch_hub):
     assert not marker.exists()
     assert cli("eval", str(final), "--metric", "lpips", "--trust-checkpoint-code").exit_code == 0
     assert marker.exists()
+
+
+def test_corrupt_image_is_named_not_skipped(cli, tmp_path, moe_ckpt):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        d = tmp_path / "imgs" / f"class{c}"
+        d.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "a.png")
+    (tmp_path / "imgs" / "class1" / "broken.png").write_bytes(b"\x89PNG not really")
+    one_line(cli("eval", str(moe_ckpt), "--data", str(tmp_path / "imgs"), "--metric", "accuracy"),
+             "broken.png is not a readable image")
