@@ -112,12 +112,15 @@ def _align(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """A permutation of ``other``'s hidden units (rows) that matches ``reference``'s, greedily by cosine."""
     sim = F.normalize(reference.float(), dim=-1) @ F.normalize(other.float(), dim=-1).T
     perm = torch.full((sim.shape[0],), -1, dtype=torch.long)
-    used = torch.zeros(sim.shape[1], dtype=torch.bool)
+    used = [False] * sim.shape[1]
+    rows, done = perm.tolist(), 0
     for flat in sim.flatten().argsort(descending=True).tolist():
         r, c = divmod(flat, sim.shape[1])
-        if perm[r] < 0 and not used[c]:
-            perm[r], used[c] = c, True
-    return perm
+        if rows[r] < 0 and not used[c]:
+            rows[r], used[c], done = c, True, done + 1
+            if done == len(rows):
+                break
+    return torch.tensor(rows)
 
 
 @torch.no_grad()
