@@ -69,7 +69,7 @@ def calibration_batches(model: torch.nn.Module, spec: str, batches: int, batch_s
     """``batches`` batches of model inputs from ``spec`` ("digits" or an image folder) for data-driven
     initialisation (router k-means, expert merging and pruning statistics)."""
     cfg = DataCfg(name="digits") if spec == "digits" else DataCfg(name="", root=spec)
-    loader = make_loader(build_dataset(cfg, False, model), batch_size, None, 0, torch.device("cpu"))
+    loader = val_loader(model, cfg, batch_size, torch.device("cpu"))
     out = []
     for batch in loader:
         out.append(batch[0])

@@ -15,7 +15,7 @@ from torch import nn
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.moe.config import MoELayout, UpcycleCfg
 from moe_cli.moe.init import activation_router, kmeans_router
-from moe_cli.moe.layer import MoEMlp, dense_spec
+from moe_cli.moe.layer import MoEMlp, dense_spec, moe_layers
 from moe_cli.runtime import memory_bytes
 
 FFN_TYPES = (Mlp, GluMlp, SwiGLU)
@@ -178,10 +178,6 @@ def init_routers(model: nn.Module, tokens: dict, method: str, seed: int = 0) -> 
         counts = torch.bincount(routing.expert[routing.expert >= 0].flatten(), minlength=layer.num_experts).float()
         load[name] = (counts / counts.sum().clamp_min(1)).tolist()
     return load
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, MoEMlp]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEMlp)]
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:

@@ -5,9 +5,10 @@
 - :class:`Experts` (``layer.experts``) holds the stacked expert weights.
 
 The layer owns one frozen :class:`~moe_cli.moe.config.MoEConfig` (``layer.cfg``); :meth:`MoEMlp.reconfigure`
-changes it (validated) and rebuilds the router and dispatcher around the same weights. It takes timm's
-``mlp_layer`` keywords, so ``timm.create_model('vit_small_patch16_224', mlp_layer=partial(MoEMlp,
-num_experts=8, k=2))`` builds an MoE ViT from scratch; :meth:`MoEMlp.from_dense` upcycles a trained FFN.
+changes it (validated) and rebuilds the router around the same weights (the dispatcher is picked per
+forward). It takes timm's ``mlp_layer`` keywords, so ``timm.create_model('vit_small_patch16_224',
+mlp_layer=partial(MoEMlp, num_experts=8, k=2))`` builds an MoE ViT from scratch; :meth:`MoEMlp.from_dense`
+upcycles a trained FFN.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class MoEMlp(nn.Module):
     def reconfigure(self, cfg: MoEConfig | None = None, **changes) -> MoEMlp:
         """Switch to ``cfg`` (or the current config with ``changes``), validated; the router is rebuilt for the
         new gate around the same weight. The number of experts cannot change."""
-        new = dataclasses.replace((cfg or self.cfg).routing(), **changes).validate(lambda name: name)
+        new = layer_config(cfg or self.cfg, None, None, changes)
         if new.experts != self.cfg.experts:
             raise ValueError(f"experts cannot change from {self.cfg.experts} to {new.experts} (prune instead)")
         self.cfg = new
@@ -320,6 +321,11 @@ class MoEMlp(nn.Module):
                 param = getattr(layer.experts, name)
                 param.copy_(tensor.to(param.dtype))
         return layer.to(device=spec["device"])
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoEMlp]]:
+    """(name, layer) of every MoE layer of ``model``, in definition order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEMlp)]
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.losses import batch_variation, load_balance_loss, z_loss
 from moe_cli.moe.routing import Routing
 
@@ -50,17 +51,12 @@ def gate_matrix(routing: Routing, num_experts: int) -> torch.Tensor:
     return weight.new_zeros(routing.expert.shape[0], num_experts).scatter_add(1, index, weight)
 
 
-def moe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every MoE layer (anything with a ``recorders`` list and a router)."""
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "recorders") and hasattr(m, "router")]
-
-
 class RoutingRecorder:
     """Collects per-layer routing records of the forwards run inside ``with``; ``records`` holds the last one."""
 
     def __init__(self, model: nn.Module, aux: bool = False, gates: bool = False):
         self.aux, self.gates = aux, gates
-        self.layers = moe_modules(model)
+        self.layers = moe_layers(model)
         self._names = {id(m): n for n, m in self.layers}
         self.records: dict[str, LayerRecord] = {}
 
@@ -118,7 +114,7 @@ def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
     batch-wise variation (DESIGN.md §3), dropped: share of tokens with no expert, experts_per_token: routed
     (token, slot) pairs per token (k for top-k without drops; between 1 and k for top_p)}} over ``loader``.
     ``autocast``: a context factory for the forward (mixed precision)."""
-    layers = moe_modules(model)
+    layers = moe_layers(model)
     counts = {n: torch.zeros(m.num_experts, dtype=torch.float64) for n, m in layers}
     entropy = {n: 0.0 for n, _ in layers}
     variation = {n: 0.0 for n, _ in layers}
