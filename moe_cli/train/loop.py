@@ -167,17 +167,16 @@ def check_finite(first_bad: torch.Tensor, loss: torch.Tensor | None, out: Path,
     """Stop with TrainingDiverged if any loss since the start was not finite, or (``params``, before a checkpoint
     is written) a parameter is: a non-finite checkpoint is never published. One host read."""
     bad = int(first_bad)
-    if bad < 0 and params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
-        bad = -2
-    if bad == -2:
-        where = find_last(out)
-        keep = f"last good checkpoint: {where}" if where else "no checkpoint was written yet"
-        raise TrainingDiverged(f"the weights became non-finite; training stopped ({keep})")
     if bad >= 0:
-        where = find_last(out)
-        keep = f"last good checkpoint: {where}" if where else "no checkpoint was written yet"
         value = f" (now {loss.item()})" if loss is not None else ""
-        raise TrainingDiverged(f"loss became non-finite at step {bad}{value}; training stopped ({keep})")
+        reason = f"loss became non-finite at step {bad}{value}"
+    elif params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+        reason = "the weights became non-finite"
+    else:
+        return
+    where = find_last(out)
+    keep = f"last good checkpoint: {where}" if where else "no checkpoint was written yet"
+    raise TrainingDiverged(f"{reason}; training stopped ({keep})")
 
 
 def rng_state() -> dict:
@@ -208,7 +207,7 @@ def save_last(out: Path, ckpt: Checkpoint, state: dict) -> None:
 
 
 # sections a resumed run must share with the run it continues (the rest, e.g. train.steps, may change)
-FIXED_ON_RESUME = ("model", "data", "optim", "task", "mae", "masked_tokens", "densify")
+FIXED_ON_RESUME = ("model", "data", "optim", "task", "mae", "masked_tokens", "genie", "densify")
 
 
 def read_state(last: Path, recipe: Recipe) -> dict:
