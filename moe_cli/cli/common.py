@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from moe_cli.errors import ConfigError, MoeError
@@ -30,8 +31,13 @@ def say(*args, **kwargs) -> None:
         console.print(*args, **kwargs)
 
 
+def error_line(message: str) -> None:
+    """The one `error:` line on stderr every bad input gets."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # user text is not markup
+
+
 def fail(message: str, code: int = 2):
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    error_line(message)
     raise typer.Exit(code)
 
 
@@ -91,11 +97,10 @@ class OneLineErrors(TyperGroup):
         except _usage.UsageError as e:
             path = e.ctx.command_path if e.ctx is not None else "moe"
             message = e.format_message().replace("Value error, ", "")  # typer's pydantic coercion prefix
-            err_console.print(f"[bold red]error:[/] {path}: {message} (see {path} --help)", soft_wrap=True,
-                              markup=True, highlight=False)
+            error_line(f"{path}: {message} (see {path} --help)")
             rv = 2
         except typer.Abort:
-            err_console.print("[bold red]error:[/] aborted")
+            error_line("aborted")
             rv = 130
         if not standalone_mode:
             return rv

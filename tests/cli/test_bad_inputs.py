@@ -252,3 +252,8 @@ def test_corrupt_image_is_named_not_skipped(cli, tmp_path, moe_ckpt):
     (tmp_path / "imgs" / "class1" / "broken.png").write_bytes(b"\x89PNG not really")
     one_line(cli("eval", str(moe_ckpt), "--data", str(tmp_path / "imgs"), "--metric", "accuracy"),
              "broken.png is not a readable image")
+
+
+def test_user_text_in_an_error_line_is_printed_as_given(cli, tmp_path):
+    one_line(cli("finetune", str(tmp_path / "[bold]run.yaml")), "[bold]run.yaml")
+    one_line(cli("upcycle", *M, "--gate", "[red]x"), "'[red]x' is not one of")
