@@ -23,9 +23,11 @@ import torch
 from moe_cli.config import recipe_from_dict
 from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
 from moe_cli.moe.stats import RoutingRecorder
-from moe_cli.runtime import autocast
+from moe_cli.runtime import Precision, autocast
 from moe_cli.tasks import recipe_task
-from moe_cli.train.loop import build_model, make_optimizer, no_weight_decay_names, prefetch, train
+from moe_cli.train.build import build_model
+from moe_cli.train.loop import prefetch, train
+from moe_cli.train.optim import make_optimizer
 
 
 def recipe(args, out: str):
@@ -56,15 +58,15 @@ def bare_img_s(args) -> float:
     task = recipe_task(r)
     train_ds, _ = build_datasets(r.data, model)
     named = list(model.named_parameters())
-    opt = make_optimizer(r, named, no_weight_decay_names(model))
-    rec = RoutingRecorder(model, aux=True)
+    opt = make_optimizer(r, model)
+    rec = RoutingRecorder(model, aux=True).__enter__()  # as the loop: listening for the whole run
     sampler = ResumableSampler(train_ds, seed=0)
     steps, done, t0, seen = args.steps, 0, None, 0
     epoch = 0
     while done < steps:
         sampler.set_position(epoch, 0)
         for batch in prefetch(make_loader(train_ds, args.batch, sampler, 0, dev), dev):
-            with autocast(dev, args.precision), rec:
+            with autocast(dev, args.precision):
                 loss, _ = task.loss(model, batch)
                 aux, _ = rec.aux_loss(0.01, 0.001)
                 loss = loss + aux
@@ -90,7 +92,7 @@ def bare_img_s(args) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--precision", default="fp32", choices=list(Precision))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-every", type=int, default=10)

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from moe_cli.moe.dispatch import dispatch
+from moe_cli.moe.dispatchers import DISPATCHERS
+from moe_cli.moe.init import from_dense
 from moe_cli.moe.layer import MoEMlp
+from moe_cli.moe.routing import Routing
 
 SHAPES = {"vit_s": (384, 1536), "vit_b": (768, 3072)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -81,7 +83,7 @@ def timed_interleaved(fns: dict, backward: bool, repeats: int, sync) -> dict[str
 def bench_one(shape, E, k, kind, T, device, dtype, repeats, impl):
     D, H = SHAPES[shape]
     torch.manual_seed(0)
-    moe = MoEMlp.from_dense(Mlp(D, H), E, k, impl=impl).to(device)
+    moe = from_dense(Mlp(D, H), E, k, impl=impl).to(device)
     ex = moe.experts
     dense = Mlp(D, H).to(device)
     expert, weight = routing(kind, T, E, k, device)
@@ -89,7 +91,10 @@ def bench_one(shape, E, k, kind, T, device, dtype, repeats, impl):
     xk = torch.randn(k * T, D, device=device, requires_grad=True)
     amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type,
                                                                                                  enabled=False)
-    resolved = moe.resolve_impl(x.to(dtype))
+    with amp:
+        resolved = moe.dispatcher(x).name
+    empty = torch.empty(0, device=device)
+    routed = Routing(expert, weight, empty, empty)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run(fn):
@@ -100,7 +105,7 @@ def bench_one(shape, E, k, kind, T, device, dtype, repeats, impl):
 
     fns = {
         "ideal": run(lambda: dense(xk)),
-        "moe": run(lambda: dispatch(x, expert, weight, ex, resolved)[0]),
+        "moe": run(lambda: DISPATCHERS[resolved](x, routed, ex)[0]),
         "layer": run(lambda: moe(x)),
         "naive": run(lambda: naive(x, expert, weight, ex)),
     }
@@ -203,7 +208,7 @@ def model_mode(args, argv, device, dtype, name) -> None:
         for k in args.k:
             r = bench_model(args.model, E, k, args.batch, args.img_size, device, dtype, args.steps, args.impl)
             probe = torch.empty(1, device=device, dtype=dtype)
-            path = MoEMlp(8, 8, num_experts=2, k=1, impl=args.impl).to(device).resolve_impl(probe)
+            path = MoEMlp(8, 8, num_experts=2, k=1, impl=args.impl).to(device).dispatcher(probe).name
             row = (f"| {args.model} | {E} | {k} | {args.batch} | {args.img_size} | {r['dense']:.1f} | {r['moe']:.1f} | "
                    f"{r['moe'] / r['dense']:.3f} | {path} |")
             print(row, flush=True)

@@ -13,13 +13,15 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from moe_cli.errors import ConfigError
-from moe_cli.moe.config import UpcycleCfg
+from moe_cli.moe.config import Gate, MoEConfig, UpcycleCfg, enum_type
+from moe_cli.runtime import Precision
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class TrainCfg:
     batch_size: int = 64
     grad_accum: int = 1
     clip: float | None = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = Precision.fp32
     seed: int = 0
     eval_every: int = 0  # steps; 0 = only at the end
     ckpt_every: int = 0  # steps; 0 = only at the end
@@ -131,12 +133,20 @@ class FinetuneStageCfg:
 
 @dataclass(frozen=True)
 class DensifyCfg:
-    experts: int = 4
+    experts: int = UpcycleCfg.experts
     k: int = 1  # experts per token of the sparse gate
-    layers: str = "all"
+    layers: str = UpcycleCfg.layers
     stage1: DenseStageCfg = field(default_factory=DenseStageCfg)
     stage2: DistillStageCfg = field(default_factory=DistillStageCfg)
     stage3: FinetuneStageCfg = field(default_factory=FinetuneStageCfg)
+
+    def upcycle(self) -> UpcycleCfg:
+        """Stage 0: the dense (soft-gated) MoE the source becomes; ``k`` is the sparse gate's, set in stage 2."""
+        return UpcycleCfg(experts=self.experts, k=self.k, layers=self.layers, gate=Gate.soft)
+
+    def sparse_gate(self) -> MoEConfig:
+        """Stages 2-3: the sparse gate that replaces the dense one (top-k of the full softmax, as the method)."""
+        return MoEConfig(experts=self.experts, k=self.k, gate=Gate.topk, normalize=False)
 
 
 @dataclass(frozen=True)
@@ -192,11 +202,24 @@ class Recipe:
     then: dict | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data (choices as their strings): what recipe.yaml and the resume check hold."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return " | ".join(repr(e.value) for e in tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -224,6 +247,9 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
+    elif enum_type(tp) is tp:
+        if isinstance(value, str) and value in {e.value for e in tp}:
+            return tp(value)
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -265,18 +291,28 @@ def _build(cls, data: dict, prefix: str, src: str):
     return cls(**kwargs)
 
 
+def parse_assignment(text: str, option: str, example: str = "KEY=VALUE") -> tuple[str, Any]:
+    """'a.b=3e-4' -> ('a.b', 0.0003): the value parsed as YAML. The one parser of --set and --model-arg."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{option} expects KEY=VALUE like {example}, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{option} {key.strip()}: cannot parse value {raw!r}") from None
+
+
+def parse_assignments(texts: list[str] | None, option: str) -> dict:
+    """['depth=2', 'img_size=32'] -> {'depth': 2, 'img_size': 32}."""
+    return dict(parse_assignment(t, option) for t in texts or [])
+
+
 def apply_override(data: dict, assignment: str) -> dict:
     """Apply one `a.b.c=value` (value parsed as YAML) to a nested dict, returning a new dict."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects KEY=VALUE like optim.lr=3e-4, got {assignment!r}")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
+    key, value = parse_assignment(assignment, "--set", "optim.lr=3e-4")
     out = dict(data)
     node = out
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         child = node.get(part)
         node[part] = dict(child) if isinstance(child, dict) else {}
@@ -345,9 +381,9 @@ def validate(r: Recipe, src: str) -> None:
     t = r.train
     if r.densify is not None:
         d = r.densify
-        if d.experts < 2 or not 1 <= d.k <= d.experts:
-            raise ConfigError(f"`densify` in {src}: need experts >= 2 and 1 <= k <= experts, "
-                              f"got experts={d.experts}, k={d.k}")
+        for cfg in (d.upcycle(), d.sparse_gate()):
+            cfg.validate(lambda name: f"`densify.{name}` in {src}")
+        _check(d.experts >= 2, "densify.experts", "an integer >= 2 (a mixture)", d.experts, src)
         for i, stage in enumerate((d.stage1, d.stage2, d.stage3), 1):
             _check(stage.steps >= 1, f"densify.stage{i}.steps", "an integer >= 1", stage.steps, src)
             _check(stage.lr is None or _finite(stage.lr) and stage.lr > 0, f"densify.stage{i}.lr",

@@ -1,17 +1,40 @@
-"""Small runtime helpers every layer of the package may use: device choice, autocast, atomic file writes."""
+"""Small runtime helpers every layer of the package may use: choices, device choice, distributed set-up, autocast,
+atomic file writes."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from contextlib import nullcontext
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
 
 from moe_cli.errors import ConfigError
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+class Choice(str, Enum):
+    """A named choice that prints as its value (``f"{Precision.bf16}"`` is ``bf16``) and equals its string. Every
+    set of choices (gates, dispatchers, inits, precisions) is one of these, declared once; config fields are
+    typed with it and the CLI lists it."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -29,11 +52,37 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPU, gloo on CPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=d.rank, world_size=world)
+    return d
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed precision for ``precision`` bf16/fp16 on ``device``; fp32 is a no-op context."""
-    if precision == "fp32":
+    if precision == Precision.fp32:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=Precision(precision).dtype)
 
 
 def memory_bytes(device: torch.device | None = None) -> int | None:

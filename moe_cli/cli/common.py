@@ -6,17 +6,16 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from moe_cli.errors import ConfigError, MoeError
+from moe_cli.errors import MoeError
+from moe_cli.runtime import Precision
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -60,20 +59,6 @@ def user_errors(fn):
     return wrapper
 
 
-def parse_kv(pairs: list[str] | None, option: str) -> dict:
-    """['depth=2', 'img_size=32'] -> {'depth': 2, 'img_size': 32} (values parsed as YAML scalars)."""
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"{option} {key}: cannot parse value {value!r}") from None
-    return out
-
-
 def is_tty() -> bool:
     return sys.stdout.isatty()
 
@@ -105,12 +90,6 @@ class OneLineErrors(TyperGroup):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 CheckpointArg = Annotated[Path, typer.Argument(help="moe-cli checkpoint folder or .safetensors file.",

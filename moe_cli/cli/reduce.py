@@ -12,8 +12,10 @@ from moe_cli.cli.common import CheckpointArg, console, say, user_errors
 from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, create_timm, load_checkpoint, save
-from moe_cli.models.reduce import densify, expert_usage, merge_layer, prune
-from moe_cli.models.surgery import moe_layers, param_counts
+from moe_cli.models.flops import param_counts
+from moe_cli.models.reduce import densify, expert_usage, is_split, merge_layer, prune
+from moe_cli.moe.config import TOKEN_CHOICE
+from moe_cli.moe.layer import moe_layers
 
 CalibOpt = Annotated[str, typer.Option(help="Calibration images for expert usage: digits or an image folder.")]
 CalibBatchesOpt = Annotated[int, typer.Option(min=1, help="Calibration batches of 64 images.")]
@@ -80,15 +82,15 @@ def merge_cmd(
         if not 1 <= experts <= layer.num_experts:
             raise ConfigError(f"--experts must be between 1 and {layer.num_experts} (experts in `{name}`), got "
                               f"{experts}")
-        if experts < layer.k and layer.gate in ("topk", "top_p"):
+        if experts < layer.k and layer.gate in TOKEN_CHOICE and not is_split(layer):
             layer.reconfigure(k=experts)
     before = param_counts(checkpoint.model)[0]
     usage = expert_usage(checkpoint.model, calibration_batches(checkpoint.model, calib, calib_batches))
-    groups = {name: merge_layer(layer, usage[name], experts) for name, layer in layers}
+    groups = {name: merge_layer(layer, usage[name], experts, name) for name, layer in layers}
     if experts == 1:
         arch = checkpoint.architecture
         dense = densify(checkpoint.model, create_timm(arch["name"], arch.get("kwargs", {})))
-        checkpoint = Checkpoint(dense.eval(), arch, None, checkpoint.source, checkpoint.task, {},
+        checkpoint = Checkpoint(dense.eval(), arch, checkpoint.source, checkpoint.task, {},
                                 checkpoint.task_config)
     path = save(checkpoint, out)
     _report("merged expert groups per layer", before, checkpoint, path, groups)

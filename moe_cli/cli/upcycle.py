@@ -8,36 +8,40 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moe_cli.cli.common import STATE, console, parse_kv, say, user_errors
-from moe_cli.data.loaders import calibration_batches
+from moe_cli.cli.common import STATE, console, say, user_errors
+from moe_cli.config import parse_assignments
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import save
 from moe_cli.io.sources import load_source
-from moe_cli.models.surgery import TOLERANCE, UpcycleMismatch, Verification, param_counts
+from moe_cli.models.flops import param_counts
+from moe_cli.models.upcycle import TOLERANCE, UpcycleMismatch, Verification
 from moe_cli.moe.config import Gate, Impl, Init, MoELayout, Priority, RouterInit, Split, UpcycleCfg, flag
+from moe_cli.train.build import upcycle_checkpoint
+
+D = UpcycleCfg()  # the options' defaults are the config's
 
 
 @user_errors
 def upcycle(
     model: Annotated[str, typer.Argument(help="timm name (vit_small), hf-hub:org/name, .safetensors file or "
                                          "folder.", show_default=False)],
-    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer.")] = 4,
-    k: Annotated[int, typer.Option("--k", "-k", help="Experts each token is routed to (top-k).")] = 2,
-    layers: Annotated[str, typer.Option(help="Which FFNs: all, every-N, last-N or a list like 0,3,5.")] = "all",
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer.")] = D.experts,
+    k: Annotated[int, typer.Option("--k", "-k", help="Experts each token is routed to (top-k).")] = D.k,
+    layers: Annotated[str, typer.Option(help="Which FFNs: all, every-N, last-N or a list like 0,3,5.")] = D.layers,
     gate: Annotated[Gate, typer.Option(help="topk: token choice; expert_choice; soft: dense, all experts.")] =
-        Gate.topk,
+        D.gate,
     capacity_factor: Annotated[float | None, typer.Option(help="Token choice: capacity C = cf*k*T/N, overflow "
                                                           "dropped. Expert choice: C = cf*T/N (default 1).",
                                                           show_default=False)] = None,
     eval_capacity_factor: Annotated[float | None, typer.Option(help="Capacity factor in eval mode (default: "
                                                                "same).", show_default=False)] = None,
     priority: Annotated[Priority, typer.Option(help="Who keeps its place on overflow: slot (token order) or "
-                                               "score (BPR).")] = Priority.slot,
+                                               "score (BPR).")] = D.priority,
     impl: Annotated[Impl, typer.Option(help="Expert dispatch: loop (F.linear per expert), grouped "
-                                       "(grouped_mm), triton (fused kernels); auto picks.")] = Impl.auto,
+                                       "(grouped_mm), triton (fused kernels); auto picks.")] = D.impl,
     normalize: Annotated[bool, typer.Option(help="Softmax over the k kept logits (else top-k of the full "
-                                            "softmax).")] = True,
-    noise_std: Annotated[float, typer.Option(help="Std of Gaussian noise added to each expert copy.")] = 0.0,
+                                            "softmax).")] = D.normalize,
+    noise_std: Annotated[float, typer.Option(help="Std of Gaussian noise added to each expert copy.")] = D.noise_std,
     target: Annotated[str | None, typer.Option(help="Glob over module names for non-timm FFNs, e.g. "
                                                "'blocks.*.ffn'.", show_default=False)] = None,
     arch: Annotated[str | None, typer.Option(help="timm architecture of a plain .safetensors file.",
@@ -51,44 +55,39 @@ def upcycle(
         TOLERANCE,
     init: Annotated[Init, typer.Option(help="How experts start: copy (the dense FFN), drop (Drop-Upcycling: "
                                        "re-initialise a share of units), split (MoEfication: slices).")] =
-        Init.copy,
+        D.init,
     drop_ratio: Annotated[float, typer.Option(help="--init drop: share of hidden units re-initialised per expert.")]
-        = 0.5,
+        = D.drop_ratio,
     split: Annotated[Split, typer.Option(help="--init split: group units by balanced k-means (cluster) or at "
-                                         "random.")] = Split.cluster,
+                                         "random.")] = D.split,
     router_init: Annotated[RouterInit, typer.Option(help="random; kmeans (centres of each layer's inputs on "
                                                     "--calib); activation (split: predict the most active "
-                                                    "slice).")] = RouterInit.random,
+                                                    "slice).")] = D.router_init,
     calib: Annotated[str | None, typer.Option(help="Calibration images for --router-init: digits or an image "
                                               "folder.", show_default=False)] = None,
-    calib_batches: Annotated[int, typer.Option(help="Calibration batches of 64 images.")] = 4,
+    calib_batches: Annotated[int, typer.Option(help="Calibration batches of 64 images.")] = D.calib_batches,
     top_p: Annotated[float, typer.Option(help="--gate top_p: probability mass each token's experts reach "
-                                         "(1 to k experts).")] = 0.5,
+                                         "(1 to k experts).")] = D.top_p,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts and check it computes what the dense one did."""
-    cfg = UpcycleCfg(experts=experts, k=k, gate=gate.value, normalize=normalize, capacity_factor=capacity_factor,
-                     eval_capacity_factor=eval_capacity_factor, priority=priority.value, impl=impl.value,
-                     layers=layers, target=target, noise_std=noise_std, init=init.value, drop_ratio=drop_ratio,
-                     split=split.value, router_init=router_init.value, calib=calib, calib_batches=calib_batches,
-                     top_p=top_p).validate(flag)
-    if gate not in (Gate.topk, Gate.top_p) and not normalize:
-        raise ConfigError("--no-normalize only applies to --gate topk and top_p")
+    cfg = UpcycleCfg(experts=experts, k=k, gate=gate, normalize=normalize, capacity_factor=capacity_factor,
+                     eval_capacity_factor=eval_capacity_factor, priority=priority, impl=impl, layers=layers,
+                     target=target, noise_std=noise_std, init=init, drop_ratio=drop_ratio, split=split,
+                     router_init=router_init, calib=calib, calib_batches=calib_batches, top_p=top_p).validate(flag)
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    source = load_source(model, pretrained=pretrained, arch=arch, model_kwargs=parse_kv(model_arg, "--model-arg"))
-    if source.moe is not None:
-        raise ConfigError(f"{model} is already a MoE checkpoint ({source.moe.experts} experts)")
+    source = load_source(model, pretrained=pretrained, arch=arch,
+                         model_kwargs=parse_assignments(model_arg, "--model-arg"))
     dense_total, _ = param_counts(source.model)
-    batches = calibration_batches(source.model, calib, calib_batches) if cfg.router_init != "random" else None
     try:
-        check = source.upcycle(cfg, seed=STATE["seed"], verify=True, tolerance=tolerance, calibration=batches)
+        up = upcycle_checkpoint(source, cfg, seed=STATE["seed"], verify=True, tolerance=tolerance)
     except UpcycleMismatch:
         console.print("verify: [red]FAILED[/] — the upcycled model does not reproduce the dense model; "
                       "nothing was written")
         raise
-    console.print(verify_line(check, cfg))
-    if source.initial_load:
-        say(load_table(source.initial_load, cfg.router_init))
+    console.print(verify_line(up.verification, cfg))
+    if up.initial_load:
+        say(load_table(up.initial_load, cfg.router_init))
     name = source.architecture["name"]
     path = save(source, out or Path("out") / f"{name}-moe{experts}k{k}")
     say(summary_table(name, dense_total, source.model, source.moe))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moe_cli.errors import MoeError
-from moe_cli.models.surgery import moe_layers
+from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.stats import RoutingRecorder
 from moe_cli.runtime import atomic_write
 
@@ -21,8 +21,7 @@ def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: 
     layers = moe_layers(model)
     if not layers:
         raise MoeError("this checkpoint has no MoE layers: there is no routing to inspect")
-    E = layers[0][1].num_experts
-    per_class = {n: torch.zeros(num_classes, E) for n, _ in layers}
+    per_class = {n: torch.zeros(num_classes, m.num_experts) for n, m in layers}  # pruned layers differ in E
     maps: dict[str, list] = {n: [] for n, _ in layers}
     images: list[torch.Tensor] = []
     model.eval()
@@ -38,7 +37,7 @@ def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: 
             images.extend(x[: n_images - len(images)])
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     prefix = getattr(model, "num_prefix_tokens", 0)
-    out = {"experts": E, "layers": {}, "patch_grid": list(grid) if grid else None}
+    out = {"experts": max(m.num_experts for _, m in layers), "layers": {}, "patch_grid": list(grid) if grid else None}
     for name, _ in layers:
         counts = per_class[name]
         out["layers"][name] = {
@@ -73,7 +72,9 @@ def write_figures(routes: dict, out_dir: Path) -> list[Path]:
     def caption(fig, text: str) -> None:
         fig.text(0.5, -0.02, text, ha="center", va="top", fontsize=8, wrap=True)
 
-    load = np.array([routes["layers"][n]["load"] for n in names])
+    load = np.full((len(names), E), np.nan)  # pruned layers have fewer experts: their missing cells stay blank
+    for i, n in enumerate(names):
+        load[i, :len(routes["layers"][n]["load"])] = routes["layers"][n]["load"]
     fig, ax = plt.subplots(figsize=(2 + 0.6 * load.shape[1], 1.5 + 0.4 * len(names)))
     im = ax.imshow(load, cmap="viridis", vmin=0, aspect="auto")
     ax.set(xlabel="expert", ylabel="MoE layer", xticks=range(E), yticks=range(len(names)), yticklabels=names,

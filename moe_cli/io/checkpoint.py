@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -15,88 +14,34 @@ from torch import nn
 
 from moe_cli.errors import CheckpointError, ConfigError, ModelSourceError
 from moe_cli.models.overrides import apply_overrides
-from moe_cli.models.probe import probe_batch
-from moe_cli.models.surgery import (
-    TOLERANCE,
-    UpcycleMismatch,
-    Verification,
-    apply_moe,
-    capture_inputs,
-    init_routers,
-    moe_layers,
-    upcycle,
-    upcycle_targets,
-    verify_upcycle,
-)
-from moe_cli.moe.config import MoELayout, UpcycleCfg
-from moe_cli.runtime import atomic_write
+from moe_cli.models.surgery import apply_moe, layout_of
+from moe_cli.moe.config import MoELayout
+from moe_cli.runtime import Precision, atomic_write
 
 FORMAT = "moe-cli/1"
 WEIGHTS_NAME = "model.safetensors"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Checkpoint:
     """A model together with what is needed to rebuild it: timm architecture, source, task and task settings.
 
-    The MoE layout (``moe``: the layers' shared config and their module names) is read from the model's MoE
-    layers, which own their config, so it never drifts from what the model does."""
+    The MoE layout (``moe``: the layers' shared config, their module names and shapes) is read from the model's
+    MoE layers, which own their config, so it never drifts from what the model does; ``init`` records how the
+    experts were made (copy, drop, split)."""
 
-    def __init__(self, model: nn.Module, architecture: dict, moe: MoELayout | None = None, source: str = "",
-                 task: str = "classify", extra: dict | None = None, task_config: dict | None = None):
+    def __init__(self, model: nn.Module, architecture: dict, source: str = "", task: str = "classify",
+                 extra: dict | None = None, task_config: dict | None = None, init: str = "copy"):
         self.model = model
         self.architecture = architecture  # {"name": timm model name, "kwargs": {...}}
         self.source = source
         self.task = task
         self.extra = dict(extra or {})
         self.task_config = dict(task_config or {})  # the task's eval settings (masked-tokens: decoder, masks)
-        self.initial_load: dict | None = None  # expert load on calibration data after a data-driven router init
-        if moe is not None and (self.moe is None or self.moe.layers != moe.layers):
-            raise ValueError(f"the MoE layout names layers {list(moe.layers)}, the model has "
-                             f"{list(self.moe.layers) if self.moe else []}")
+        self.init = init
 
     @property
     def moe(self) -> MoELayout | None:
-        layers = moe_layers(self.model)
-        if not layers:
-            return None
-        first = layers[0][1]
-        return MoELayout(**first.cfg.routing().__dict__, layers=tuple(n for n, _ in layers), init=first.init_method)
-
-    def upcycle(self, cfg: UpcycleCfg | None = None, *, seed: int = 0, verify: bool = False,
-                tolerance: float = TOLERANCE, calibration=None, **fields) -> Verification | None:
-        """Turn this dense model into an MoE in place (see surgery.upcycle), remembering the dense size.
-
-        ``calibration``: batches of model inputs for a data-driven ``router_init`` (the routers are fitted to the inputs
-        each converted FFN sees in the dense model; the initial expert load lands in ``self.initial_load``).
-        With ``verify``, prove on a probe batch that the MoE computes what the dense model did; where it must
-        (copy without noise, split with k = E), a mismatch raises :class:`UpcycleMismatch` and leaves this
-        checkpoint dense; otherwise the difference is only reported."""
-        cfg = (cfg or UpcycleCfg(**fields)).validate()
-        if self.moe is not None:
-            raise ConfigError(f"{self.source or 'the model'} is already an MoE ({self.moe.experts} experts)")
-        tokens = None
-        if cfg.router_init != "random":
-            if calibration is None:
-                raise ConfigError(f"router_init {cfg.router_init} needs calibration batches (calibration=)")
-            tokens = capture_inputs(self.model, upcycle_targets(self.model, cfg), calibration)
-        dense = copy.deepcopy(self.model).eval() if verify else self.model
-        dense_params = sum(p.numel() for p in self.model.parameters())
-        probe = probe_batch(dense, seed=seed) if verify else None
-        sparse, layout = upcycle(self.model, cfg, seed=seed)
-        self.initial_load = init_routers(sparse, tokens, cfg.router_init, seed) if tokens is not None else None
-        result = None
-        if verify:
-            result = verify_upcycle(dense, sparse, probe, layout, tolerance)
-            exact = cfg.noise_std == 0 and (cfg.init == "copy" or (cfg.init == "split" and cfg.k == cfg.experts
-                                                                   and cfg.gate == "topk"))
-            if not result.ok and exact:
-                self.model = dense
-                raise UpcycleMismatch(f"the upcycled model does not reproduce the dense model: max |dense - moe| = "
-                                      f"{result.max_diff:.3e} > {result.limit:.1e}; nothing was written")
-        self.model = sparse
-        self.extra = {**self.extra, "dense_params": dense_params}
-        return result
+        return layout_of(self.model, self.init)
 
     def metadata(self) -> dict[str, str]:
         from moe_cli import __version__
@@ -127,9 +72,9 @@ def weights_path(path: str | os.PathLike) -> Path:
 def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None) -> Path:
     """Write ``ckpt`` to ``path`` (a folder, or a ``.safetensors`` file), optionally casting floats to ``dtype``."""
     target = weights_path(path)
-    cast = DTYPES[dtype] if dtype else None
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in set(Precision):
+        raise ConfigError(f"dtype must be one of {', '.join(Precision)}, got {dtype!r}")
+    cast = Precision(dtype).dtype if dtype else None
     tensors = {}
     for name, t in ckpt.model.state_dict().items():
         t = t.detach()
@@ -164,20 +109,27 @@ def is_moe_checkpoint(path: str | os.PathLike) -> bool:
     return p.is_file() and read_metadata(p).get("format") == FORMAT
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load ``state`` strictly, turning key or shape mismatches into one-line CheckpointErrors."""
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load the safetensors file ``path`` into ``model`` strictly (``safetensors.torch.load_model``; tensors are
+    cast to the model's dtype, so 16-bit exports load into an fp32 model). Key or shape mismatches are one-line
+    CheckpointErrors naming the first one, checked from the file's header before anything is read."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 — not a dict
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
     if missing or unexpected:
         what = f"missing `{missing[0]}`" if missing else f"unexpected `{unexpected[0]}`"
         raise CheckpointError(f"{path} does not match the architecture: {what} "
                               f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
-    for k, t in state.items():
-        if t.shape != own[k].shape:
-            raise CheckpointError(f"{path} does not match the architecture: `{k}` has shape {tuple(t.shape)}, "
+    for k, shape in shapes.items():
+        if shape != tuple(own[k].shape):
+            raise CheckpointError(f"{path} does not match the architecture: `{k}` has shape {shape}, "
                                   f"the model expects {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=True)
+    safetensors.torch.load_model(model, str(path), strict=True)
 
 
 # timm.create_model keywords that read files, fetch weights or change how a model is loaded rather than what it
@@ -240,12 +192,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         def label(name: str) -> str:
             return f"{target}: metadata `moe{'.' + name if name else ''}`"
 
-        apply_moe(model, MoELayout.from_dict(moe_dict, label), shapes_only=True)
-    load_state(model, read_tensors(target), target)
-    if meta.get("dtype") in DTYPES:
-        model.to(DTYPES[meta["dtype"]])
-    return Checkpoint(model.eval(), arch, None, meta.get("source", ""), meta.get("task", "classify"), extra,
-                      task_config)
+        layout = MoELayout.from_dict(moe_dict, label)
+        apply_moe(model, layout, shapes_only=True)
+    load_weights(model, target)  # a 16-bit export loads into the fp32 model: runs use their own precision
+    return Checkpoint(model.eval(), arch, meta.get("source", ""), meta.get("task", "classify"), extra,
+                      task_config, init=layout.init if moe_dict is not None else "copy")
 
 
 def load(path: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,

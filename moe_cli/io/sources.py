@@ -19,9 +19,8 @@ from moe_cli.io.checkpoint import (
     create_timm,
     is_moe_checkpoint,
     load_checkpoint,
-    load_state,
+    load_weights,
     read_metadata,
-    read_tensors,
     weights_path,
 )
 from moe_cli.models.genie import GenieConfig, is_genie_config
@@ -113,7 +112,7 @@ def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -
     arch = {"name": "genie", "kwargs": {k: v for k, v in cfg.to_dict().items() if k != "factored_vocab_size"}}
     model = create_timm("genie", arch["kwargs"])
     if weights is not None:
-        load_state(model, read_tensors(weights), weights)
+        load_weights(model, weights)
     return Checkpoint(model, arch, source=source)
 
 
@@ -190,7 +189,7 @@ def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
         raise ModelSourceError(f"{target} has no architecture in its metadata; name it with --arch (a timm model)")
     name = resolve_timm_name(arch)
     model = create_timm(name, kwargs)
-    load_state(model, read_tensors(target), target)
+    load_weights(model, target)
     return Checkpoint(model, {"name": name, "kwargs": kwargs}, source=str(path))
 
 

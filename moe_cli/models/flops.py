@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_cli.models.surgery import param_counts
+from moe_cli.moe.layer import moe_layers
 
 
 @torch.no_grad()
@@ -24,3 +24,10 @@ def gflops_per_image(model: nn.Module, images: torch.Tensor) -> float:
 def compute_report(model: nn.Module, images: torch.Tensor) -> dict:
     total, active = param_counts(model)
     return {"gflops_per_image": gflops_per_image(model, images), "params_total": total, "params_active": active}
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(total parameters, parameters active per token): each MoE layer counts only its k used experts."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum((m.num_experts - m.active_experts) * m.experts.params_per_expert() for _, m in moe_layers(model))
+    return total, round(total - inactive)

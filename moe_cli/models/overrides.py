@@ -8,8 +8,8 @@ import re
 from torch import nn
 
 from moe_cli.errors import ConfigError
-from moe_cli.models.surgery import moe_layers
-from moe_cli.moe.config import flag
+from moe_cli.moe.config import Gate, flag
+from moe_cli.moe.layer import moe_layers
 
 
 def parse_disabled(spec: str | None) -> dict[int, set[int]]:
@@ -40,19 +40,19 @@ def apply_overrides(model: nn.Module, top_k: int | None = None, capacity_factor:
     for i, (name, m) in enumerate(layers):
         changes: dict = {}
         if top_k is not None:
-            if m.gate == "expert_choice":
+            if m.gate == Gate.expert_choice:
                 raise ConfigError(f"--top-k does not apply to `{name}`: its experts choose their tokens "
                                   "(expert_choice); change --capacity-factor instead")
-            if not isinstance(top_k, int) or not 1 <= top_k <= m.num_experts:
-                raise ConfigError(f"--top-k must be between 1 and {m.num_experts} (experts in `{name}`), got {top_k}")
-            changes.update(k=top_k) if m.gate == "top_p" else changes.update(gate="topk", k=top_k)
+            changes.update(k=top_k) if m.gate == Gate.top_p else changes.update(gate=Gate.topk, k=top_k)
         if capacity_factor is not None:
             changes.update(capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
-        if changes:
-            m.reconfigure(dataclasses.replace(m.cfg, **changes).validate(flag))
         if i in disabled:
-            try:
-                m.disable_experts(disabled[i])
-            except ValueError as e:
-                raise ConfigError(f"--disable-experts layer {i} (`{name}`): {e}") from None
+            changes.update(disabled=tuple(sorted(disabled[i])))
+
+        def label(field: str, name=name, i=i) -> str:
+            return {"k": "--top-k" if top_k is not None else "k", "experts": f"the experts of `{name}`",
+                    "disabled": f"--disable-experts layer {i} (`{name}`)"}.get(field, flag(field))
+
+        if changes:
+            m.reconfigure(dataclasses.replace(m.cfg, **changes).validate(label))
     return model

@@ -9,18 +9,16 @@ similarity of fc1 rows), averages weighted by usage, and keeps the dominant expe
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_cli.errors import ConfigError
-from moe_cli.models.surgery import moe_layers
-from moe_cli.moe.layer import MoEMlp, dense_spec
+from moe_cli.moe.config import Combine
+from moe_cli.moe.experts import PARAMS as EXPERT_PARAMS
+from moe_cli.moe.init import dense_spec
+from moe_cli.moe.layer import MoEMlp, moe_layers
 from moe_cli.moe.stats import RoutingRecorder
-
-EXPERT_PARAMS = ("w1", "b1", "wg", "bg", "norm_w", "norm_b", "w2", "b2")
 
 
 @torch.no_grad()
@@ -47,32 +45,21 @@ def expert_usage(model: nn.Module, batches) -> dict[str, dict]:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {n: {"share": (shares[n] / shares[n].sum().clamp_min(1)).float(), "logits": torch.cat(logits[n])}
-            for n, _ in layers}
-
-
-@torch.no_grad()
-def select_experts(layer: MoEMlp, keep: list[int]) -> None:
-    """Keep only the experts ``keep`` (in that order) of ``layer``: its weights, router rows and config shrink."""
-    if len(keep) < 1 or (layer.gate in ("topk", "top_p") and len(keep) < layer.k):
-        raise ConfigError(f"keeping {len(keep)} expert(s) leaves fewer than k={layer.k}")
-    idx = torch.tensor(keep)
-    for name in EXPERT_PARAMS:
-        p = getattr(layer.experts, name)
-        if p is not None:
-            setattr(layer.experts, name, nn.Parameter(p.data[idx.to(p.device)].clone()))
-    layer.experts.num_experts = len(keep)
-    layer.router.weight = nn.Parameter(layer.router.weight.data[idx.to(layer.router.weight.device)].clone())
-    layer.router.disabled = frozenset()
-    cfg = dataclasses.replace(layer.cfg, experts=len(keep))
-    layer.cfg = cfg.validate(lambda n: n)
-    layer.router.cfg = layer.cfg
+    out = {n: {"share": (shares[n] / shares[n].sum().clamp_min(1)).float(), "logits": torch.cat(logits[n])}
+           for n, _ in layers}
+    for name, u in out.items():
+        if not torch.isfinite(u["logits"]).all():
+            raise ConfigError(f"`{name}`: the router gives non-finite logits on the calibration data, so expert usage "
+                              "cannot be measured; this checkpoint's router is broken")
+    return out
 
 
 def parse_drop(spec: str) -> dict[int, set[int]]:
     from moe_cli.models.overrides import parse_disabled
 
-    return parse_disabled(spec).copy() if spec else {}
+    if not spec.strip():
+        raise ConfigError("--drop-experts expects LAYER:EXPERT pairs like 0:1,1:3; got an empty list")
+    return parse_disabled(spec)
 
 
 def prune(model: nn.Module, keep: int | None = None, drop: str | None = None,
@@ -82,7 +69,7 @@ def prune(model: nn.Module, keep: int | None = None, drop: str | None = None,
     layers = moe_layers(model)
     if not layers:
         raise ConfigError("this checkpoint has no MoE layers to prune")
-    dropped = parse_drop(drop) if drop else {}
+    dropped = parse_drop(drop) if drop is not None else {}
     for index in dropped:
         if not 0 <= index < len(layers):
             raise ConfigError(f"--drop-experts: MoE layer {index} does not exist (0..{len(layers) - 1})")
@@ -101,7 +88,7 @@ def prune(model: nn.Module, keep: int | None = None, drop: str | None = None,
                 raise ConfigError(f"--drop-experts: expert {bad[0]} does not exist in `{name}` (0..{E - 1})")
             chosen = [e for e in range(E) if e not in dropped.get(i, set())]
         try:
-            select_experts(layer, chosen)
+            layer.select_experts(chosen)
         except ConfigError as e:
             raise ConfigError(f"`{name}`: {e}") from None
         kept[name] = chosen
@@ -123,10 +110,21 @@ def _align(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def is_split(layer: MoEMlp) -> bool:
+    """Experts that are slices of one FFN, added with weight 1 (``--init split``)."""
+    return layer.cfg.combine == Combine.sum
+
+
 @torch.no_grad()
-def merge_layer(layer: MoEMlp, usage: dict, n: int) -> list[list[int]]:
-    """Merge ``layer``'s experts into ``n``; returns the groups (dominant expert first)."""
+def merge_layer(layer: MoEMlp, usage: dict, n: int, name: str = "") -> list[list[int]]:
+    """Merge ``layer``'s experts into ``n``; returns the groups (dominant expert first). Split experts (slices of
+    one FFN) are not averaged: they only go back to the one dense FFN, their slices concatenated (:func:`densify`)."""
     E = layer.num_experts
+    if is_split(layer):
+        if n != 1:
+            raise ConfigError(f"`{name}` holds split experts (slices of one FFN, combine: sum): merging "
+                              f"them to {n} is not defined; merge to 1 (the dense FFN) or prune instead")
+        return [list(range(E))]
     share, logits = usage["share"], usage["logits"]
     dominant = sorted(sorted(range(E), key=lambda e: (-float(share[e]), e))[:n])
     z = logits - logits.mean(0)
@@ -151,7 +149,7 @@ def merge_layer(layer: MoEMlp, usage: dict, n: int) -> list[list[int]]:
                 acc[name] += wm * t
         for name in merged:
             merged[name].append(acc[name])
-    select_experts(layer, dominant)
+    layer.select_experts(dominant)
     for name, tensors in merged.items():
         getattr(layer.experts, name).data.copy_(torch.stack(tensors))
     return [groups[d] for d in dominant]
@@ -180,19 +178,32 @@ def write_dense(mlp: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     put(mlp.fc2, weights["w2"], weights.get("b2"))
 
 
+def dense_weights(layer: MoEMlp, name: str = "") -> dict[str, torch.Tensor]:
+    """The one FFN a layer of one expert, or of split slices (concatenated along the hidden units), stands for."""
+    ex = layer.experts
+    names = [n for n in EXPERT_PARAMS if getattr(ex, n) is not None]
+    if layer.num_experts == 1:
+        return {n: getattr(ex, n)[0] for n in names}
+    if not is_split(layer):
+        raise ConfigError(f"`{name}` still has {layer.num_experts} experts")
+    out = {n: torch.cat(list(getattr(ex, n)), dim=0) for n in names if n in ("w1", "b1", "wg", "bg")}
+    out["w2"] = torch.cat(list(ex.w2), dim=1)
+    if ex.b2 is not None:
+        out["b2"] = ex.b2.sum(0)
+    return out
+
+
 @torch.no_grad()
 def densify(moe_model: nn.Module, dense_model: nn.Module) -> nn.Module:
-    """Copy ``moe_model`` (every MoE layer down to one expert) into the dense architecture ``dense_model``."""
+    """Copy ``moe_model`` (every MoE layer down to one expert, or split slices) into the dense architecture
+    ``dense_model``."""
     layers = dict(moe_layers(moe_model))
     state = {k: v for k, v in moe_model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
     missing, unexpected = dense_model.load_state_dict(state, strict=False)
     for name, layer in layers.items():
-        if layer.num_experts != 1:
-            raise ConfigError(f"`{name}` still has {layer.num_experts} experts")
         ffn = dense_model.get_submodule(name)
         dense_spec(ffn)  # a supported FFN
-        write_dense(ffn, {n: getattr(layer.experts, n)[0] for n in EXPERT_PARAMS
-                          if getattr(layer.experts, n) is not None})
+        write_dense(ffn, dense_weights(layer, name))
     left = [k for k in missing if not any(k.startswith(n + ".") for n in layers)]
     if left or unexpected:
         raise ConfigError(f"the dense architecture does not match the MoE model outside its MoE layers "

@@ -1,11 +1,15 @@
 """The MoE layer, usable without the CLI: config, Router / Dispatcher / Experts, routing statistics."""
 
 from moe_cli.moe.config import MoEConfig, MoELayout, UpcycleCfg
-from moe_cli.moe.dispatch import DISPATCHERS, Dispatcher, GroupedDispatcher, LoopDispatcher
-from moe_cli.moe.layer import Experts, MoEMlp
-from moe_cli.moe.router import ROUTERS, ExpertChoiceRouter, Router, SoftRouter, TopKRouter
+from moe_cli.moe.dispatch import Dispatcher
+from moe_cli.moe.dispatchers import DISPATCHERS, GroupedDispatcher, LoopDispatcher, TritonDispatcher
+from moe_cli.moe.experts import Experts
+from moe_cli.moe.init import from_dense
+from moe_cli.moe.layer import MoEMlp, moe_layers
+from moe_cli.moe.router import ROUTERS, ExpertChoiceRouter, Router, SoftRouter, TopKRouter, TopPRouter
 from moe_cli.moe.stats import LayerRecord, RoutingRecorder, routing_stats
 
 __all__ = ["DISPATCHERS", "ROUTERS", "Dispatcher", "ExpertChoiceRouter", "Experts", "GroupedDispatcher",
            "LayerRecord", "LoopDispatcher", "MoEConfig", "MoELayout", "MoEMlp", "Router", "RoutingRecorder",
-           "SoftRouter", "TopKRouter", "UpcycleCfg", "routing_stats"]
+           "SoftRouter", "TopKRouter", "TopPRouter", "TritonDispatcher", "UpcycleCfg", "from_dense", "moe_layers",
+           "routing_stats"]

@@ -18,14 +18,83 @@ layer's input tokens on calibration data: balanced, input-dependent routing from
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moe_cli.errors import ConfigError
+from moe_cli.moe.config import ROUTER_STD, Init, MoEConfig, for_init
+from moe_cli.moe.layer import MoEMlp, layer_config
 
-INITS = ("copy", "drop", "split")
-SPLITS = ("cluster", "random")
-ROUTER_INITS = ("random", "kmeans", "activation")
+
+def _linear_weight(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight
+    return w.flatten(1) if w.dim() == 4 else w  # 1x1 conv -> linear
+
+
+def dense_spec(mlp: nn.Module) -> dict:
+    """Read the shapes and weights of a timm Mlp / GluMlp / SwiGLU (or any fc1-act-fc2 module)."""
+    kind = type(mlp).__name__
+    fc2 = mlp.fc2
+    channels_first = isinstance(fc2, nn.Conv2d)
+    if hasattr(mlp, "fc1_g"):  # SwiGLU: act(fc1_g x) * fc1_x x
+        w1, b1 = _linear_weight(mlp.fc1_x), mlp.fc1_x.bias
+        wg, bg = _linear_weight(mlp.fc1_g), mlp.fc1_g.bias
+    elif hasattr(mlp, "gate_last"):  # GluMlp: fc1 output chunked in two halves, one is the gate
+        w, b = _linear_weight(mlp.fc1), mlp.fc1.bias
+        (wa, wb), (ba, bb) = w.chunk(2, 0), (b.chunk(2, 0) if b is not None else (None, None))
+        (w1, b1, wg, bg) = (wa, ba, wb, bb) if mlp.gate_last else (wb, bb, wa, ba)
+    else:
+        w1, b1, wg, bg = _linear_weight(mlp.fc1), mlp.fc1.bias, None, None
+    norm = getattr(mlp, "norm", None)
+    if norm is None or isinstance(norm, nn.Identity):
+        norm_eps, norm_w, norm_b = None, None, None
+    elif isinstance(norm, nn.LayerNorm) and norm.elementwise_affine:
+        norm_eps, norm_w, norm_b = norm.eps, norm.weight, norm.bias
+    else:
+        raise ValueError(f"{kind}: hidden norm {type(norm).__name__} is not supported (LayerNorm or none)")
+    weights = {"w1": w1, "b1": b1, "wg": wg, "bg": bg, "norm_w": norm_w, "norm_b": norm_b,
+               "w2": _linear_weight(fc2), "b2": fc2.bias}
+    drop1, drop2 = getattr(mlp, "drop1", None), getattr(mlp, "drop2", None)
+    return {
+        "in_features": w1.shape[1], "hidden_features": w1.shape[0], "out_features": fc2.weight.shape[0],
+        "glu": wg is not None, "bias": (b1 is not None, fc2.bias is not None), "norm_eps": norm_eps,
+        "drop": (getattr(drop1, "p", 0.0), getattr(drop2, "p", 0.0)), "channels_first": channels_first,
+        "device": w1.device, "act": mlp.act,
+        "weights": {k: v.detach() for k, v in weights.items() if v is not None},
+    }
+
+
+def from_dense(mlp: nn.Module, num_experts: int | None = None, k: int | None = None, noise_std: float = 0.0,
+               generator: torch.Generator | None = None, config: MoEConfig | None = None, init: str = "copy",
+               drop_ratio: float = 0.5, split: str = "cluster", hidden: int | None = None, shapes_only: bool = False,
+               **moe) -> MoEMlp:
+    """Upcycle a dense timm FFN into an :class:`MoEMlp`: experts made by ``init`` (copy: copies of it, plus optional
+    N(0, noise_std) noise; drop; split — see above), the router from ``generator`` (random, std 0.02).
+    ``shapes_only``: build the layer for loading saved weights (``hidden``: the experts' hidden size when it is
+    not the one ``init`` gives, e.g. a pruned split layer), without computing expert weights."""
+    spec = dense_spec(mlp)
+    cfg = for_init(layer_config(config, num_experts, k, moe), init)
+    if hidden is None:
+        hidden = spec["hidden_features"] // cfg.experts if init == Init.split else spec["hidden_features"]
+    eps, act = spec["norm_eps"], spec["act"]
+    layer = MoEMlp(spec["in_features"], hidden, spec["out_features"], act_layer=lambda: copy.deepcopy(act),
+                   glu=spec["glu"], bias=spec["bias"], drop=spec["drop"],
+                   norm_layer=None if eps is None else (lambda h: nn.LayerNorm(h, eps=eps)),
+                   use_conv=spec["channels_first"], config=cfg)
+    if shapes_only:
+        return layer.to(device=spec["device"])
+    weights = expert_weights(spec, layer.num_experts, init, noise_std, drop_ratio, split, generator)
+    with torch.no_grad():
+        if generator is not None:
+            weight = layer.router.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * ROUTER_STD)
+        for name, tensor in weights.items():
+            param = getattr(layer.experts, name)
+            param.copy_(tensor.to(param.dtype))
+    return layer.to(device=spec["device"])
 
 
 def balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -72,7 +141,7 @@ def hidden_partition(spec: dict, experts: int, method: str, generator: torch.Gen
 
 def expert_weights(spec: dict, experts: int, init: str = "copy", noise_std: float = 0.0, drop_ratio: float = 0.5,
                    split: str = "cluster", generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Stacked (E, ...) expert tensors for the dense FFN described by ``spec`` (moe_cli.moe.layer.dense_spec)."""
+    """Stacked (E, ...) expert tensors for the dense FFN described by ``spec`` (:func:`dense_spec`)."""
     gen = generator or torch.Generator().manual_seed(0)
     w = {k: v.detach().cpu() for k, v in spec["weights"].items()}
     if init == "split":

@@ -1,4 +1,4 @@
-"""Auxiliary MoE losses: Switch load balance, ST-MoE router z-loss."""
+"""Auxiliary MoE losses: Switch load balance, ST-MoE router z-loss, router distillation, the inverse-CV losses."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ def load_balance_loss(routing: Routing, num_experts: int, counts: torch.Tensor) 
     ``counts`` the (E,) slots per expert."""
     frac = counts.float() / routing.expert.numel()
     return num_experts * (frac * routing.probs.mean(dim=0)).sum()
+
+
+def distill_loss(tokens: torch.Tensor, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher x) || softmax(router logits)) per token, batch mean: a router learning to reproduce a
+    frozen one (dense-to-sparse stage 2)."""
+    with torch.autocast(device_type=tokens.device.type, enabled=False), torch.no_grad():
+        target = torch.log_softmax(tokens.float() @ teacher.float().T, dim=-1)
+    return torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True,
+                                      reduction="batchmean")
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Routers: a linear map to one logit per expert (in fp32), then a gate that turns logits into a :class:`Routing`.
 
 One class per gate, all with the same parameter (``weight``, (E, D), the ``router.weight`` of checkpoints):
-:class:`TopKRouter` (token choice, optional capacity), :class:`SoftRouter` (every expert) and
-:class:`ExpertChoiceRouter` (each expert picks its tokens). :func:`make_router` picks the class from a
-:class:`~moe_cli.moe.config.MoEConfig`.
+:class:`TopKRouter` (token choice, optional capacity), :class:`TopPRouter`, :class:`SoftRouter` (every expert)
+and :class:`ExpertChoiceRouter` (each expert picks its tokens). :func:`make_router` picks the class from a
+:class:`~moe_cli.moe.config.MoEConfig`; experts it switches off (``disabled``) get -inf logits.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.experts, in_features, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=std)
-        self.disabled: frozenset[int] = frozenset()
-        # a frozen router to distil from (dense-to-sparse stage 2); non-persistent, so never in checkpoints
-        self.register_buffer("teacher_weight", None, persistent=False)
 
     @property
     def capacity_factor(self) -> float | None:
@@ -43,10 +40,10 @@ class Router(nn.Module):
         return unit_weights(r) if self.cfg.combine == "sum" else r
 
     def _route(self, logits: torch.Tensor) -> Routing:
-        if not self.disabled:
+        if not self.cfg.disabled:
             return self.gate(logits)
         off = torch.zeros(self.cfg.experts, dtype=torch.bool, device=logits.device)
-        off[list(self.disabled)] = True
+        off[list(self.cfg.disabled)] = True
         r = self.gate(logits.masked_fill(off, float("-inf")))
         # soft and expert-choice gates list every expert: drop the disabled ones
         dead = off[r.expert.clamp(min=0)] & (r.expert >= 0)
@@ -58,17 +55,6 @@ class Router(nn.Module):
     def noisy(self, logits: torch.Tensor) -> torch.Tensor:
         std = self.cfg.router_noise
         return logits + std * torch.randn_like(logits) if (self.training and std > 0) else logits
-
-    @property
-    def active_experts(self) -> float:
-        """Experts a token runs through on average, with the disabled ones off."""
-        return min(self.cfg.experts - len(self.disabled), self.cfg.active_experts)
-
-    def distill_loss(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """KL(softmax(teacher x) || softmax(router x)), per token, batch mean."""
-        with torch.autocast(device_type=tokens.device.type, enabled=False), torch.no_grad():
-            target = F.log_softmax(F.linear(tokens.float(), self.teacher_weight), dim=-1)
-        return F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -113,23 +99,16 @@ class ExpertChoiceRouter(Router):
         cf = self.capacity_factor
         return expert_choice(logits, cf if cf is not None else 1.0)
 
-    @property
-    def active_experts(self) -> float:
-        enabled = self.cfg.experts - len(self.disabled)
-        return min(enabled, (self.capacity_factor or 1.0) * enabled / self.cfg.experts)
-
 
 ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "top_p": TopPRouter, "soft": SoftRouter,
                                     "expert_choice": ExpertChoiceRouter}
 
 
 def make_router(in_features: int, cfg: MoEConfig, like: Router | None = None, **kwargs) -> Router:
-    """The router class for ``cfg.gate``; with ``like``, it takes over that router's weight, teacher and
-    switched-off experts (changing the gate or k of a trained layer)."""
+    """The router class for ``cfg.gate``; with ``like``, it takes over that router's weight (changing the gate or
+    k of a trained layer)."""
     router = ROUTERS[cfg.gate](in_features, cfg, **kwargs)
     if like is not None:
         router.weight = like.weight
-        router.teacher_weight = like.teacher_weight
-        router.disabled = like.disabled
         router.train(like.training)
     return router

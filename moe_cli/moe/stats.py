@@ -14,6 +14,7 @@ dense-to-sparse CV losses ask for gate matrices inside the loop's aux-loss recor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_cli.moe.dispatch import expert_counts
 from moe_cli.moe.layer import moe_layers
-from moe_cli.moe.losses import batch_variation, load_balance_loss, z_loss
+from moe_cli.moe.losses import batch_variation, distill_loss, load_balance_loss, z_loss
 from moe_cli.moe.routing import Routing
 
 
@@ -34,7 +36,7 @@ class LayerRecord:
     dropped: torch.Tensor  # share of tokens with no expert at all (their residual passes through)
     load_balance: torch.Tensor | None = None  # aux losses (with aux=True), differentiable
     z_loss: torch.Tensor | None = None
-    distill: torch.Tensor | None = None  # KL to the router's teacher, when it has one
+    distill: torch.Tensor | None = None  # KL from the layer's teacher router (RoutingRecorder teachers=)
     gate: torch.Tensor | None = None  # (batch, tokens, E) combine weights (with gates=True)
 
 
@@ -52,37 +54,49 @@ def gate_matrix(routing: Routing, num_experts: int) -> torch.Tensor:
 
 
 class RoutingRecorder:
-    """Collects per-layer routing records of the forwards run inside ``with``; ``records`` holds the last one."""
+    """Collects per-layer routing records of the forwards run inside ``with``; ``records`` holds the last one.
 
-    def __init__(self, model: nn.Module, aux: bool = False, gates: bool = False):
-        self.aux, self.gates = aux, gates
+    It listens through forward hooks on each layer's router (torch's own mechanism; nothing is stored on the
+    layers), registered on entering and removed on leaving. ``teachers`` ({layer name: (E, D) router weight}):
+    with ``aux``, each record also holds ``distill``, the KL from the teacher router's softmax to the layer's."""
+
+    def __init__(self, model: nn.Module, aux: bool = False, gates: bool = False,
+                 teachers: dict[str, torch.Tensor] | None = None):
+        self.aux, self.gates, self.teachers = aux, gates, dict(teachers or {})
         self.layers = moe_layers(model)
-        self._names = {id(m): n for n, m in self.layers}
         self.records: dict[str, LayerRecord] = {}
+        self._batch: dict[str, int] = {}
+        self._handles: list = []
 
     def __enter__(self) -> RoutingRecorder:
-        for _, m in self.layers:
-            m.recorders.append(self)
+        for name, m in self.layers:
+            if self.gates:  # gate matrices are (batch, tokens, E): the batch size comes from the layer's input
+                self._handles.append(m.register_forward_pre_hook(functools.partial(self._layer_input, name)))
+            self._handles.append(m.router.register_forward_hook(functools.partial(self._routed, name)))
         return self
 
     def __exit__(self, *exc) -> None:
-        for _, m in self.layers:
-            if self in m.recorders:
-                m.recorders.remove(self)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
-    def record(self, layer: nn.Module, tokens: torch.Tensor, routing: Routing, counts: torch.Tensor,
-               batch: int) -> None:
-        """Called by the layer at the end of its forward."""
-        E = counts.shape[0]
-        rec = LayerRecord(counts=counts.detach(), dropped=dropped_fraction(routing))
+    def _layer_input(self, name: str, _layer: nn.Module, args: tuple) -> None:
+        x = args[0]
+        self._batch[name] = x.shape[0] if x.dim() > 1 else 1
+
+    def _routed(self, name: str, router: nn.Module, args: tuple, routing: Routing) -> None:
+        tokens = args[0]
+        E = router.weight.shape[0]
+        counts = expert_counts(routing.expert.detach(), E)[1:]
+        rec = LayerRecord(counts=counts, dropped=dropped_fraction(routing))
         if self.aux:
             rec.load_balance = load_balance_loss(routing, E, counts)
             rec.z_loss = z_loss(routing.logits)
-            if layer.router.teacher_weight is not None:
-                rec.distill = layer.router.distill_loss(tokens, routing.logits)
+            if name in self.teachers:
+                rec.distill = distill_loss(tokens, routing.logits, self.teachers[name].to(tokens.device))
         if self.gates:
-            rec.gate = gate_matrix(routing, E).view(batch, -1, E)
-        self.records[self._names.get(id(layer), str(id(layer)))] = rec
+            rec.gate = gate_matrix(routing, E).view(self._batch.get(name, 1), -1, E)
+        self.records[name] = rec
 
     def __iter__(self) -> Iterator[LayerRecord]:
         return iter(self.records.values())

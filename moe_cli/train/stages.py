@@ -21,12 +21,13 @@ from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint
 from moe_cli.io.sources import load_source
 from moe_cli.models.flops import compute_report
-from moe_cli.models.surgery import moe_layers
-from moe_cli.moe.config import ROUTER_STD
+from moe_cli.moe.config import ROUTER_STD, MoEConfig
+from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.losses import expert_cv_loss, token_cv_loss
 from moe_cli.moe.stats import RoutingRecorder, routing_stats
 from moe_cli.runtime import atomic_write, autocast, pick_device
 from moe_cli.tasks import ClassifyTask, recipe_task
+from moe_cli.train.build import upcycle_checkpoint
 from moe_cli.train.loop import Reporter, train
 
 STAGE_NAMES = {1: "dense", 2: "distill", 3: "finetune"}
@@ -44,7 +45,7 @@ def dense_moe(recipe: Recipe) -> Checkpoint:
     d, m = recipe.densify, recipe.model
     ckpt = load_source(m.source, pretrained=m.pretrained, arch=m.arch, model_kwargs=m.kwargs)
     if ckpt.moe is None:
-        ckpt.upcycle(experts=d.experts, k=d.k, layers=d.layers, gate="soft", seed=recipe.train.seed)
+        upcycle_checkpoint(ckpt, d.upcycle(), seed=recipe.train.seed)
     elif ckpt.moe.gate != "soft":
         raise ConfigError(f"{m.source} is a `{ckpt.moe.gate}` MoE; stage 1 needs a dense (soft) gate or a dense model")
     for _, layer in moe_layers(ckpt.model):
@@ -66,21 +67,23 @@ def cv_loss(task: ClassifyTask, token_w: float, expert_w: float, eps: float) -> 
     return loss_fn
 
 
-def sparsify(ckpt: Checkpoint, k: int, seed: int, noise_std: float = 0.0) -> Checkpoint:
-    """Swap every dense gate for a new sparse gate top_k(softmax(W_s x)); the old router becomes the teacher."""
+def sparsify(ckpt: Checkpoint, gate: MoEConfig, seed: int, noise_std: float = 0.0) -> dict[str, torch.Tensor]:
+    """Swap every dense gate for a new sparse gate (``gate``: top_k(softmax(W_s x))); returns the old routers'
+    weights, the teachers stage 2 distils from (held by the stage, never saved)."""
     gen = torch.Generator().manual_seed(seed + 1)
-    for _, layer in moe_layers(ckpt.model):
-        layer.set_teacher(layer.router.weight)
+    teachers = {}
+    for name, layer in moe_layers(ckpt.model):
+        teachers[name] = layer.router.weight.detach().clone().float()
         with torch.no_grad():
             new = torch.randn(layer.router.weight.shape, generator=gen) * ROUTER_STD
             layer.router.weight.copy_(new.to(layer.router.weight))
-        layer.reconfigure(gate="topk", k=k, normalize=False, router_noise=noise_std)
-    return ckpt
+        layer.reconfigure(gate=gate.gate, k=gate.k, normalize=gate.normalize, router_noise=noise_std)
+    return teachers
 
 
-def distill_loss(task: ClassifyTask, distill_w: float, task_w: float) -> Callable:
+def distill_loss(task: ClassifyTask, teachers: dict[str, torch.Tensor], distill_w: float, task_w: float) -> Callable:
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
-        with RoutingRecorder(model, aux=True) as rec:
+        with RoutingRecorder(model, aux=True, teachers=teachers) as rec:
             loss, logs = task.loss(model, batch)
         kl = torch.stack([r.distill for r in rec]).mean()
         return distill_w * kl + task_w * loss, {**logs, "distill_kl": kl.detach()}
@@ -151,15 +154,14 @@ def densify_to_sparse(recipe: Recipe, *, from_stage: int = 1, init: str | Path |
 
     if from_stage <= 2:
         s2 = d.stage2
-        ckpt = sparsify(ckpt, d.k, recipe.train.seed, s2.noise_std)
+        teachers = sparsify(ckpt, d.sparse_gate(), recipe.train.seed, s2.noise_std)
         count = trainable_count(ckpt.model, is_gate)
         notify(2, f"stage 2: training only the {len(moe_layers(ckpt.model))} new gates: {count:,} trainable "
                   f"of {trainable_count(ckpt.model, None):,} parameters")
         res = train(stage_recipe(recipe, s2.steps, s2.lr, "stage2", load_balance=0.0, z_loss=0.0), ckpt,
-                    device=device, overwrite=overwrite, task=task, loss_fn=distill_loss(task, s2.distill, s2.task),
-                    trainable=is_gate, reporter=make_reporter("stage 2 distill"), can_resume=False)
-        for _, layer in moe_layers(res.ckpt.model):
-            layer.set_teacher(None)
+                    device=device, overwrite=overwrite, task=task,
+                    loss_fn=distill_loss(task, teachers, s2.distill, s2.task), trainable=is_gate,
+                    reporter=make_reporter("stage 2 distill"), can_resume=False)
         ckpt = finish(2, res.ckpt, count)
 
     s3 = d.stage3

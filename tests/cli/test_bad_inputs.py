@@ -11,7 +11,7 @@ from conftest import model_args, write_recipe
 
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, read_metadata, read_tensors, save
 from moe_cli.models.surgery import upcycle
-from moe_cli.train.loop import lock_output
+from moe_cli.train.run_folder import lock_output
 
 M = ["vit_tiny_patch16_224", "--no-pretrained", *model_args("vit")]
 

@@ -12,8 +12,8 @@ from torch import nn
 from moe_cli.data.digits import digits
 from moe_cli.errors import MoeError
 from moe_cli.io.checkpoint import Checkpoint, save
-from moe_cli.models.flops import gflops_per_image
-from moe_cli.models.surgery import param_counts, upcycle
+from moe_cli.models.flops import gflops_per_image, param_counts
+from moe_cli.models.surgery import upcycle
 from moe_cli.moe.layer import MoEMlp
 from moe_cli.moe.stats import routing_stats
 from moe_cli.tasks.lpips import ALEXNET_FILE, lpips_distance, lpips_model
@@ -23,7 +23,7 @@ NAME, KWARGS = TINY["vit"]
 
 def saved_moe(tmp_path, k=2, name="moe"):
     model, cfg = upcycle(tiny_model("vit"), experts=4, k=k)
-    save(Checkpoint(model, {"name": NAME, "kwargs": KWARGS}, cfg, source=NAME), tmp_path / name)
+    save(Checkpoint(model, {"name": NAME, "kwargs": KWARGS}, source=NAME), tmp_path / name)
     return tmp_path / name
 
 

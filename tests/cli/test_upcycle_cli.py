@@ -31,8 +31,9 @@ def test_export_dtype_round_trip(cli, tmp_path):
     tensors = safetensors.torch.load_file(str(tmp_path / "m.bf16.safetensors"))
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     full, half = moe_cli.load(tmp_path / "m"), moe_cli.load(tmp_path / "m.bf16.safetensors")
+    assert {p.dtype for p in half.parameters()} == {torch.float32}  # loads into the model's precision and runs
     x = probe_batch(full)
-    torch.testing.assert_close(half(x.bfloat16()).float(), full(x), rtol=0.05, atol=0.1)
+    torch.testing.assert_close(half(x), full(x), rtol=0.05, atol=0.1)
 
 
 def assert_user_error(r, *needles):

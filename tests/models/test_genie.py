@@ -18,7 +18,8 @@ from moe_cli.errors import CheckpointError
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.io.sources import load_source
 from moe_cli.models.genie import Genie, GenieConfig
-from moe_cli.models.surgery import max_output_diff, upcycled_copy
+from moe_cli.models.surgery import upcycled_copy
+from moe_cli.models.upcycle import max_output_diff
 
 TINY = {"num_layers": 2, "num_heads": 2, "d_model": 64, "T": 4, "S": 16, "image_vocab_size": 64,
         "num_factored_vocabs": 2, "use_mup": True, "qk_norm": False}

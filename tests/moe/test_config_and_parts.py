@@ -7,13 +7,15 @@ import pytest
 import timm
 import torch
 from timm.layers import Mlp
+from tolerance import assert_close_scaled
 
 from moe_cli.config import Recipe, recipe_from_dict
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.moe import DISPATCHERS, ExpertChoiceRouter, MoEConfig, MoEMlp, RoutingRecorder, SoftRouter, TopKRouter
 from moe_cli.moe.config import MoELayout, UpcycleCfg, flag
-from moe_cli.train.loop import make_optimizer, no_weight_decay_names
+from moe_cli.moe.init import from_dense
+from moe_cli.train.optim import make_optimizer, no_weight_decay_names
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -23,7 +25,7 @@ def test_checkpoint_written_by_v010_loads_with_same_outputs():
     io = torch.load(FIXTURES / "vit-moe-v0.1.0-io.pt", weights_only=True)
     assert ck.moe.layers == ("blocks.0.mlp", "blocks.1.mlp")
     assert (ck.moe.capacity_factor, ck.moe.priority, ck.moe.experts, ck.moe.k) == (2.0, "score", 4, 2)
-    torch.testing.assert_close(ck.model(io["x"]), io["y"], rtol=0, atol=1e-6)
+    assert_close_scaled(ck.model(io["x"]), io["y"])  # fp32, kernels of another torch version
 
 
 def test_timm_builds_an_moe_vit_through_mlp_layer():
@@ -54,7 +56,7 @@ def test_timm_keywords_scalar_or_pair_conv_and_norm():
 
 
 def test_router_class_follows_gate_and_reconfigure_keeps_the_weight():
-    layer = MoEMlp.from_dense(Mlp(8, 16), 4, 2)
+    layer = from_dense(Mlp(8, 16), 4, 2)
     assert isinstance(layer.router, TopKRouter)
     weight = layer.router.weight
     layer.reconfigure(gate="soft")
@@ -67,24 +69,31 @@ def test_router_class_follows_gate_and_reconfigure_keeps_the_weight():
 
 
 def test_dispatchers_are_objects_with_three_steps():
-    layer = MoEMlp.from_dense(Mlp(8, 16), 4, 2)
+    layer = from_dense(Mlp(8, 16), 4, 2)
     x = torch.randn(10, 8)
-    routing = layer.route(x)
+    routing = layer.router(x)
     outs = []
     for impl in ("loop", "grouped"):
         disp = DISPATCHERS[impl]
-        d = disp.dispatch(x, routing.expert, 4)
-        y = disp.combine(disp.run(layer.experts, d), d, routing.weight)
+        x_rows, plan = disp.dispatch(x, routing.expert, layer.experts)
+        y = disp.combine(layer.experts(x_rows, plan), plan, routing.weight)
         outs.append(y)
-        assert d.counts[1:].sum() == 20
+        assert plan.counts[1:].sum() == 20
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[0], layer(x), rtol=0, atol=0)
 
 
-def test_no_statistics_without_a_recorder():
-    layer = MoEMlp.from_dense(Mlp(8, 16), 4, 2)
-    layer(torch.randn(5, 8))
-    assert layer.recorders == [] and not hasattr(layer, "last_gate") and not hasattr(layer, "aux_losses")
+def test_a_recorder_listens_only_inside_with_and_leaves_no_state_on_the_layer():
+    layer = from_dense(Mlp(8, 16), 4, 2)
+    rec = RoutingRecorder(layer, aux=True, gates=True)
+    with rec:
+        layer(torch.randn(5, 8))
+    seen = rec.records[""]
+    assert int(seen.counts.sum()) == 10 and seen.load_balance is not None and seen.gate.shape == (5, 1, 4)
+    layer(torch.randn(7, 8))  # outside: not recorded
+    assert rec.records[""] is seen
+    assert not layer._forward_pre_hooks and not layer.router._forward_hooks  # hooks removed on leaving
+    assert set(vars(layer)) == set(vars(from_dense(Mlp(8, 16), 4, 2)))  # nothing added to the layer
 
 
 def test_stacked_biases_and_norms_are_not_decayed():
@@ -96,14 +105,13 @@ def test_stacked_biases_and_norms_are_not_decayed():
     names = no_weight_decay_names(model)
     assert {"blocks.0.mlp.experts.norm_w", "blocks.0.mlp.experts.norm_b", "blocks.0.mlp.experts.b1"} <= names
     assert "pos_embed" in names and "cls_token" in names  # the model's own timm no_weight_decay()
-    params = list(model.named_parameters())
-    opt = make_optimizer(Recipe(), params, names)
-    decayed = {id(p) for p in opt.param_groups[0]["params"]}
-    by_name = dict(params)
+    opt = make_optimizer(Recipe(), model)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    by_name = dict(model.named_parameters())
     for name in ("blocks.0.mlp.experts.norm_w", "blocks.0.mlp.experts.norm_b", "pos_embed"):
         assert id(by_name[name]) not in decayed, name
     assert id(by_name["blocks.0.mlp.experts.w1"]) in decayed
-    assert opt.param_groups[0]["weight_decay"] > 0 and opt.param_groups[1]["weight_decay"] == 0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(by_name)
 
 
 @pytest.mark.parametrize("fields,needle", [

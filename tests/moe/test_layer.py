@@ -4,7 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, SwiGLU
+from tolerance import assert_close_scaled
 
+from moe_cli.errors import ConfigError
+from moe_cli.moe.init import from_dense
 from moe_cli.moe.layer import MoEMlp
 from moe_cli.moe.stats import RoutingRecorder
 
@@ -33,7 +36,7 @@ def reference(moe: MoEMlp, x: torch.Tensor) -> torch.Tensor:
 def make_moe(kind: str, E: int, k: int, gate: str = "topk", normalize: bool = True, seed: int = 0) -> MoEMlp:
     torch.manual_seed(seed)
     dense = Mlp(16, 24) if kind == "mlp" else SwiGLU(16, 24, norm_layer=torch.nn.LayerNorm)
-    moe = MoEMlp.from_dense(dense, E, k, noise_std=0.1, gate=gate, normalize=normalize,
+    moe = from_dense(dense, E, k, noise_std=0.1, gate=gate, normalize=normalize,
                             generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():  # a router strong enough that routing differs between tokens
         moe.router.weight.normal_(0, 1.0)
@@ -88,11 +91,11 @@ def test_expert_with_no_tokens():
 def test_upcycled_equals_dense_and_leading_dims_kept():
     torch.manual_seed(1)
     dense = Mlp(16, 32).eval()
-    moe = MoEMlp.from_dense(dense, 8, 2).eval()
+    moe = from_dense(dense, 8, 2).eval()
     x = torch.randn(3, 5, 16)
     out = moe(x)
     assert out.shape == (3, 5, 16)
-    torch.testing.assert_close(out, dense(x), rtol=0, atol=1e-6)
+    assert_close_scaled(out, dense(x))
 
 
 def test_autocast_bf16_cpu():
@@ -100,7 +103,7 @@ def test_autocast_bf16_cpu():
     x = torch.randn(33, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = moe(x)
-        logits = moe.route(x).logits
+        logits = moe.router(x).logits
     assert y.dtype == torch.bfloat16
     assert logits.dtype == torch.float32  # router stays fp32 under autocast
     torch.testing.assert_close(y.float(), reference(moe, x), rtol=0.05, atol=0.05)
@@ -123,7 +126,14 @@ def test_aux_losses_hand_computed():
     torch.testing.assert_close(aux.z_loss, expected_z)
 
 
-@pytest.mark.parametrize("kwargs", [{"num_experts": 0}, {"num_experts": 2, "k": 3}, {"gate": "nope"}])
-def test_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"num_experts": 0}, "experts must be at least 1, got 0"),
+    ({"num_experts": 2, "k": 3}, "k must be between 1 and experts (2), got 3"),
+    ({"gate": "nope"}, "gate must be one of topk, top_p, soft, expert_choice, got 'nope'"),
+    ({"impl": "cuda"}, "impl must be one of auto, triton, grouped, loop, got 'cuda'"),
+    ({"num_experts": 4, "k": 2, "disabled": (0, 1, 2)}, "leaves 1 expert(s), fewer than k=2"),
+])
+def test_bad_arguments_name_the_field_and_what_was_expected(kwargs, needle):
+    with pytest.raises(ConfigError) as e:
         MoEMlp(4, 8, **kwargs)
+    assert needle in str(e.value) and "\n" not in str(e.value)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from moe_cli.moe.dispatch import triton_supported
+from moe_cli.moe.dispatchers import TritonDispatcher
+from moe_cli.moe.init import from_dense
 from moe_cli.moe.layer import MoEMlp
 from moe_cli.moe.stats import RoutingRecorder
 
@@ -59,7 +60,7 @@ CASES = [
 
 def make(gate, k, normalize, cf, priority, impl, E=4, D=16, H=32, seed=0):
     torch.manual_seed(seed)
-    moe = MoEMlp.from_dense(Mlp(D, H), E, k, gate=gate, normalize=normalize, capacity_factor=cf, priority=priority,
+    moe = from_dense(Mlp(D, H), E, k, gate=gate, normalize=normalize, capacity_factor=cf, priority=priority,
                             impl=impl)
     with torch.no_grad():
         moe.router.weight.normal_(0, 1.0)
@@ -71,7 +72,7 @@ def make(gate, k, normalize, cf, priority, impl, E=4, D=16, H=32, seed=0):
 
 
 IMPLS = ["loop", "grouped", pytest.param("triton", marks=pytest.mark.skipif(
-    not triton_supported(torch.empty(0)), reason="Triton not importable"))]
+    not TritonDispatcher().supports(torch.empty(0)), reason="Triton not importable"))]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -5,24 +5,25 @@ import pytest
 import torch
 from timm.layers import Mlp, SwiGLU
 
-from moe_cli.moe.dispatch import triton_supported
-from moe_cli.moe.layer import MoEMlp
+from moe_cli.moe.dispatchers import TritonDispatcher
+from moe_cli.moe.init import from_dense
 from moe_cli.moe.triton_gemm import block_table
 
 # conftest.py turns on Triton's interpreter (CPU tensors) on machines without an NVIDIA GPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-pytestmark = pytest.mark.skipif(not triton_supported(torch.empty(0, device=DEVICE)), reason="Triton not importable")
+pytestmark = pytest.mark.skipif(not TritonDispatcher().supports(torch.empty(0, device=DEVICE)),
+                                reason="Triton not importable")
 
 
 def pair(dense, E, k, seed=0, **moe):
     torch.manual_seed(seed)
-    a = MoEMlp.from_dense(dense, E, k, impl="loop", **moe).to(DEVICE)
+    a = from_dense(dense, E, k, impl="loop", **moe).to(DEVICE)
     with torch.no_grad():
         a.router.weight.normal_(0, 1.0)
         for p in a.experts.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    b = MoEMlp.from_dense(dense, E, k, impl="triton", **moe).to(DEVICE)
+    b = from_dense(dense, E, k, impl="triton", **moe).to(DEVICE)
     b.load_state_dict(a.state_dict())
     return a, b
 

@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 from conftest import write_recipe
 
 from moe_cli.config import load_recipe
-from moe_cli.train.loop import build_model, train
+from moe_cli.train.build import build_model
+from moe_cli.train.loop import train
 
 
 def _free_port() -> int:

@@ -51,7 +51,7 @@ def test_stages_gate_only_change_agreement_and_report(tmp_path):
     agree = []
     for (name, d_layer), (_, s_layer) in zip(moe_layers(dense), moe_layers(sparse), strict=True):
         x = tokens[name].reshape(-1, tokens[name].shape[-1])
-        agree.append((d_layer.route(x).logits.argmax(-1) == s_layer.route(x).logits.argmax(-1)).float().mean())
+        agree.append((d_layer.router(x).logits.argmax(-1) == s_layer.router(x).logits.argmax(-1)).float().mean())
     print(f"top-1 agreement per layer: {' / '.join(f'{float(a):.1%}' for a in agree)}")  # README figure (pytest -s)
     assert min(agree) >= 0.9, f"top-1 agreement per layer {agree}"
 

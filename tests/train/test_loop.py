@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import safetensors.torch
 import torch
 from conftest import write_recipe
@@ -99,8 +100,17 @@ def test_imagefolder_through_timm(tmp_path):
     f = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data={"name": "", "root": str(tmp_path / "data")},
                      model={"kwargs": {**_tiny_kwargs(), "num_classes": 2}}, train={"steps": 3, "batch_size": 4})
     result = train(load_recipe(f), device="cpu")
-    assert result.step == 3 and 0.0 <= result.eval["accuracy"] <= 1.0
-    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+    assert result.step == 3 and (tmp_path / "out" / "final" / "model.safetensors").exists()
+    # the loop's final accuracy is the published model's, measured again by `moe eval` on the same split
+    from typer.testing import CliRunner
+
+    from moe_cli.cli.app import app
+
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "out" / "final"), "--data", str(tmp_path / "data"),
+                                 "--metric", "accuracy", "--json"])
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)["accuracy"]["top1"]
+    assert result.eval["accuracy"] == pytest.approx(again, abs=1e-6) and again * 12 == pytest.approx(round(again * 12))
 
 
 def test_bad_data_root_is_one_line(tmp_path, cli):

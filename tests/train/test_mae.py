@@ -16,7 +16,8 @@ from moe_cli.models.mae import MaskedAutoencoder
 from moe_cli.models.surgery import find_ffns, moe_layers
 from moe_cli.tasks import MAETask
 from moe_cli.tasks.lpips import lpips_model
-from moe_cli.train.loop import build_model, train
+from moe_cli.train.build import build_model
+from moe_cli.train.loop import train
 
 ENC = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 MAE_KW = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}

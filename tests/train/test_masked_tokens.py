@@ -16,9 +16,11 @@ from moe_cli.config import load_recipe, recipe_chain
 from moe_cli.data.tokens import TokenDataset, load_decoder, palette_decoder, read_spec, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import load_checkpoint
-from moe_cli.models.surgery import max_output_diff, moe_layers, upcycled_copy
+from moe_cli.models.surgery import moe_layers, upcycled_copy
+from moe_cli.models.upcycle import max_output_diff
 from moe_cli.tasks import fill_masked, token_mask
-from moe_cli.train.loop import build_model, train
+from moe_cli.train.build import build_model
+from moe_cli.train.loop import train
 
 MODEL = {"vocab_size": 16, "frames": 3, "height": 3, "width": 3, "embed_dim": 32, "depth": 2, "num_heads": 2}
 

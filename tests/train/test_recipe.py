@@ -60,7 +60,7 @@ def test_then_chain_runs_resumes_and_refuses_to_overwrite(tmp_path, cli):
 
     from moe_cli.config import load_recipe, recipe_chain
     from moe_cli.io.checkpoint import load_checkpoint
-    from moe_cli.train.loop import build_model
+    from moe_cli.train.build import build_model
 
     path = write_recipe(tmp_path / "r.yaml", tmp_path / "a", train={"steps": 3},
                         then={"train": {"steps": 2}, "model": {"upcycle": {"experts": 2, "k": 1}},

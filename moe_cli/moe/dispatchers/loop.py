@@ -1,0 +1,55 @@
+"""The loop dispatcher: one ``F.linear`` per expert over its contiguous rows. Runs anywhere (the CPU default);
+reads the group sizes on the host (one sync per layer, and a graph break under torch.compile)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_cli.moe.dispatch import Dispatcher, expert_counts, inverse_permutation, weighted_sum
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    counts: torch.Tensor  # (E + 1,), index 0 = dropped
+    group_sizes: list[int]  # rows of each expert, host side
+    order: torch.Tensor  # (T*S,) slot index of each sorted position, dropped slots first
+    dropped: int
+    slots: int  # T * S
+
+    def _each(self, x_RI: torch.Tensor, fn, *params) -> torch.Tensor:
+        """``fn(rows of expert e, params[..][e])`` over the experts with rows, concatenated. Each parameter is
+        unbound once, so its backward stacks the per-expert grads in one allocation."""
+        per_expert = [p.unbind(0) if p is not None else (None,) * len(self.group_sizes) for p in params]
+        chunks = x_RI.split(self.group_sizes)
+        outs = [fn(chunk, *(p[e] for p in per_expert)) for e, chunk in enumerate(chunks) if self.group_sizes[e]]
+        if not outs:
+            return x_RI.new_zeros(0, *fn(x_RI[:0], *(p[0] for p in per_expert)).shape[1:])
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def linear(self, x_RI, w_EOI, b_EO, first):
+        return self._each(x_RI, F.linear, w_EOI, b_EO)
+
+    def scale_shift(self, h_RH, w_EH, b_EH):
+        return self._each(h_RH, lambda h, w, b: h * w + b, w_EH, b_EH)
+
+
+class LoopDispatcher(Dispatcher):
+    name = "loop"
+
+    def dispatch(self, x_TD, expert_TS, experts):
+        T, S = expert_TS.shape
+        order = torch.argsort(expert_TS.reshape(-1), stable=True)  # dropped slots (-1) sort first
+        counts = expert_counts(expert_TS, experts.num_experts)
+        sizes = counts.tolist()
+        x_RD = x_TD.index_select(0, torch.div(order[sizes[0]:], S, rounding_mode="floor"))
+        return x_RD, LoopPlan(counts, sizes[1:], order, sizes[0], T * S)
+
+    def combine(self, y_RO, plan: LoopPlan, weight_TS):
+        if plan.dropped:
+            y_slots = y_RO.new_zeros(plan.slots, y_RO.shape[-1]).index_copy(0, plan.order[plan.dropped:], y_RO)
+        else:
+            y_slots = y_RO.index_select(0, inverse_permutation(plan.order))
+        return weighted_sum(y_slots, weight_TS)

@@ -1,0 +1,165 @@
+"""A training run's output folder: the exclusive lock, atomic `last/` checkpoints with the training state, the
+resume check, clearing an old run, and the metrics log replayed on resume.
+
+Layout: ``<out>/last/`` (model.safetensors + train_state.pt, swapped in atomically), ``<out>/final/``,
+``metrics.jsonl``, ``summary.json``, ``recipe.yaml``, ``tb/``, ``.lock``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from moe_cli.config import Recipe
+from moe_cli.errors import CheckpointError, ConfigError
+from moe_cli.io.checkpoint import Checkpoint, save
+from moe_cli.runtime import atomic_write
+
+LAST, FINAL, STATE_FILE = "last", "final", "train_state.pt"
+
+# what a resumed run may change; every other recipe field must equal the run it continues, so a new section or
+# field is protected by default
+MAY_CHANGE_ON_RESUME = ("train.steps", "train.epochs", "train.eval_every", "train.ckpt_every", "train.log_every",
+                        "train.compile", "train.compile_backend", "data.num_workers",
+                        "schedule", "output", "then")
+
+
+def lock_output(out: Path):
+    """An exclusive lock on ``out`` for this process: two runs writing one folder would interleave everything."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "w")  # noqa: SIM115 — held for the whole run
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # not POSIX: no lock
+        return handle
+    except OSError:
+        handle.close()
+        raise ConfigError(f"{out} is in use by another run (it holds the lock {out / '.lock'}); wait for it or "
+                          "choose another output folder") from None
+    return handle
+
+
+def holds_output_lock(fn):
+    """Run ``fn`` (train) holding the exclusive lock on its output folder (rank 0), released however it ends."""
+
+    @functools.wraps(fn)
+    def wrapper(recipe: Recipe, *args, out_dir: str | Path | None = None, **kwargs):
+        out = Path(out_dir or recipe.output)
+        lock = lock_output(out) if int(os.environ.get("RANK", "0")) == 0 else None
+        try:
+            return fn(recipe, *args, out_dir=out, **kwargs)
+        finally:
+            if lock is not None:
+                lock.close()
+
+    return wrapper
+
+
+def find_last(out: Path) -> Path | None:
+    """`last`, or the previous one if a run was killed in the middle of swapping checkpoints."""
+    for name in (LAST, f".{LAST}.old"):
+        if (out / name / STATE_FILE).is_file():
+            return out / name
+    return None
+
+
+def start_or_resume(out: Path, recipe: Recipe, resume: bool, overwrite: bool, can_resume: bool,
+                    main: bool) -> tuple[Path | None, dict | None]:
+    """(`last` folder, its training state) to resume from, or (None, None) for a fresh run, whose folder is then
+    cleared (``--overwrite``: nothing of the old run survives to be resumed or appended to)."""
+    last = find_last(out) if resume else None
+    if resume and last is None:
+        raise ConfigError(f"--resume: no checkpoint to resume in {out} (expected {out / LAST}/{STATE_FILE})")
+    if not resume and not overwrite and (find_last(out) is not None or (out / FINAL).exists()):
+        hint = "pass --resume to continue it or --overwrite to start over" if can_resume else \
+            "pass --overwrite to start over"
+        raise ConfigError(f"{out} already holds a run; {hint}")
+    if last is None:
+        if main:
+            clear_run(out)
+        return None, None
+    return last, read_state(last, recipe)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_last(out: Path, ckpt: Checkpoint, state: dict) -> None:
+    """Write model + optimizer/scheduler/RNG/data position into a fresh folder, then swap it in for `last`."""
+    tmp, last, old = out / f".{LAST}.tmp", out / LAST, out / f".{LAST}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(ckpt, tmp)
+    torch.save(state, tmp / STATE_FILE)
+    if last.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        last.rename(old)
+    tmp.rename(last)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def _may_change(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in MAY_CHANGE_ON_RESUME)
+
+
+def read_state(last: Path, recipe: Recipe) -> dict:
+    """The training state in ``last``, checked to belong to a run of this recipe; one-line errors otherwise."""
+    path = last / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or not a torch file
+        raise CheckpointError(f"--resume: {path} cannot be read ({type(e).__name__}); it is damaged — start over "
+                              "with --overwrite") from None
+    needed = ("optimizer", "scheduler", "scaler", "rng", "step", "epoch", "batch_in_epoch")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise CheckpointError(f"--resume: {path} is not a moe-cli training state")
+    old, new = _flat(state.get("recipe") or {}), _flat(recipe.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if not _may_change(key) and old.get(key) != new.get(key):
+            raise ConfigError(f"--resume: `{key}` differs from the run being resumed ({last.parent}); a resumed run "
+                              f"keeps its recipe except {', '.join(MAY_CHANGE_ON_RESUME)} — start a new run for that "
+                              "change")
+    return state
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write(path, lambda p: Path(p).write_text("".join(f"{line}\n" for line in keep)))
+
+
+def clear_run(out: Path) -> None:
+    """Remove what a previous run left in ``out`` (checkpoints, metrics, summary, TensorBoard log)."""
+    for name in (LAST, f".{LAST}.old", f".{LAST}.tmp", FINAL, "tb"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        (out / name).unlink(missing_ok=True)
