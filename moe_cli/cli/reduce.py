@@ -82,7 +82,7 @@ def merge_cmd(
         if not 1 <= experts <= layer.num_experts:
             raise ConfigError(f"--experts must be between 1 and {layer.num_experts} (experts in `{name}`), got "
                               f"{experts}")
-        if experts < layer.k and layer.gate in TOKEN_CHOICE and not is_split(layer):
+        if experts < layer.k and layer.cfg.gate in TOKEN_CHOICE and not is_split(layer):
             layer.reconfigure(k=experts)
     before = param_counts(checkpoint.model)[0]
     usage = expert_usage(checkpoint.model, calibration_batches(checkpoint.model, calib, calib_batches))

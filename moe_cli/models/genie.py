@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from moe_cli.models.registry import build
 
 
 @dataclass
@@ -207,23 +209,29 @@ class Genie(nn.Module):
                     nn.init.zeros_(m.bias)
 
 
-def _create(pretrained: bool, config: dict) -> Genie:
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        config.pop(key, None)
-    if pretrained:
-        raise ValueError("GENIE weights load from `hf-hub:1x-technologies/GENIE_35M` or a local folder, not "
-                         "through timm's pretrained=True")
-    model = Genie(GenieConfig.from_dict(config))
+# timm's per-model defaults (no weights through timm: they come from the Hub folder's config.json + safetensors)
+default_cfgs = generate_default_cfgs({name: {"num_classes": -1, "license": "apache-2.0"}
+                                      for name in ("genie", "genie_35m", "genie_138m")})
+
+
+def _from_fields(**config) -> Genie:
     unknown = set(config) - {f.name for f in fields(GenieConfig)} - {"factored_vocab_size"}
     if unknown:
         raise TypeError(f"unknown GENIE config field(s): {', '.join(sorted(unknown))}")
-    return model
+    return Genie(GenieConfig.from_dict(config))
+
+
+def _create(variant: str, pretrained: bool, config: dict) -> Genie:
+    if pretrained:
+        raise ValueError("GENIE weights load from `hf-hub:1x-technologies/GENIE_35M` or a local folder, not "
+                         "through timm's pretrained=True")
+    return build(_from_fields, variant, **config)
 
 
 @register_model
 def genie(pretrained: bool = False, **config) -> Genie:
     """GENIE from config fields: ``timm.create_model("genie", num_layers=2, num_heads=2, d_model=64, ...)``."""
-    return _create(pretrained, config)
+    return _create("genie", pretrained, config)
 
 
 GENIE_35M = {"num_layers": 32, "num_heads": 8, "d_model": 256, "T": 16, "S": 256, "image_vocab_size": 262144,
@@ -235,10 +243,10 @@ GENIE_35M = {"num_layers": 32, "num_heads": 8, "d_model": 256, "T": 16, "S": 256
 def genie_35m(pretrained: bool = False, **config) -> Genie:
     """The released GENIE_35M shape (32 layers, d 256, 8 heads, 2 x 512 factored vocab). Its hub config.json
     is authoritative; ``use_mup`` (most likely true) and ``qk_norm`` are read from it when loading from the hub."""
-    return _create(pretrained, {**GENIE_35M, **config})
+    return _create("genie_35m", pretrained, {**GENIE_35M, **config})
 
 
 @register_model
 def genie_138m(pretrained: bool = False, **config) -> Genie:
     """The released GENIE_138M shape as far as its file size tells (32 layers, d 512; 8 heads assumed)."""
-    return _create(pretrained, {**GENIE_35M, "d_model": 512, **config})
+    return _create("genie_138m", pretrained, {**GENIE_35M, "d_model": 512, **config})

@@ -10,9 +10,11 @@ from __future__ import annotations
 import timm
 import torch
 from timm.layers import trunc_normal_
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+
+from moe_cli.models.registry import build
 
 EVAL_MASK_SEED = 0  # eval-mode masks are drawn from this seed: metrics are comparable across checkpoints
 
@@ -150,12 +152,13 @@ def mae_kwargs(encoder: str, encoder_kwargs: dict, decoder_dim: int, decoder_dep
             "norm_pix_loss": norm_pix_loss}
 
 
+default_cfgs = generate_default_cfgs({"mae_vit": {"num_classes": -1}})  # weights: the encoder's, below
+
+
 @register_model
 def mae_vit(pretrained: bool = False, encoder: str = "vit_base_patch16_224", encoder_kwargs: dict | None = None,
             **kwargs) -> MaskedAutoencoder:
     """timm entrypoint: ``timm.create_model("mae_vit", encoder="vit_tiny_patch16_224", encoder_kwargs={...})``;
     ``pretrained`` loads the encoder's pretrained weights."""
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
     enc = timm.create_model(encoder, pretrained=pretrained, **(encoder_kwargs or {}))
-    return MaskedAutoencoder(enc, **kwargs)
+    return build(MaskedAutoencoder, "mae_vit", encoder=enc, **kwargs)

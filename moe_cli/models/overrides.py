@@ -40,10 +40,10 @@ def apply_overrides(model: nn.Module, top_k: int | None = None, capacity_factor:
     for i, (name, m) in enumerate(layers):
         changes: dict = {}
         if top_k is not None:
-            if m.gate == Gate.expert_choice:
+            if m.cfg.gate == Gate.expert_choice:
                 raise ConfigError(f"--top-k does not apply to `{name}`: its experts choose their tokens "
                                   "(expert_choice); change --capacity-factor instead")
-            changes.update(k=top_k) if m.gate == Gate.top_p else changes.update(gate=Gate.topk, k=top_k)
+            changes.update(k=top_k) if m.cfg.gate == Gate.top_p else changes.update(gate=Gate.topk, k=top_k)
         if capacity_factor is not None:
             changes.update(capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
         if i in disabled:

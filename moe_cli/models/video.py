@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 from timm.layers import Mlp, trunc_normal_
 from timm.layers.attention import Attention
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from moe_cli.models.registry import build
 
 
 class SpaceTimeBlock(nn.Module):
@@ -82,12 +84,13 @@ class MaskGitVideo(nn.Module):
         return torch.randint(0, self.vocab_size, (batch, *self.token_shape), generator=generator).to(device)
 
 
+default_cfgs = generate_default_cfgs({"maskgit_video": {"num_classes": -1}})
+
+
 @register_model
 def maskgit_video(pretrained: bool = False, **kwargs) -> MaskGitVideo:
     """timm entrypoint: ``timm.create_model("maskgit_video", vocab_size=..., frames=..., height=..., width=...)``."""
     if pretrained:
         raise ValueError("maskgit_video has no pretrained weights; use --no-pretrained / pretrained: false, or "
                          "a trained moe-cli checkpoint")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return MaskGitVideo(**kwargs)
+    return build(MaskGitVideo, "maskgit_video", **kwargs)

@@ -4,9 +4,9 @@ rows, and put the outputs back in token order.
 A dispatcher (one module each under :mod:`moe_cli.moe.dispatchers`, listed in its registry) does three things:
 
 - :meth:`Dispatcher.dispatch` — rows of the input grouped expert by expert, and a small frozen *plan* of its own
-  type that says how the experts' grouped linear maps run over those rows (:class:`Plan`);
-- the experts run ``experts(x_RD, plan)`` (:class:`~moe_cli.moe.experts.Experts`, one forward for all
-  dispatchers: the plan supplies ``linear`` and ``scale_shift``);
+  type that says how the experts' FFN runs over those rows (:class:`Plan`);
+- the experts run ``experts(x_RD, plan)`` (:class:`~moe_cli.moe.experts.Experts`: one FFN for all dispatchers,
+  which the plan applies expert by expert or over all rows with grouped linear maps, :class:`Ops`);
 - :meth:`Dispatcher.combine` — back to token order, weighted sum over each token's slots.
 
 Combining is an elementwise weighted sum (deterministic, no ``index_add_``). Shapes in names: T tokens, S slots
@@ -22,19 +22,35 @@ import torch
 from moe_cli.moe.routing import Routing
 
 
+class Ops(Protocol):
+    """The linear maps of :meth:`Experts.ffn <moe_cli.moe.experts.Experts.ffn>`: plain ones for one expert's rows,
+    or grouped ones (row r times its expert's weights) over rows of all experts."""
+
+    def linear(self, x_RI: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, first: bool) -> torch.Tensor:
+        """x w^T + b; ``first``: an input projection (over the rows as dispatched), else the output projection
+        (over the hidden rows the first produced)."""
+        ...
+
+    def scale_shift(self, h_RH: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """h * w + b per row (the hidden LayerNorm's affine part)."""
+        ...
+
+
 class Plan(Protocol):
     """What a dispatcher hands the experts with the grouped rows."""
 
     counts: torch.Tensor  # (E + 1,) slots per expert, index 0 = dropped
 
-    def linear(self, x_RI: torch.Tensor, w_EOI: torch.Tensor, b_EO: torch.Tensor | None, first: bool) -> torch.Tensor:
-        """Row r times its expert's ``w``; ``first``: the input projection(s) (rows as dispatched), else the
-        output projection (over the hidden rows the first produced)."""
+    def apply(self, ffn, x_RD: torch.Tensor, params: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """``ffn(x, ops, params)`` over the grouped rows: (R, D) -> (R, O)."""
         ...
 
-    def scale_shift(self, h_RH: torch.Tensor, w_EH: torch.Tensor, b_EH: torch.Tensor) -> torch.Tensor:
-        """h * w[e] + b[e] with e the expert of each row (the hidden LayerNorm's affine part)."""
-        ...
+
+class GroupedOps:
+    """Plans that run all experts at once are their own ops: ``ffn`` sees the stacked (E, ...) weights."""
+
+    def apply(self, ffn, x_RD, params):
+        return ffn(x_RD, self, params)
 
 
 def expert_counts(expert_TS: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The expert bank: E FFN experts as stacked weights, run over rows grouped by expert.
 
-One forward for every dispatcher: ``experts(x_RD, plan)`` where the dispatcher's ``plan`` supplies the grouped
-linear map (``plan.linear``) and the per-row affine of the hidden norm (``plan.scale_shift``); the FFN itself
-(GLU, activation, dropout, hidden LayerNorm) is written once, here.
+One forward for every dispatcher: ``experts(x_RD, plan)``. The FFN itself (GLU, activation, dropout, hidden
+LayerNorm) is written once, :meth:`Experts.ffn`, over ``ops`` that run its linear maps; the dispatcher's ``plan``
+applies it: expert by expert with plain ``F.linear`` (loop), or once over all rows with grouped GEMMs as the
+ops (grouped, Triton).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import nn
 
-from moe_cli.moe.dispatch import Plan
+from moe_cli.moe.dispatch import Ops, Plan
 
 PARAMS = ("w1", "b1", "wg", "bg", "norm_w", "norm_b", "w2", "b2")  # every stacked tensor an expert bank may hold
 
@@ -74,14 +75,16 @@ class Experts(nn.Module):
                 setattr(self, name, nn.Parameter(p.data[keep.to(p.device)].clone(), requires_grad=p.requires_grad))
 
     def forward(self, x_RD: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """The experts over rows grouped by ``plan`` (its dispatcher's): (R, D) -> (R, O)."""
-        h_RH = plan.linear(x_RD, self.w1, self.b1, True)
-        if self.glu:
-            h_RH = self.act(plan.linear(x_RD, self.wg, self.bg, True)) * h_RH
-        else:
-            h_RH = self.act(h_RH)
-        h_RH = F.dropout(h_RH, self.drop[0], self.training)
+        """The experts over rows grouped by ``plan`` (its dispatcher's): (R, D) -> (R, O). The plan applies
+        :meth:`ffn` to the rows: per expert with that expert's weights (loop), or once over all rows with the
+        stacked weights and grouped GEMMs."""
+        return plan.apply(self.ffn, x_RD, {name: getattr(self, name) for name in PARAMS})
+
+    def ffn(self, x: torch.Tensor, ops: Ops, p: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """The expert FFN, written once: ``ops`` runs its linear maps and the hidden norm's affine part."""
+        h = ops.linear(x, p["w1"], p["b1"], True)
+        h = self.act(ops.linear(x, p["wg"], p["bg"], True)) * h if self.glu else self.act(h)
+        h = F.dropout(h, self.drop[0], self.training)
         if self.norm_eps is not None:
-            h_RH = plan.scale_shift(F.layer_norm(h_RH, h_RH.shape[-1:], None, None, self.norm_eps),
-                                    self.norm_w, self.norm_b)
-        return F.dropout(plan.linear(h_RH, self.w2, self.b2, False), self.drop[1], self.training)
+            h = ops.scale_shift(F.layer_norm(h, h.shape[-1:], None, None, self.norm_eps), p["norm_w"], p["norm_b"])
+        return F.dropout(ops.linear(h, p["w2"], p["b2"], False), self.drop[1], self.training)

@@ -81,14 +81,6 @@ class MoEMlp(nn.Module):
         return self.cfg.k
 
     @property
-    def gate(self) -> str:
-        return self.cfg.gate
-
-    @property
-    def normalize(self) -> bool:
-        return self.cfg.normalize
-
-    @property
     def active_experts(self) -> float:
         """Experts a token runs through on average (expert choice: with the capacity of the current mode)."""
         return dataclasses.replace(self.cfg, capacity_factor=self.router.capacity_factor).active_experts

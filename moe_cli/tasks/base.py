@@ -50,3 +50,11 @@ class Task:
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",
                  lpips: nn.Module | None = None) -> dict:
         raise NotImplementedError
+
+
+class TokenTask(Task):
+    """Objectives whose model predicts masked video tokens (masked-tokens, genie): what `moe eval` reports."""
+
+    quality = frozenset({"ce", "accuracy", "lpips"})
+    produces = "token predictions"
+    default_metrics = "ce,accuracy,routing,flops"

@@ -28,7 +28,7 @@ from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint
 from moe_cli.models.genie import Genie, factorize, unfactorize
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Task, section, unwrap
+from moe_cli.tasks.base import TokenTask, section, unwrap
 from moe_cli.tasks.lpips import lpips_distance
 from moe_cli.tasks.masked_tokens import decoded_frames
 
@@ -98,12 +98,9 @@ def maskgit_generate(model: nn.Module, prompt: torch.Tensor, t: int, steps: int 
     return cur[:, t], first
 
 
-class GenieTask(Task):
+class GenieTask(TokenTask):
     name = "genie"
     section = "genie"
-    quality = frozenset({"ce", "accuracy", "lpips"})
-    produces = "token predictions"
-    default_metrics = "ce,accuracy,routing,flops"
 
     def __init__(self, cfg: GenieTaskCfg | None = None):
         self.cfg = cfg or GenieTaskCfg()

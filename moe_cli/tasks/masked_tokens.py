@@ -15,7 +15,7 @@ from moe_cli.data.tokens import load_decoder
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Task, is_token_model, section, unwrap
+from moe_cli.tasks.base import TokenTask, is_token_model, section, unwrap
 from moe_cli.tasks.lpips import lpips_distance
 
 
@@ -58,12 +58,9 @@ def fill_masked(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, step
     return cur.view_as(tokens)
 
 
-class MaskedTokensTask(Task):
+class MaskedTokensTask(TokenTask):
     name = "masked-tokens"
     section = "masked_tokens"
-    quality = frozenset({"ce", "accuracy", "lpips"})
-    produces = "token predictions"
-    default_metrics = "ce,accuracy,routing,flops"
 
     def __init__(self, cfg: MaskedTokensCfg | None = None, label_smoothing: float = 0.0):
         self.cfg = cfg or MaskedTokensCfg()

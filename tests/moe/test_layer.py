@@ -17,11 +17,11 @@ def reference(moe: MoEMlp, x: torch.Tensor) -> torch.Tensor:
     ex = moe.experts
     logits = x.float() @ moe.router.weight.float().T
     probs = logits.softmax(-1)
-    if moe.gate == "soft":
+    if moe.cfg.gate == "soft":
         W = probs
     else:
         top, idx = logits.topk(moe.k, dim=-1)
-        w = top.softmax(-1) if moe.normalize else probs.gather(-1, idx)
+        w = top.softmax(-1) if moe.cfg.normalize else probs.gather(-1, idx)
         W = torch.zeros_like(probs).scatter(1, idx, w)
     outs = []
     for e in range(moe.num_experts):

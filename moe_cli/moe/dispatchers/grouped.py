@@ -10,11 +10,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_cli.moe.dispatch import Dispatcher, compute_dtype, inverse_permutation, sort_dropped_last, weighted_sum
+from moe_cli.moe.dispatch import (
+    Dispatcher,
+    GroupedOps,
+    compute_dtype,
+    inverse_permutation,
+    sort_dropped_last,
+    weighted_sum,
+)
 
 
 @dataclass(frozen=True)
-class GroupedPlan:
+class GroupedPlan(GroupedOps):
     counts: torch.Tensor  # (E + 1,), index 0 = dropped
     offsets: torch.Tensor  # (E,) int32 end row of each group (dropped rows in the last)
     one_hot_RE: torch.Tensor  # (R, E) expert of each row in the compute dtype (all zero for dropped rows)

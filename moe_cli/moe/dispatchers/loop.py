@@ -19,21 +19,32 @@ class LoopPlan:
     dropped: int
     slots: int  # T * S
 
-    def _each(self, x_RI: torch.Tensor, fn, *params) -> torch.Tensor:
-        """``fn(rows of expert e, params[..][e])`` over the experts with rows, concatenated. Each parameter is
-        unbound once, so its backward stacks the per-expert grads in one allocation."""
-        per_expert = [p.unbind(0) if p is not None else (None,) * len(self.group_sizes) for p in params]
-        chunks = x_RI.split(self.group_sizes)
-        outs = [fn(chunk, *(p[e] for p in per_expert)) for e, chunk in enumerate(chunks) if self.group_sizes[e]]
+    def apply(self, ffn, x_RD, params):
+        """``ffn`` on each expert's rows with that expert's weights (each stacked tensor unbound once, so its
+        backward stacks the per-expert grads in one allocation); the outputs concatenated."""
+        per_expert = {n: p.unbind(0) if p is not None else None for n, p in params.items()}
+
+        def weights(e: int) -> dict:
+            return {n: v[e] if v is not None else None for n, v in per_expert.items()}
+
+        chunks = x_RD.split(self.group_sizes)
+        outs = [ffn(chunk, DENSE, weights(e)) for e, chunk in enumerate(chunks) if self.group_sizes[e]]
         if not outs:
-            return x_RI.new_zeros(0, *fn(x_RI[:0], *(p[0] for p in per_expert)).shape[1:])
+            return x_RD.new_zeros(0, params["w2"].shape[1])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def linear(self, x_RI, w_EOI, b_EO, first):
-        return self._each(x_RI, F.linear, w_EOI, b_EO)
 
-    def scale_shift(self, h_RH, w_EH, b_EH):
-        return self._each(h_RH, lambda h, w, b: h * w + b, w_EH, b_EH)
+class DenseOps:
+    """One expert's linear maps: plain F.linear."""
+
+    def linear(self, x_RI, w, b, first):
+        return F.linear(x_RI, w, b)
+
+    def scale_shift(self, h_RH, w, b):
+        return h_RH * w + b
+
+
+DENSE = DenseOps()
 
 
 class LoopDispatcher(Dispatcher):

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_cli.moe.dispatch import Dispatcher, compute_dtype, sort_dropped_last, weighted_sum
+from moe_cli.moe.dispatch import Dispatcher, GroupedOps, compute_dtype, sort_dropped_last, weighted_sum
 from moe_cli.moe.routing import Routing
 
 
 @dataclass(frozen=True)
-class TritonPlan:
+class TritonPlan(GroupedOps):
     counts: torch.Tensor  # (E + 1,), index 0 = dropped
     table: object  # moe_cli.moe.triton_gemm.BlockTable over the T*S sorted rows
     row_token: torch.Tensor  # (T*S,) token of each sorted row
