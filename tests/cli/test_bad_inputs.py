@@ -101,6 +101,10 @@ def test_resume_refuses_changed_model_and_damaged_state(cli, tmp_path):
     assert cli("finetune", f).exit_code == 0
     one_line(cli("finetune", f, "--resume", "--set", "model.kwargs.depth=3"), "`model.kwargs.depth` differs")
     one_line(cli("finetune", f, "--resume", "--set", "optim.name=sgd"), "`optim.name` differs")
+    # sections nobody listed are protected by default (before, only a hand-kept list of sections was compared)
+    one_line(cli("finetune", f, "--resume", "--set", "moe.load_balance=0.5"), "`moe.load_balance` differs")
+    one_line(cli("finetune", f, "--resume", "--set", "genie.seed=3"), "`genie.seed` differs")
+    one_line(cli("finetune", f, "--resume", "--set", "train.batch_size=8"), "`train.batch_size` differs")
     state = tmp_path / "out" / "last" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     one_line(cli("finetune", f, "--resume"), "cannot be read")
