@@ -12,6 +12,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -59,6 +60,12 @@ class DataCfg:
     augment: bool = False
     synthetic: SyntheticTokensCfg | None = None  # tokens only: generate the data into `root` if missing
     stride: int = 15  # genie: images between the frames of a clip (15: 2 Hz from the 30 Hz recordings)
+
+    def check(self, label: Callable[[str], str]) -> None:
+        _check_field(self.num_workers >= 0, label("num_workers"), "an integer >= 0", self.num_workers)
+        _check_field(self.img_size is None or self.img_size >= 1, label("img_size"),
+                     "an integer >= 1 or null (the model's)", self.img_size)
+        _check_field(self.stride >= 1, label("stride"), "an integer >= 1", self.stride)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,13 @@ class MAECfg:
     decoder_heads: int = 4
     norm_pix_loss: bool = True  # regress per-patch normalised pixels
 
+    def check(self, label: Callable[[str], str]) -> None:
+        _check_field(0 < self.mask_ratio < 1, label("mask_ratio"), "a number in (0, 1)", self.mask_ratio)
+        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            _check_field(getattr(self, name) >= 1, label(name), "an integer >= 1", getattr(self, name))
+        _check_field(self.decoder_dim % self.decoder_heads == 0, label("decoder_dim"),
+                     f"divisible by decoder_heads ({self.decoder_heads})", self.decoder_dim)
+
 
 @dataclass(frozen=True)
 class MaskedTokensCfg:
@@ -169,6 +183,12 @@ class MaskedTokensCfg:
     decoder: str | None = None  # module:function, tokens (B,F,H,W) -> images (B,F,C,h,w) in [-1, 1], for LPIPS
     sample_steps: int = 8  # iterative decoding steps when filling masked tokens for LPIPS
 
+    def check(self, label: Callable[[str], str]) -> None:
+        _check_field(self.eval_mask_ratio is None or 0 < self.eval_mask_ratio <= 1, label("eval_mask_ratio"),
+                     "a number in (0, 1] or null", self.eval_mask_ratio)
+        _check_field(self.predict_frames >= 0, label("predict_frames"), "an integer >= 0", self.predict_frames)
+        _check_field(self.sample_steps >= 1, label("sample_steps"), "an integer >= 1", self.sample_steps)
+
 
 @dataclass(frozen=True)
 class GenieTaskCfg:
@@ -178,6 +198,11 @@ class GenieTaskCfg:
     decoder: str | None = None  # module:function, tokens (B,F,H,W) -> images (B,F,C,h,w) in [-1, 1], for LPIPS
     eval_max_batches: int | None = None  # eval: stop after this many validation batches (None: all)
     seed: int = 42  # eval: the re-masking order of MaskGIT decoding
+
+    def check(self, label: Callable[[str], str]) -> None:
+        _check_field(self.maskgit_steps >= 1, label("maskgit_steps"), "an integer >= 1", self.maskgit_steps)
+        _check_field(self.eval_max_batches is None or self.eval_max_batches >= 1, label("eval_max_batches"),
+                     "an integer >= 1 or null (all batches)", self.eval_max_batches)
 
 
 TASKS = ("classify", "mae", "masked-tokens", "genie")
@@ -373,8 +398,24 @@ def _finite(value) -> bool:
 
 
 def _check(ok: bool, field: str, expected: str, value, src: str) -> None:
+    _check_field(ok, f"`{field}` in {src}", expected, value)
+
+
+def _check_field(ok: bool, where: str, expected: str, value) -> None:
     if not ok:
-        raise ConfigError(f"`{field}` in {src} must be {expected}, got {value!r}")
+        raise ConfigError(f"{where} must be {expected}, got {value!r}")
+
+
+def section_from(cls, data: dict, where: str, src: str):
+    """The config dataclass ``cls`` from the keys of ``data`` it knows (a checkpoint's task_config holds others),
+    typed and checked as in a recipe: `where.field` in `src` names what is wrong."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{where}` in {src} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg = _build(cls, {k: v for k, v in data.items() if k in names}, where, src)
+    if hasattr(cfg, "check"):
+        cfg.check(lambda field: f"`{where}.{field}` in {src}")
+    return cfg
 
 
 def validate(r: Recipe, src: str) -> None:
@@ -401,7 +442,7 @@ def validate(r: Recipe, src: str) -> None:
     if (t.steps is not None and t.steps < 1) or (t.epochs is not None and t.epochs <= 0):
         raise ConfigError(f"{src}: `train.steps` / `train.epochs` must be positive")
     o = r.optim
-    _check(_finite(o.lr) and o.lr > 0, "optim.lr", "a finite number > 0", o.lr, src)
+    _check(_finite(o.lr) and 0 < o.lr <= 100, "optim.lr", "a number in (0, 100]", o.lr, src)
     _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", "a finite number >= 0",
            o.weight_decay, src)
     _check(all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas), src)
@@ -418,30 +459,16 @@ def validate(r: Recipe, src: str) -> None:
     _check(_finite(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)",
            t.label_smoothing, src)
     _check(t.epochs is None or _finite(t.epochs), "train.epochs", "a finite number", t.epochs, src)
-    _check(r.data.num_workers >= 0, "data.num_workers", "an integer >= 0", r.data.num_workers, src)
-    _check(r.data.img_size is None or r.data.img_size >= 1, "data.img_size", "an integer >= 1 or null (the model's)",
-           r.data.img_size, src)
+    for name in ("data", "mae", "masked_tokens", "genie"):
+        getattr(r, name).check(lambda field, name=name: f"`{name}.{field}` in {src}")
     for name in ("load_balance", "z_loss"):
         value = getattr(r.moe, name)
         _check(_finite(value) and value >= 0, f"moe.{name}", "a finite number >= 0", value, src)
     if r.densify is not None and r.task != "classify":
         raise ConfigError(f"`densify` in {src} trains classifiers; `task` must be classify, got {r.task!r}")
-    if not 0 < r.mae.mask_ratio < 1:
-        raise ConfigError(f"`mae.mask_ratio` in {src} must be in (0, 1), got {r.mae.mask_ratio}")
-    if min(r.mae.decoder_dim, r.mae.decoder_depth, r.mae.decoder_heads) < 1 or \
-            r.mae.decoder_dim % r.mae.decoder_heads:
-        raise ConfigError(f"`mae` in {src}: decoder_dim, decoder_depth, decoder_heads must be >= 1 and decoder_dim "
-                          f"divisible by decoder_heads")
-    mt = r.masked_tokens
-    if mt.eval_mask_ratio is not None and not 0 < mt.eval_mask_ratio <= 1:
-        raise ConfigError(f"`masked_tokens.eval_mask_ratio` in {src} must be in (0, 1], got {mt.eval_mask_ratio}")
-    if mt.predict_frames < 0 or mt.sample_steps < 1:
-        raise ConfigError(f"`masked_tokens` in {src}: predict_frames must be >= 0 and sample_steps >= 1")
     if (r.data.name == "genie") != (r.task == "genie"):
         raise ConfigError(f"{src}: task `genie` trains on `data.name: genie` (1X token folders) and only it does "
                           f"(task {r.task!r}, data {r.data.name!r})")
-    _check(r.data.stride >= 1, "data.stride", "an integer >= 1", r.data.stride, src)
-    _check(r.genie.maskgit_steps >= 1, "genie.maskgit_steps", "an integer >= 1", r.genie.maskgit_steps, src)
     if (r.data.name == "tokens") != (r.task == "masked-tokens"):
         raise ConfigError(f"{src}: task `masked-tokens` trains on `data.name: tokens` and only it does "
                           f"(task {r.task!r}, data {r.data.name!r})")

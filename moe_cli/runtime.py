@@ -39,15 +39,20 @@ class Precision(Choice):
 
 def pick_device(requested: str | None) -> torch.device:
     """``requested`` ('cpu', 'cuda', 'cuda:1', ...) checked; else the ``MOE_DEVICE`` environment variable; else
-    cuda when available, else cpu."""
+    cuda when available, else cpu. Devices that cannot run a model (meta, ...) are refused in one line."""
+    where = "--device" if requested else "MOE_DEVICE"
     requested = requested or os.environ.get("MOE_DEVICE") or None
     if requested:
         try:
             dev = torch.device(requested)
         except RuntimeError:
-            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {requested!r}") from None
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"{where} must be cpu, cuda or cuda:N, got {requested!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
+            raise ConfigError(f"{where} {requested}: CUDA is not available on this machine")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{where} {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -86,13 +91,32 @@ def autocast(device: torch.device, precision: str):
 
 
 def memory_bytes(device: torch.device | None = None) -> int | None:
-    """Memory of ``device`` (CUDA: the GPU's; else the machine's RAM), or None when unknown."""
+    """Memory of ``device`` (CUDA: the GPU's; else what this process may use: the machine's RAM, lowered by what
+    is left of an address-space limit (``ulimit -v``) or by a cgroup memory limit), or None when unknown."""
     if device is not None and device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
+    limits = []
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
-        return None
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:  # what is left of the address space this process may map
+            used = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            limits.append(max(soft - used, 0))
+    except (ImportError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            limits.append(int(text))
+    return min(limits) if limits else None
 
 
 def _umask() -> int:

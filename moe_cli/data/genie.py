@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from moe_cli.data.tokens import check_token_ids
 from moe_cli.errors import ConfigError
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
@@ -119,6 +120,8 @@ def genie_dataset(root: str | os.PathLike, token_shape: tuple[int, int, int], vo
         raise ConfigError(f"{meta.root}: frames are {meta.side}x{meta.side} tokens but the model expects {h}x{w}")
     if meta.vocab_size > vocab_size:
         raise ConfigError(f"{meta.root}: vocab_size {meta.vocab_size} is larger than the model's {vocab_size}")
+    check_token_ids(np.memmap(meta.root / "video.bin", dtype=meta.dtype, mode="r"), meta.root / "video.bin",
+                    meta.vocab_size)
     ds = GenieClips(meta, frames, stride, filter_overlaps=not training)
     if len(ds) == 0:
         raise ConfigError(f"{meta.root}: no clip of {frames} frames every {stride} images fits inside one segment")

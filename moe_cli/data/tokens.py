@@ -10,6 +10,7 @@ Also here: a synthetic generator (moving token patterns) and `palette_decoder`, 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -102,10 +103,20 @@ def token_dataset(root: str | os.PathLike, split: str, token_shape: tuple[int, i
         raise ConfigError(f"{spec.path}: vocab_size {spec.vocab_size} is larger than the model's {vocab_size}")
     ds = TokenDataset(spec)
     if check_values:
-        top = int(np.memmap(spec.file, dtype=spec.dtype, mode="r", shape=spec.shape).max())
-        if top >= spec.vocab_size:
-            raise ConfigError(f"{spec.path}: token id {top} found, but vocab_size is {spec.vocab_size}")
+        check_token_ids(np.memmap(spec.file, dtype=spec.dtype, mode="r", shape=spec.shape), spec.path,
+                        spec.vocab_size)
     return ds
+
+
+def check_token_ids(tokens: np.ndarray, where: Path, vocab_size: int) -> None:
+    """Every id in [0, vocab_size) (one pass over the memory map): an id out of range would index past the
+    embedding, and the model's own [MASK] id (= its vocabulary size) must not be trained on as data."""
+    if tokens.size == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ConfigError(f"{where}: token id {bad} found, but ids must be in [0, {vocab_size}) (vocab_size)")
 
 
 def write_tokens(root: str | os.PathLike, split: str, tokens: np.ndarray, vocab_size: int) -> Path:
@@ -164,9 +175,21 @@ def load_decoder(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
             mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"decoder {spec!r}: cannot import `{module_name}` ({e})") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # a SyntaxError, or anything the user's module raises while it is imported
+        raise ConfigError(f"decoder {spec!r}: cannot import `{module_name}` ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     fn = getattr(module, func, None)
     if not callable(fn):
         raise ConfigError(f"decoder {spec!r}: `{module_name}` has no function `{func}`")
-    return fn
+
+    @functools.wraps(fn)
+    def decoder(tokens: torch.Tensor) -> torch.Tensor:
+        try:
+            return fn(tokens)
+        except Exception as e:  # the user's code: its failure is one line naming it, not our traceback
+            raise ConfigError(f"decoder {spec!r} raised {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else '(no message)'}") from None
+
+    return decoder

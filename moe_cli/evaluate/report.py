@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from moe_cli.config import DataCfg
+from moe_cli.config import DataCfg, section_from
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, create_timm
@@ -47,7 +47,8 @@ def data_config(data: str | None, ckpt: Checkpoint | None = None) -> DataCfg:
         if data is None and (not root or not Path(root).is_dir()):
             raise ConfigError(f"this {ckpt.task} checkpoint was trained on token data at {root}, which is not here; "
                               f"pass --data FOLDER ({what})")
-        return DataCfg(name=name, root=root, val_split=tc.get("val_split", split), stride=tc.get("stride", 15))
+        stored = {"val_split": tc.get("val_split", split), "stride": tc.get("stride", DataCfg.stride)}
+        return section_from(DataCfg, {"name": name, "root": root, **stored}, "task_config", "the checkpoint metadata")
     return DataCfg(name="digits") if data is None else DataCfg(name="", root=data)
 
 

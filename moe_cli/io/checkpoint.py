@@ -165,10 +165,17 @@ def _plain_json(value) -> bool:
 
 
 def create_timm(name: str, kwargs: dict) -> nn.Module:
+    """A timm architecture by its registered name, without weights. Names timm would resolve by opening files or
+    the Hub (``local-dir:``, ``hf-hub:``) are refused: a checkpoint's metadata must not make moe-cli read other
+    files."""
+    if not isinstance(name, str) or ":" in name or not timm.is_model(name.split(".", 1)[0]):
+        raise ModelSourceError(f"`{name}` is not a registered timm architecture (the name must not point at "
+                               "files or the Hub)")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
-        raise ModelSourceError(f"cannot build timm model `{name}` with {kwargs}: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError, MemoryError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__  # KeyError: an unknown act_layer name, ...
+        raise ModelSourceError(f"cannot build timm model `{name}` with {kwargs}: {why}") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -16,6 +16,7 @@ from moe_cli.errors import ModelSourceError
 from moe_cli.io.checkpoint import (
     WEIGHTS_NAME,
     Checkpoint,
+    architecture_kwargs,
     create_timm,
     is_moe_checkpoint,
     load_checkpoint,
@@ -182,7 +183,7 @@ def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
                 raise ModelSourceError(f"{config} must be a JSON object with `architecture` and optionally "
                                        "`model_args` (a mapping), as timm writes it")
             arch = cfg.get("architecture")
-            kwargs = {**cfg.get("model_args", {}), **kwargs}
+            kwargs = {**architecture_kwargs(cfg.get("model_args", {}), str(config)), **kwargs}
     if arch is not None and not isinstance(arch, str):
         raise ModelSourceError(f"{target}: the architecture must be a timm model name, got {arch!r}")
     if not arch:

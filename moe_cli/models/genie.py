@@ -22,6 +22,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from moe_cli.models.registry import build
+from moe_cli.runtime import memory_bytes
 
 
 @dataclass
@@ -48,13 +49,39 @@ class GenieConfig:
     num_prompt_frames: int = 8
 
     def __post_init__(self):
+        for f in fields(self):
+            value, kind = getattr(self, f.name), {"int": int, "float": float, "bool": bool}[str(f.type)]
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"GENIE config `{f.name}` must be {'true/false' if kind is bool else kind.__name__}, "
+                                 f"got {value!r}")
+        for name in ("num_layers", "num_heads", "d_model", "T", "S", "image_vocab_size", "num_factored_vocabs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GENIE config `{name}` must be at least 1, got {getattr(self, name)}")
+        for name in ("attn_drop", "mlp_drop", "max_corrupt_rate", "non_mlm_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"GENIE config `{name}` must be in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.mlp_ratio <= 64 or self.num_prompt_frames < 0:
+            raise ValueError(f"GENIE config: mlp_ratio must be in (0, 64] and num_prompt_frames >= 0, got "
+                             f"{self.mlp_ratio} and {self.num_prompt_frames}")
         self.factored_vocab_size = factored_vocab(self.image_vocab_size, self.num_factored_vocabs)
         side = math.isqrt(self.S)
         if side * side != self.S:
             raise ValueError(f"S (tokens per frame) must be a square, got {self.S}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        need, have = 4 * self.parameters(), memory_bytes()
+        if have is not None and need > 0.8 * have:
+            raise ValueError(f"this GENIE config has about {self.parameters() / 1e9:.1f}B parameters "
+                             f"({need / 1e9:.0f} GB in fp32), more than this machine's memory ({have / 1e9:.0f} GB)")
 
+    def parameters(self) -> int:
+        """About how many parameters the model has (blocks, embeddings, readout), before building it."""
+        d, hidden = self.d_model, int(self.d_model * self.mlp_ratio)
+        block = 2 * (4 * d * d) + 2 * d * hidden
+        return self.num_layers * block + 2 * self.num_factored_vocabs * self.factored_vocab_size * d + \
+            self.T * self.S * d
     @classmethod
     def from_dict(cls, d: dict) -> GenieConfig:
         """From a released config.json: the known fields (factored_vocab_size is recomputed, others ignored)."""

@@ -97,8 +97,8 @@ def check_memory(model: nn.Module, names: tuple[str, ...], experts: int) -> None
     have = memory_bytes(param.device if param is not None else None)
     if have is not None and need > 0.8 * have:
         raise ConfigError(f"--experts {experts} needs about {need / 1e9:.1f} GB for the expert weights of "
-                          f"{len(names)} layers, more than this machine has ({have / 1e9:.1f} GB); use fewer experts "
-                          "or layers")
+                          f"{len(names)} layers, more than this process may use ({have / 1e9:.1f} GB); use fewer "
+                          "experts or layers")
 
 
 def apply_moe(model: nn.Module, layout: MoELayout, seed: int = 0, noise_std: float = 0.0, drop_ratio: float = 0.5,

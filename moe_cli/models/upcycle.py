@@ -108,7 +108,16 @@ def upcycle_verified(model: nn.Module, cfg: UpcycleCfg, *, seed: int = 0, verify
     dense_params = sum(p.numel() for p in model.parameters())
     dense = copy.deepcopy(model).eval() if verify else None
     probe = probe_batch(model, seed=seed) if verify else None
-    sparse, layout = upcycle(model, cfg, seed=seed)
+    try:
+        sparse, layout = upcycle(model, cfg, seed=seed)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        raise ConfigError(f"out of memory while building {cfg.experts} experts per layer ({type(e).__name__}); use "
+                          "fewer experts or layers") from None
+    except RuntimeError as e:
+        if "alloc" not in str(e):
+            raise
+        raise ConfigError(f"out of memory while building {cfg.experts} experts per layer; use fewer experts or "
+                          "layers") from None
     initial_load = init_routers(sparse, tokens, cfg.router_init, seed) if tokens is not None else None
     result = verify_upcycle(dense, sparse, probe, layout, tolerance) if verify else None
     if result is not None and not result.ok and must_match(cfg):

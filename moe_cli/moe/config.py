@@ -142,6 +142,11 @@ class MoEConfig:
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
                 raise ConfigError(f"{label(name)} must be a finite number > 0, got {value!r}")
+        if self.gate in (Gate.top_p, Gate.soft):
+            for name in ("capacity_factor", "eval_capacity_factor"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{label(name)} limits how many tokens an expert takes (gates topk and "
+                                      f"expert_choice); gate {self.gate} does not drop tokens")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ConfigError(f"{label('top_p')} must be in (0, 1], got {self.top_p!r}")
         return self

@@ -185,6 +185,9 @@ def expert_weights(spec: dict, experts: int, init: str = "copy", noise_std: floa
 @torch.no_grad()
 def kmeans_router(tokens: torch.Tensor, experts: int, generator: torch.Generator, iters: int = 20) -> torch.Tensor:
     """(E, D) router rows: the normalised k-means centres of ``tokens`` (N, D) (cosine k-means, spherical)."""
+    if tokens.shape[0] < experts:
+        raise ConfigError(f"the calibration data gives {tokens.shape[0]} tokens, fewer than the {experts} experts "
+                          "k-means needs; give more calibration images (--calib, --calib-batches)")
     x = F.normalize(tokens.float(), dim=-1)
     centers = x[torch.randperm(x.shape[0], generator=generator)[:experts]].clone()
     for _ in range(iters):

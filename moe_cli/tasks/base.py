@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
-from moe_cli.config import Recipe
+from moe_cli.config import Recipe, section_from
 from moe_cli.io.checkpoint import Checkpoint
 
 
@@ -20,9 +18,9 @@ def is_token_model(model: nn.Module) -> bool:
 
 
 def section(cls, config: dict):
-    """The config dataclass ``cls`` from a dict that may hold other keys (a checkpoint's task_config)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in fields})
+    """The config dataclass ``cls`` from a recipe section or a checkpoint's task_config (which holds other keys
+    too), typed and checked as in a recipe."""
+    return section_from(cls, config, "task_config", "the checkpoint metadata")
 
 
 class Task:

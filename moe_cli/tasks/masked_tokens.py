@@ -145,4 +145,8 @@ def decoded_frames(decoder, tokens: torch.Tensor, device: torch.device) -> torch
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ConfigError(f"the token decoder must return images (batch, frames, C, H, W) = ({b}, {f}, C, H, W), "
                           f"got {shape}")
+    lo, hi = float(images.min()), float(images.max())
+    if not (-1.0 - 1e-3 <= lo and hi <= 1.0 + 1e-3):  # LPIPS expects [-1, 1]: 0-255 images give silent nonsense
+        raise ConfigError(f"the token decoder must return images in [-1, 1] (LPIPS' range), got values in "
+                          f"[{lo:.3g}, {hi:.3g}]")
     return images.to(device).float().flatten(0, 1)
