@@ -38,6 +38,22 @@ def test_layer_compiles_fullgraph_with_recorder_and_dynamic_tokens():
     assert counters["stats"]["unique_graphs"] <= 2  # the first shape, then one dynamic graph for all others
 
 
+def test_fp32_layer_compiles_fullgraph():
+    """Before: fp32 ran the loop path, which reads group sizes on the host (a graph break)."""
+    torch.manual_seed(0)
+    layer = from_dense(Mlp(32, 64), 4, 2)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for tokens in (10, 24):
+        x = torch.randn(tokens, 32, requires_grad=True)
+        y = compiled(x)
+        want = layer(x)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y)
+        (gx,) = torch.autograd.grad((y * g).sum(), x)
+        (wx,) = torch.autograd.grad((want * g).sum(), x)
+        torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-5)
+
+
 def test_recipe_compile_trains_like_eager(tmp_path):
     """train.compile changes how the step runs, not what it computes: the same losses as the eager run."""
     from moe_cli.config import load_recipe

@@ -1,5 +1,6 @@
-"""The grouped dispatcher: all experts in grouped GEMMs (``F.grouped_mm``) over expert-sorted rows; bf16 on
-CUDA (SM >= 80), any float dtype on CPU. No host synchronisation: dropped slots ride along in the last expert's
+"""The grouped dispatcher: all experts in grouped GEMMs (``F.grouped_mm``) over expert-sorted rows, bf16 on
+CUDA (SM >= 80); in fp32, :func:`segment_linear` (one matmul per expert inside one op torch.compile does not
+look into), so it is also the graph-break-free fp32 path under torch.compile. No host synchronisation: dropped slots ride along in the last expert's
 group and are zeroed. Per-expert biases and norm scales are added by one-hot matmuls, so their gradients are
 matmuls, not atomic scatters."""
 
@@ -20,6 +21,49 @@ from moe_cli.moe.dispatch import (
 )
 
 
+@torch.library.custom_op("moe_cli::segment_linear", mutates_args=())
+def segment_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows [offsets[e-1], offsets[e]) of ``x`` (R, I) times ``w[e]`` (E, O, I) transposed: a grouped linear map
+    in any dtype, one matmul per group. An opaque op to torch.compile (the group sizes are read on the host inside
+    it), so fp32 models compile without a graph break where ``F.grouped_mm`` takes 16-bit inputs only."""
+    sizes = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
+    w_t = w.transpose(1, 2)
+    outs = [chunk @ w_t[e] for e, chunk in enumerate(x.split(sizes)) if sizes[e]]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+@segment_linear.register_fake
+def _(x, w, offsets):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("moe_cli::segment_weight_grad", mutates_args=())
+def segment_weight_grad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dW[e] = dy[group e]^T x[group e]: (E, O, I)."""
+    sizes = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
+    return torch.stack([a.T @ b for a, b in zip(dy.split(sizes), x.split(sizes), strict=True)])
+
+
+@segment_weight_grad.register_fake
+def _(dy, x, offsets):
+    return dy.new_empty(offsets.shape[0], dy.shape[1], x.shape[1])
+
+
+def _segment_setup(ctx, inputs, output):
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _segment_backward(ctx, dy):
+    x, w, offsets = ctx.saved_tensors
+    dx = segment_linear(dy, w.transpose(1, 2).contiguous(), offsets) if ctx.needs_input_grad[0] else None
+    dw = segment_weight_grad(dy, x, offsets) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+segment_linear.register_autograd(_segment_backward, setup_context=_segment_setup)
+
+
 @dataclass(frozen=True)
 class GroupedPlan(GroupedOps):
     counts: torch.Tensor  # (E + 1,), index 0 = dropped
@@ -29,7 +73,11 @@ class GroupedPlan(GroupedOps):
     dtype: torch.dtype
 
     def linear(self, x_RI, w_EOI, b_EO, first):
-        y = F.grouped_mm(x_RI.to(self.dtype), w_EOI.to(self.dtype).transpose(-2, -1), offs=self.offsets)
+        x, w = x_RI.to(self.dtype), w_EOI.to(self.dtype)
+        if self.dtype in (torch.bfloat16, torch.float16):
+            y = F.grouped_mm(x, w.transpose(-2, -1), offs=self.offsets)
+        else:  # fp32: grouped_mm takes 16 bit (and torch.compile traces it so)
+            y = segment_linear(x, w, self.offsets)
         return y + self.one_hot_RE @ b_EO.to(self.dtype) if b_EO is not None else y
 
     def scale_shift(self, h_RH, w_EH, b_EH):
@@ -52,11 +100,12 @@ class GroupedDispatcher(Dispatcher):
         return hasattr(F, "grouped_mm")
 
     def preferred(self, x, experts):
-        """bf16 on a GPU that has grouped GEMMs; in 16 bit under torch.compile anywhere (no graph break)."""
+        """bf16 on a GPU that has grouped GEMMs; under torch.compile everywhere (no host sync in the traced graph:
+        16 bit runs grouped GEMMs, fp32 the opaque :func:`segment_linear`)."""
         dtype = compute_dtype(x)
         if dtype == torch.bfloat16 and grouped_supported(x, experts.dims):
             return True
-        return torch.compiler.is_compiling() and dtype in (torch.bfloat16, torch.float16) and self.supports(x)
+        return torch.compiler.is_compiling() and self.supports(x)
 
     def dispatch(self, x_TD, expert_TS, experts):
         T, S = expert_TS.shape
