@@ -1,8 +1,8 @@
 """The grouped dispatcher: all experts in grouped GEMMs (``F.grouped_mm``) over expert-sorted rows, bf16 on
 CUDA (SM >= 80); in fp32, :func:`segment_linear` (one matmul per expert inside one op torch.compile does not
-look into), so it is also the graph-break-free fp32 path under torch.compile. No host synchronisation: dropped slots ride along in the last expert's
-group and are zeroed. Per-expert biases and norm scales are added by one-hot matmuls, so their gradients are
-matmuls, not atomic scatters."""
+look into), so it is also the graph-break-free fp32 path under torch.compile. No host synchronisation in the
+traced graph: dropped slots ride along in the last expert's group and are zeroed. Per-expert biases and norm
+scales are added by one-hot matmuls, so their gradients are matmuls, not atomic scatters."""
 
 from __future__ import annotations
 
