@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from moe_cli.moe.config import Impl
 from moe_cli.moe.dispatchers import DISPATCHERS
 from moe_cli.moe.init import from_dense
 from moe_cli.moe.layer import MoEMlp
 from moe_cli.moe.routing import Routing
 
-SHAPES = {"vit_s": (384, 1536), "vit_b": (768, 3072)}
+SHAPES = {"vit_s": (384, 1536), "vit_b": (768, 3072), "vit_l": (1024, 4096)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -157,7 +158,7 @@ def bench_model(name: str, E: int, k: int, batch: int, img: int, device, dtype, 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["vit_s", "vit_b"], choices=list(SHAPES))
     ap.add_argument("--experts", nargs="+", type=int, default=[4, 8, 16])
     ap.add_argument("--k", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--routing", nargs="+", default=["balanced", "skewed"], choices=["balanced", "skewed"])
@@ -165,7 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    ap.add_argument("--impl", default="auto", choices=["auto", "loop", "grouped"])
+    ap.add_argument("--impl", default="auto", choices=[i.value for i in Impl])
     ap.add_argument("--out", default=None, help="Markdown file to append the table to (e.g. bench/RESULTS.md).")
     ap.add_argument("--model", default=None, help="timm model: time whole training steps, dense vs upcycled.")
     ap.add_argument("--batch", type=int, default=64)

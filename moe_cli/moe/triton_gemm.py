@@ -120,18 +120,45 @@ def _kernels():
                 tl.store(db_ptr + e.to(tl.int64) * s_be + cols * s_bn, bacc.to(db_ptr.dtype.element_ty),
                          mask=col_ok)
 
-    return triton, scatter_gemm_kernel, expert_wgrad_kernel
+    if interpreting():  # the interpreter runs one configuration (autotuning times kernels on a GPU)
+        return triton, scatter_gemm_kernel, expert_wgrad_kernel
+    tune = functools.partial(triton.autotune, configs=autotune_configs(triton))
+    return triton, tune(key=["N", "K", "BM"])(scatter_gemm_kernel), tune(key=["N", "K", "BM"])(expert_wgrad_kernel)
+
+
+# (BLOCK_N, BLOCK_K, warps, stages): ScatterMoE's ranges (BN 64-256, BK 32/64, warps 4/8, stages 3/4), cut to
+# eight points so the first call of each shape compiles eight variants, not the full grid of twenty-four
+TUNE = ((64, 32, 4, 3), (64, 64, 4, 4), (128, 32, 4, 4), (128, 64, 4, 3), (128, 32, 8, 4), (128, 64, 8, 3),
+        (256, 32, 8, 3), (256, 64, 8, 4))
+
+
+def autotune_configs(triton) -> list:
+    """The autotuner's configurations for BLOCK_N, BLOCK_K, warps and stages (BLOCK_M comes from the block table,
+    keyed on the problem shape by :func:`block_m`)."""
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages) for bn, bk, warps, stages in TUNE]
+
+
+def block_m(rows: int, experts: int) -> int:
+    """Rows per block of the block table, keyed on the problem shape: 128 once experts average 256 rows or more
+    (fewer, fuller blocks), else 64 (less padding per expert)."""
+    return 128 if rows >= 256 * experts else BLOCK_M
+
+
+def _tile_args(n: int, k: int) -> dict:
+    """BN / BK for the interpreter (the GPU autotunes them)."""
+    return {"BN": _blocks(n), "BK": _blocks(k)} if interpreting() else {}
 
 
 @dataclass
 class BlockTable:
-    """Rows of the expert-sorted list, cut into blocks of at most BLOCK_M rows of one expert each."""
+    """Rows of the expert-sorted list, cut into blocks of at most ``block_m`` rows of one expert each."""
 
     expert: torch.Tensor  # (NB,) int32 expert of each block (NB is an upper bound; empty blocks have start == end)
     start: torch.Tensor  # (NB,) int32 first row
     end: torch.Tensor  # (NB,) int32 one past the last row
     expert_start: torch.Tensor  # (E,) int32 first row of each expert
     expert_end: torch.Tensor  # (E,) int32
+    block_m: int = BLOCK_M
 
 
 def block_table(counts: torch.Tensor, rows: int, block_m: int = BLOCK_M) -> BlockTable:
@@ -151,7 +178,7 @@ def block_table(counts: torch.Tensor, rows: int, block_m: int = BLOCK_M) -> Bloc
     start = torch.where(valid, start, 0)
     end = torch.where(valid, end, 0)
     i32 = torch.int32
-    return BlockTable(e.to(i32), start.to(i32), end.to(i32), starts.to(i32), ends.to(i32))
+    return BlockTable(e.to(i32), start.to(i32), end.to(i32), starts.to(i32), ends.to(i32), block_m)
 
 
 def _blocks(n: int) -> int:
@@ -164,8 +191,11 @@ def scatter_gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, table
     triton, kernel, _ = _kernels()
     N, K = w.shape[1], w.shape[2]
     y = torch.zeros(out_rows, N, device=x.device, dtype=x.dtype)
-    bn, bk = _blocks(N), _blocks(K)
-    grid = (table.expert.shape[0], triton.cdiv(N, bn))
+    tiles = _tile_args(N, K)
+
+    def grid(meta):
+        return table.expert.shape[0], triton.cdiv(N, meta["BN"])
+
     dummy = table.start
     bb = b if b is not None else w
     kernel[grid](x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1), w.stride(2),
@@ -173,7 +203,7 @@ def scatter_gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, table
                  x_map if x_map is not None else dummy, y_map if y_map is not None else dummy,
                  table.expert, table.start, table.end, N, K,
                  HAS_BIAS=b is not None, X_MAP=x_map is not None, Y_MAP=y_map is not None,
-                 BM=BLOCK_M, BN=bn, BK=bk)
+                 BM=table.block_m, **tiles)
     return y
 
 
@@ -185,14 +215,18 @@ def expert_wgrad(x: torch.Tensor, dy: torch.Tensor, table: BlockTable, x_map, y_
     N, K = dy.shape[1], x.shape[1]
     dw = torch.empty(E, N, K, device=x.device, dtype=dtype)
     db = torch.empty(E, N, device=x.device, dtype=dtype) if has_bias else None
-    bn, bk = _blocks(N), _blocks(K)
+    tiles = _tile_args(N, K)
     dummy = table.start
     dbb = db if db is not None else dw
-    kernel[(E, triton.cdiv(N, bn), triton.cdiv(K, bk))](
+
+    def grid(meta):
+        return E, triton.cdiv(N, meta["BN"]), triton.cdiv(K, meta["BK"])
+
+    kernel[grid](
         x, x.stride(0), x.stride(1), dy, dy.stride(0), dy.stride(1), dw, dw.stride(0), dw.stride(1), dw.stride(2),
         dbb, dbb.stride(0), dbb.stride(-1), x_map if x_map is not None else dummy,
         y_map if y_map is not None else dummy, table.expert_start, table.expert_end, N, K,
-        HAS_BIAS=has_bias, X_MAP=x_map is not None, Y_MAP=y_map is not None, BM=BLOCK_M, BN=bn, BK=bk)
+        HAS_BIAS=has_bias, X_MAP=x_map is not None, Y_MAP=y_map is not None, BM=table.block_m, **tiles)
     return dw, db
 
 

@@ -82,3 +82,21 @@ def test_block_table_covers_each_expert_in_blocks_of_one_expert():
             assert t.expert_start[e] <= s and n <= t.expert_end[e]
             rows += list(range(s, n))
     assert rows == list(range(199))  # every routed row exactly once; the 3 dropped rows (sorted last) never
+
+
+def test_large_problems_use_blocks_of_128_rows_and_still_match():
+    from moe_cli.moe.triton_gemm import block_m
+
+    assert block_m(640, 2) == 128 and block_m(200, 2) == 64
+    a, b = pair(Mlp(16, 32), 2, 2)
+    check(a, b, torch.randn(320, 16, device=DEVICE))  # 640 rows over 2 experts: 128-row blocks
+
+
+def test_autotune_space_is_scattermoes():
+    import triton
+
+    from moe_cli.moe.triton_gemm import autotune_configs
+
+    configs = autotune_configs(triton)
+    assert {c.kwargs["BN"] for c in configs} == {64, 128, 256} and {c.kwargs["BK"] for c in configs} == {32, 64}
+    assert {c.num_warps for c in configs} == {4, 8} and {c.num_stages for c in configs} == {3, 4}

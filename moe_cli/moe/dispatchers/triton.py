@@ -56,11 +56,12 @@ class TritonDispatcher(Dispatcher):
         return x.is_cuda and triton_ready(x.device)
 
     def dispatch(self, x_TD, expert_TS, experts):
-        from moe_cli.moe.triton_gemm import block_table
+        from moe_cli.moe.triton_gemm import block_m, block_table
 
         T, S = expert_TS.shape
-        counts, _, order = sort_dropped_last(expert_TS, experts.num_experts)  # dropped slots sort last, unused
-        table = block_table(counts[1:], T * S)
+        E = experts.num_experts
+        counts, _, order = sort_dropped_last(expert_TS, E)  # dropped slots sort last, unused
+        table = block_table(counts[1:], T * S, block_m(T * S, E))
         row_token = torch.div(order, S, rounding_mode="floor")
         return x_TD, TritonPlan(counts, table, row_token, order, S, compute_dtype(x_TD))
 
