@@ -60,12 +60,50 @@ class DataCfg:
     augment: bool = False
     synthetic: SyntheticTokensCfg | None = None  # tokens only: generate the data into `root` if missing
     stride: int = 15  # genie: images between the frames of a clip (15: 2 Hz from the 30 Hz recordings)
+    download: bool = False  # timm `torch/...` datasets (torch/cifar100, ...): download into `root` if missing
+    # preprocessing; null: the model's own (timm's data config of the source model, kept in its checkpoints)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: str | None = None  # bilinear, bicubic, ... (image folders / timm datasets)
+    crop_pct: float | None = None  # eval: resize to size / crop_pct, then centre-crop
+    crop_mode: str | None = None  # center, squash, border
+
+    def preprocessing(self) -> dict:
+        """The preprocessing fields this recipe sets (the rest come from the model)."""
+        return {k: getattr(self, k) for k in PREPROCESS_FIELDS if getattr(self, k) is not None}
 
     def check(self, label: Callable[[str], str]) -> None:
         _check_field(self.num_workers >= 0, label("num_workers"), "an integer >= 0", self.num_workers)
         _check_field(self.img_size is None or self.img_size >= 1, label("img_size"),
                      "an integer >= 1 or null (the model's)", self.img_size)
         _check_field(self.stride >= 1, label("stride"), "an integer >= 1", self.stride)
+        check_preprocessing(self.preprocessing(), label)
+
+
+PREPROCESS_FIELDS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
+
+
+def check_preprocessing(d: dict, label: Callable[[str], str]) -> dict:
+    """Image preprocessing (a recipe's `data` overrides, or a checkpoint's stored data config): mean / std three
+    finite numbers (std > 0), a known interpolation and crop mode, crop_pct in (0, 1]. Returns ``d``."""
+    for key in ("mean", "std"):
+        if key in d:
+            v = d[key]
+            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(_finite(x) for x in v) and \
+                (key == "mean" or all(x > 0 for x in v))
+            _check_field(ok, label(key), "three finite numbers" + (" > 0" if key == "std" else ""), v)
+    if "interpolation" in d:
+        _check_field(d["interpolation"] in INTERPOLATIONS, label("interpolation"),
+                     f"one of {', '.join(INTERPOLATIONS)}", d["interpolation"])
+    if "crop_mode" in d:
+        _check_field(d["crop_mode"] in CROP_MODES, label("crop_mode"), f"one of {', '.join(CROP_MODES)}",
+                     d["crop_mode"])
+    if "crop_pct" in d:
+        _check_field(_finite(d["crop_pct"]) and 0 < d["crop_pct"] <= 1, label("crop_pct"), "a number in (0, 1]",
+                     d["crop_pct"])
+    return d
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from moe_cli.cli import eval as eval_cmd
 from moe_cli.cli import export as export_cmd
 from moe_cli.cli import finetune as finetune_cmd
 from moe_cli.cli import inspect as inspect_cmd
+from moe_cli.cli import push as push_cmd
 from moe_cli.cli import reduce as reduce_cmd
 from moe_cli.cli import upcycle as upcycle_cmd
 from moe_cli.cli.common import STATE, OneLineErrors
@@ -49,6 +50,7 @@ app.command("eval")(eval_cmd.eval_cmd)
 app.command("inspect")(inspect_cmd.inspect_cmd)
 app.command("merge")(reduce_cmd.merge_cmd)
 app.command("prune")(reduce_cmd.prune_cmd)
+app.command("push")(push_cmd.push_cmd)
 
 
 def main() -> None:

@@ -92,7 +92,8 @@ class OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-CheckpointArg = Annotated[Path, typer.Argument(help="moe-cli checkpoint folder or .safetensors file.",
+CheckpointArg = Annotated[Path, typer.Argument(help="moe-cli checkpoint folder, .safetensors file or "
+                                               "hf-hub:org/name.",
                                                show_default=False)]
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field, e.g. optim.lr=3e-4 "

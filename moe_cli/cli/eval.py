@@ -18,7 +18,7 @@ from moe_cli.cli.common import (
     user_errors,
 )
 from moe_cli.evaluate.report import DEFAULT_METRICS, METRICS, evaluate, parse_metrics
-from moe_cli.io.checkpoint import load_checkpoint
+from moe_cli.io.sources import open_checkpoint
 from moe_cli.models.overrides import apply_overrides
 from moe_cli.runtime import pick_device
 
@@ -46,7 +46,7 @@ def eval_cmd(
     if metric is not None:
         parse_metrics(metric)
     precision = precision.value
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = open_checkpoint(ckpt)
     metrics = parse_metrics(metric or DEFAULT_METRICS.get(checkpoint.task, DEFAULT_METRICS["classify"]))
     apply_overrides(checkpoint.model, top_k, capacity_factor, disable_experts)
     result = evaluate(checkpoint, metrics, data, batch_size, pick_device(STATE["device"]), precision, decoder,

@@ -9,7 +9,8 @@ import typer
 
 from moe_cli.cli.common import CheckpointArg, Precision, console, user_errors
 from moe_cli.errors import ConfigError
-from moe_cli.io.checkpoint import load_checkpoint, save
+from moe_cli.io.checkpoint import save
+from moe_cli.io.sources import open_checkpoint
 
 
 @user_errors
@@ -25,6 +26,6 @@ def export(
         raise ConfigError(f"--out must be a .safetensors file, got {out}")
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = open_checkpoint(ckpt)
     path = save(checkpoint, out, dtype=dtype)
     console.print(f"exported {path} ({dtype}, {path.stat().st_size / 1e6:.1f} MB)")

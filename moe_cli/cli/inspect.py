@@ -11,7 +11,7 @@ from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.evaluate.inspect import collect_routes, write_figures, write_routes_json
 from moe_cli.evaluate.report import data_config
-from moe_cli.io.checkpoint import load_checkpoint
+from moe_cli.io.sources import open_checkpoint
 from moe_cli.models.overrides import apply_overrides
 from moe_cli.runtime import pick_device
 
@@ -26,13 +26,13 @@ def inspect_cmd(
     disable_experts: DisableExpertsOpt = None,
 ) -> None:
     """Expert-load heatmap per layer, routing per class, per-patch expert maps, routes.json."""
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = open_checkpoint(ckpt)
     if checkpoint.task != "classify":
         raise ConfigError(f"moe inspect maps routing per class and per image patch of classifiers; {ckpt} is a "
                           f"`{checkpoint.task}` checkpoint (use `moe eval {ckpt} --metric routing`)")
     model = apply_overrides(checkpoint.model, disable_experts=disable_experts)
     device = pick_device(STATE["device"])
-    loader = val_loader(model, data_config(data), batch_size, device)
+    loader = val_loader(model, data_config(data), batch_size, device, checkpoint.data_config)
     num_classes = getattr(model, "num_classes", 0) or 1
     routes = collect_routes(model.to(device), loader, device, num_classes, images)
     paths = write_figures(routes, out)

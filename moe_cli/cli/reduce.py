@@ -11,7 +11,8 @@ from rich.table import Table
 from moe_cli.cli.common import CheckpointArg, console, say, user_errors
 from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
-from moe_cli.io.checkpoint import Checkpoint, create_timm, load_checkpoint, save
+from moe_cli.io.checkpoint import Checkpoint, create_timm, save
+from moe_cli.io.sources import open_checkpoint
 from moe_cli.models.flops import param_counts
 from moe_cli.models.reduce import densify, expert_usage, is_split, merge_layer, prune
 from moe_cli.moe.config import TOKEN_CHOICE
@@ -21,6 +22,11 @@ CalibOpt = Annotated[str, typer.Option(help="Calibration images for expert usage
 CalibBatchesOpt = Annotated[int, typer.Option(min=1, help="Calibration batches of 64 images.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder (must not exist).",
                                       show_default=False)]
+
+
+def calibration(ckpt: Checkpoint, calib: str, batches: int) -> list:
+    """Calibration images read as the checkpoint's model expects them."""
+    return calibration_batches(ckpt.model, calib, batches, ckpt.data_config)
 
 
 def _target(out: Path) -> None:
@@ -55,10 +61,9 @@ def prune_cmd(
     if (keep is None) == (drop_experts is None):
         raise ConfigError("give exactly one of --keep N and --drop-experts LAYER:EXPERT,...")
     _target(out)
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = open_checkpoint(ckpt)
     before = param_counts(checkpoint.model)[0]
-    usage = expert_usage(checkpoint.model, calibration_batches(checkpoint.model, calib, calib_batches)) \
-        if keep is not None else None
+    usage = expert_usage(checkpoint.model, calibration(checkpoint, calib, calib_batches)) if keep is not None else None
     kept = prune(checkpoint.model, keep, drop_experts, usage)
     _report("kept experts per layer", before, checkpoint, save(checkpoint, out), kept)
 
@@ -74,7 +79,7 @@ def merge_cmd(
 ) -> None:
     """Merge similar experts (router-logit similarity, usage-weighted, hidden units aligned) into N per layer."""
     _target(out)
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = open_checkpoint(ckpt)
     layers = moe_layers(checkpoint.model)
     if not layers:
         raise ConfigError(f"{ckpt} has no MoE layers to merge")
@@ -85,13 +90,13 @@ def merge_cmd(
         if experts < layer.k and layer.cfg.gate in TOKEN_CHOICE and not is_split(layer):
             layer.reconfigure(k=experts)
     before = param_counts(checkpoint.model)[0]
-    usage = expert_usage(checkpoint.model, calibration_batches(checkpoint.model, calib, calib_batches))
+    usage = expert_usage(checkpoint.model, calibration(checkpoint, calib, calib_batches))
     groups = {name: merge_layer(layer, usage[name], experts, name) for name, layer in layers}
     if experts == 1:
         arch = checkpoint.architecture
         dense = densify(checkpoint.model, create_timm(arch["name"], arch.get("kwargs", {})))
         checkpoint = Checkpoint(dense.eval(), arch, checkpoint.source, checkpoint.task, {},
-                                checkpoint.task_config)
+                                checkpoint.task_config, data_config=checkpoint.data_config)
     path = save(checkpoint, out)
     _report("merged expert groups per layer", before, checkpoint, path, groups)
     if experts == 1:

@@ -14,12 +14,20 @@ from moe_cli.data.digits import digits
 from moe_cli.data.genie import genie_dataset
 from moe_cli.data.tokens import synthetic_tokens, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
-from moe_cli.models.probe import input_size
+from moe_cli.models.probe import input_size, model_data_config
 
 
-def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module) -> Dataset:
+def preprocessing(cfg: DataCfg, model: torch.nn.Module, stored: dict | None = None) -> dict:
+    """The image preprocessing (mean, std, interpolation, crop_pct, crop_mode) to read images for ``model``: the
+    recipe's `data` overrides, else ``stored`` (the checkpoint's: the source model's data config), else timm's
+    data config of ``model`` itself."""
+    return {**model_data_config(model), **(stored or {}), **cfg.preprocessing()}
+
+
+def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module, stored: dict | None = None) -> Dataset:
     """The train (``training``) or validation split of the recipe's data section, shaped for ``model``: images at
-    its input size (or ``cfg.img_size``), or token sequences checked against a token model."""
+    its input size (or ``cfg.img_size``) with its preprocessing (:func:`preprocessing`; ``stored``: the
+    checkpoint's data config), or token sequences checked against a token model."""
     split = cfg.train_split if training else cfg.val_split
     if cfg.name == "tokens":
         return _token_split(cfg, split, model)
@@ -38,9 +46,10 @@ def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module) -> Datas
     if cfg.img_size and cfg.img_size != h and _fixed_size(model):
         raise ConfigError(f"`data.img_size` {cfg.img_size} does not match the model, which takes {h} px images "
                           "(set model.kwargs.img_size, or leave data.img_size unset)")
+    pre = preprocessing(cfg, model, stored)
     if cfg.name == "digits":
-        return digits("train", size, chans, cfg.augment) if training else digits("val", size, chans)
-    ds = _timm_split(cfg, split, training, size)
+        return digits("train" if training else "val", size, chans, cfg.augment and training, pre["mean"], pre["std"])
+    ds = _timm_split(cfg, split, training, size, pre)
     _check_classes(ds, model, cfg.root)
     return ds
 
@@ -65,11 +74,12 @@ def _check_classes(ds: Dataset, model: torch.nn.Module, root: str | None) -> Non
                           "(set model.kwargs.num_classes)")
 
 
-def calibration_batches(model: torch.nn.Module, spec: str, batches: int, batch_size: int = 64) -> list[torch.Tensor]:
+def calibration_batches(model: torch.nn.Module, spec: str, batches: int, stored: dict | None = None,
+                        batch_size: int = 64) -> list[torch.Tensor]:
     """``batches`` batches of model inputs from ``spec`` ("digits" or an image folder) for data-driven
-    initialisation (router k-means, expert merging and pruning statistics)."""
+    initialisation (router k-means, expert merging and pruning statistics), preprocessed for the model."""
     cfg = DataCfg(name="digits") if spec == "digits" else DataCfg(name="", root=spec)
-    loader = val_loader(model, cfg, batch_size, torch.device("cpu"))
+    loader = val_loader(model, cfg, batch_size, torch.device("cpu"), stored)
     out = []
     for batch in loader:
         out.append(batch[0])
@@ -78,14 +88,15 @@ def calibration_batches(model: torch.nn.Module, spec: str, batches: int, batch_s
     return out
 
 
-def build_datasets(cfg: DataCfg, model: torch.nn.Module) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: DataCfg, model: torch.nn.Module, stored: dict | None = None) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for the recipe's data section."""
-    return build_dataset(cfg, True, model), build_dataset(cfg, False, model)
+    return build_dataset(cfg, True, model, stored), build_dataset(cfg, False, model, stored)
 
 
-def val_loader(model: torch.nn.Module, cfg: DataCfg, batch_size: int, device: torch.device) -> DataLoader:
+def val_loader(model: torch.nn.Module, cfg: DataCfg, batch_size: int, device: torch.device,
+               stored: dict | None = None) -> DataLoader:
     """The validation split shaped for ``model``, in order."""
-    return make_loader(build_dataset(cfg, False, model), batch_size, None, cfg.num_workers, device)
+    return make_loader(build_dataset(cfg, False, model, stored), batch_size, None, cfg.num_workers, device)
 
 
 def _token_split(cfg: DataCfg, split: str, model: torch.nn.Module) -> Dataset:
@@ -108,7 +119,7 @@ def ensure_synthetic(cfg: DataCfg) -> None:
                          g.vocab_size)
 
 
-def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int) -> Dataset:
+def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int, pre: dict) -> Dataset:
     from timm.data import create_dataset, create_transform
 
     if cfg.root is None and not cfg.name.startswith(("hfds/", "hfids/", "tfds/", "wds/")):
@@ -116,14 +127,18 @@ def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int) -> Data
     if cfg.root is not None and not cfg.name and not Path(cfg.root).is_dir():
         raise ConfigError(f"cannot open dataset `ImageFolder`: `data.root` {cfg.root} is not a folder")
     try:
-        ds = create_dataset(cfg.name, root=cfg.root, split=split, is_training=training)
-    except (FileNotFoundError, RuntimeError, ValueError, OSError, AssertionError) as e:
+        ds = create_dataset(cfg.name, root=cfg.root, split=split, is_training=training, download=cfg.download)
+    except (FileNotFoundError, RuntimeError, ValueError, OSError, AssertionError, ImportError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = " (offline? download the data once with network, or point data.root at a copy)" if cfg.download \
+            else (" (set data.download: true to fetch it)" if cfg.name.startswith("torch/") else "")
         raise ConfigError(f"cannot open dataset `{cfg.name or 'ImageFolder'}` at {cfg.root} (split "
-                          f"`{split}`): {str(e).splitlines()[0]}") from None
+                          f"`{split}`): {why}{hint}") from None
     if len(ds) == 0:
         raise ConfigError(f"dataset at {cfg.root} (split `{split}`) holds no images")
-    ds.transform = create_transform(img_size, is_training=training and cfg.augment,
-                                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    ds.transform = create_transform(img_size, is_training=training and cfg.augment, mean=tuple(pre["mean"]),
+                                    std=tuple(pre["std"]), interpolation=pre["interpolation"],
+                                    crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"])
     return StrictImages(ds) if not cfg.name else ds
 
 

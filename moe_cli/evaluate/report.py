@@ -84,7 +84,7 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
     config = {**ckpt.task_config, "decoder": decoder or (stored if trust_checkpoint_code else None)}
     task = make_task(ckpt.task, config)
     data_cfg = data_config(data, ckpt)
-    loader = val_loader(model, data_cfg, batch_size, device)
+    loader = val_loader(model, data_cfg, batch_size, device, ckpt.data_config)
     samples = next(iter(loader))[0].to(device)
     out: dict = {"checkpoint": {"source": ckpt.source, "task": ckpt.task,
                                 "moe": ckpt.moe.to_dict() if ckpt.moe else None},

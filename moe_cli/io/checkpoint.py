@@ -12,8 +12,8 @@ import timm
 import torch
 from torch import nn
 
+from moe_cli.config import PREPROCESS_FIELDS, check_preprocessing
 from moe_cli.errors import CheckpointError, ConfigError, ModelSourceError
-from moe_cli.models.overrides import apply_overrides
 from moe_cli.models.surgery import apply_moe, layout_of
 from moe_cli.moe.config import MoELayout
 from moe_cli.runtime import Precision, atomic_write
@@ -30,7 +30,8 @@ class Checkpoint:
     experts were made (copy, drop, split)."""
 
     def __init__(self, model: nn.Module, architecture: dict, source: str = "", task: str = "classify",
-                 extra: dict | None = None, task_config: dict | None = None, init: str = "copy"):
+                 extra: dict | None = None, task_config: dict | None = None, init: str = "copy",
+                 data_config: dict | None = None):
         self.model = model
         self.architecture = architecture  # {"name": timm model name, "kwargs": {...}}
         self.source = source
@@ -38,6 +39,9 @@ class Checkpoint:
         self.extra = dict(extra or {})
         self.task_config = dict(task_config or {})  # the task's eval settings (masked-tokens: decoder, masks)
         self.init = init
+        # the source model's image preprocessing (timm data config: mean, std, interpolation, crop), kept from the
+        # dense source through upcycling and training so every later command reads images as it was trained on
+        self.data_config = dict(data_config) if data_config else None
 
     @property
     def moe(self) -> MoELayout | None:
@@ -55,6 +59,7 @@ class Checkpoint:
             "task": self.task,
             "task_config": json.dumps(self.task_config),
             "extra": json.dumps(self.extra),
+            "data_config": json.dumps(self.data_config),
         }
 
 
@@ -190,10 +195,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         moe_dict = json.loads(meta["moe"])
         extra = json.loads(meta.get("extra", "{}"))
         task_config = json.loads(meta.get("task_config", "{}"))
+        data_config = json.loads(meta.get("data_config", "null"))
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{target}: corrupt moe-cli metadata ({e})") from None
     if not (isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(arch.get("kwargs", {}), dict)):
         raise CheckpointError(f"{target}: metadata `architecture` must be {{\"name\": str, \"kwargs\": {{...}}}}")
+    if data_config is not None:
+        if not isinstance(data_config, dict):
+            raise CheckpointError(f"{target}: metadata `data_config` must be a mapping, got {data_config!r}")
+        data_config = check_preprocessing({k: v for k, v in data_config.items() if k in PREPROCESS_FIELDS},
+                                          lambda key: f"{target}: metadata `data_config.{key}`")
     model = create_timm(arch["name"], architecture_kwargs(arch.get("kwargs", {}), str(target)))
     if moe_dict is not None:
         def label(name: str) -> str:
@@ -203,11 +214,4 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         apply_moe(model, layout, shapes_only=True)
     load_weights(model, target)  # a 16-bit export loads into the fp32 model: runs use their own precision
     return Checkpoint(model.eval(), arch, meta.get("source", ""), meta.get("task", "classify"), extra,
-                      task_config, init=layout.init if moe_dict is not None else "copy")
-
-
-def load(path: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,
-         disable_experts: str | None = None) -> nn.Module:
-    """Load a moe-cli checkpoint (folder or ``.safetensors`` file) as a ready model in eval mode, optionally
-    with inference-time routing overrides (``disable_experts`` as 'layer:expert,...')."""
-    return apply_overrides(load_checkpoint(path).model, top_k, capacity_factor, disable_experts)
+                      task_config, init=layout.init if moe_dict is not None else "copy", data_config=data_config)

@@ -6,11 +6,16 @@ import contextlib
 import difflib
 import json
 import logging
+import os
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 
 import timm
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from timm.models import load_model_config_from_hf
+from torch import nn
 
 from moe_cli.errors import ModelSourceError
 from moe_cli.io.checkpoint import (
@@ -24,7 +29,10 @@ from moe_cli.io.checkpoint import (
     read_metadata,
     weights_path,
 )
+from moe_cli.io.hub import download, is_moe_cli_repo
 from moe_cli.models.genie import GenieConfig, is_genie_config
+from moe_cli.models.overrides import apply_overrides
+from moe_cli.models.probe import model_data_config
 
 # short forms users type -> the timm default they mean
 ALIASES = {
@@ -60,16 +68,48 @@ def resolve_timm_name(name: str) -> str:
     raise ModelSourceError(f"unknown model `{name}`: not a timm model name, hf-hub:org/name or existing file{hint}")
 
 
+HUB_PROBE_SECONDS = 3.0  # how long the Hub may take to accept a connection before we read the cache only
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` (name lookup included; run in
+    a thread, since a lookup without network can hang far longer than its caller's patience)."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
 @contextlib.contextmanager
 def quiet_hub():
-    """Hide huggingface_hub's per-retry warnings: a failed download ends in one clear line of ours instead."""
+    """Hub access that fails fast and in one line: huggingface_hub's per-retry warnings are hidden, and when the
+    endpoint does not answer within a few seconds the Hub is read in offline mode (the local cache only) instead
+    of retrying for a minute; a failed download then ends in one clear line of ours."""
+    from huggingface_hub import constants
+
     logger = logging.getLogger("huggingface_hub")
-    level = logger.level
+    level, offline = logger.level, constants.HF_HUB_OFFLINE
     logger.setLevel(logging.ERROR)
+    if not offline and not hub_reachable():
+        constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
         logger.setLevel(level)
+        constants.HF_HUB_OFFLINE = offline
 
 
 def download_hint(what: str, err: Exception) -> ModelSourceError:
@@ -100,7 +140,7 @@ def _from_timm(name: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise ModelSourceError(f"cannot build `{resolved}` with {kwargs}: {str(e).splitlines()[0]}") from None
     arch = {"name": resolved.split(".", 1)[0], "kwargs": built_kwargs(model, kwargs)}
-    return Checkpoint(model, arch, source=resolved)
+    return Checkpoint(model, arch, source=resolved, data_config=model_data_config(model))
 
 
 def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -> Checkpoint:
@@ -114,7 +154,7 @@ def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -
     model = create_timm("genie", arch["kwargs"])
     if weights is not None:
         load_weights(model, weights)
-    return Checkpoint(model, arch, source=source)
+    return Checkpoint(model, arch, source=source, data_config=model_data_config(model))
 
 
 def _hub_config(hub_id: str) -> dict | None:
@@ -141,6 +181,8 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
         config = _hub_config(hub_id)
     except DOWNLOAD_ERRORS as e:
         raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
+    if is_moe_cli_repo(config):  # a checkpoint pushed by `moe push`
+        return load_checkpoint(download(hub_id))
     if is_genie_config(config):  # a released 1X GENIE repository: flat config.json + model.safetensors
         from huggingface_hub import hf_hub_download
 
@@ -161,7 +203,7 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
         raise ModelSourceError(f"cannot build `{spec}`: {str(e).splitlines()[0]}") from None
     arch = {"name": arch_name, "kwargs": built_kwargs(model, {**(model_args or {}), **kwargs})}
-    return Checkpoint(model, arch, source=spec)
+    return Checkpoint(model, arch, source=spec, data_config=model_data_config(model))
 
 
 def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
@@ -191,7 +233,7 @@ def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
     name = resolve_timm_name(arch)
     model = create_timm(name, kwargs)
     load_weights(model, target)
-    return Checkpoint(model, {"name": name, "kwargs": kwargs}, source=str(path))
+    return Checkpoint(model, {"name": name, "kwargs": kwargs}, source=str(path), data_config=model_data_config(model))
 
 
 def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
@@ -208,3 +250,22 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
     if path.suffix == ".safetensors" or "/" in spec or spec.startswith("."):
         raise ModelSourceError(f"file not found: {spec}")
     return _from_timm(spec, pretrained, kwargs)
+
+
+def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
+    """A moe-cli checkpoint: a folder, a ``.safetensors`` file, or ``hf-hub:org/name`` (a repository written by
+    `moe push`, read through the local cache offline)."""
+    spec = str(spec)
+    if spec.startswith("hf-hub:"):
+        hub_id = spec.split(":", 1)[1]
+        if hub_id.count("/") != 1:
+            raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
+        return load_checkpoint(download(hub_id))
+    return load_checkpoint(spec)
+
+
+def load(path: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,
+         disable_experts: str | None = None) -> nn.Module:
+    """Load a moe-cli checkpoint (folder, ``.safetensors`` file or ``hf-hub:org/name``) as a ready model in eval
+    mode, optionally with inference-time routing overrides (``disable_experts`` as 'layer:expert,...')."""
+    return apply_overrides(open_checkpoint(path).model, top_k, capacity_factor, disable_experts)

@@ -1,9 +1,11 @@
-"""Probe inputs: a small deterministic batch shaped like what a model expects."""
+"""What a model expects as input: a small deterministic probe batch, its input size, its image preprocessing."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from moe_cli.config import PREPROCESS_FIELDS
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -25,3 +27,12 @@ def probe_batch(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor
     c, h, w = input_size(model)
     device = next(model.parameters()).device
     return torch.randn(batch, c, h, w, generator=gen).to(device)
+
+
+def model_data_config(model: nn.Module) -> dict:
+    """How ``model`` expects images: timm's data config for it (mean, std, interpolation, crop), from its
+    ``pretrained_cfg``; models timm does not know get timm's defaults (ImageNet mean / std)."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    return {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in PREPROCESS_FIELDS if k in cfg}

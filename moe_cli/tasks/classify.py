@@ -73,4 +73,4 @@ def mae_encoder(ckpt: Checkpoint, num_classes: int) -> Checkpoint:
     encoder = ckpt.model.encoder
     encoder.reset_classifier(num_classes)
     arch = {"name": kw["encoder"], "kwargs": {**kw["encoder_kwargs"], "num_classes": num_classes}}
-    return Checkpoint(encoder, arch, ckpt.source, "classify", dict(ckpt.extra))
+    return Checkpoint(encoder, arch, ckpt.source, "classify", dict(ckpt.extra), data_config=ckpt.data_config)

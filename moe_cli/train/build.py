@@ -18,7 +18,8 @@ def upcycle_checkpoint(ckpt: Checkpoint, cfg: UpcycleCfg, *, seed: int = 0, veri
     how its experts were made and the dense size."""
     if ckpt.moe is not None:
         raise ConfigError(f"{ckpt.source or 'the model'} is already an MoE checkpoint ({ckpt.moe.experts} experts)")
-    calib = calibration_batches(ckpt.model, cfg.calib, cfg.calib_batches) if cfg.router_init != "random" else None
+    calib = calibration_batches(ckpt.model, cfg.calib, cfg.calib_batches, ckpt.data_config) \
+        if cfg.router_init != "random" else None
     up = upcycle_verified(ckpt.model, cfg, seed=seed, verify=verify, tolerance=tolerance, calibration=calib)
     ckpt.model, ckpt.init = up.model, cfg.init
     ckpt.extra = {**ckpt.extra, "dense_params": up.dense_params}

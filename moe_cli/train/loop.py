@@ -145,7 +145,7 @@ def train(
     random.seed(t.seed + dd.rank)
     loss_fn = loss_fn or task.loss
     model = ckpt.model.to(dev).train()
-    train_ds, val_ds = build_datasets(recipe.data, model)
+    train_ds, val_ds = build_datasets(recipe.data, model, ckpt.data_config)
     sampler = ResumableSampler(train_ds, seed=t.seed, rank=dd.rank, world=dd.world)
     total = t.steps or max(1, math.ceil(t.epochs * math.ceil(len(sampler) / t.batch_size) / t.grad_accum))
     for n, p in model.named_parameters():

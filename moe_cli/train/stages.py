@@ -102,7 +102,7 @@ def trainable_count(model: nn.Module, trainable: Callable | None) -> int:
 def stage_report(ckpt: Checkpoint, recipe: Recipe, device: torch.device, task: ClassifyTask) -> dict:
     """Accuracy, CE, routing (load per layer, batch-wise variation), GFLOPs/image (active) and parameters."""
     model = ckpt.model.to(device).eval()
-    loader = val_loader(model, recipe.data, recipe.train.batch_size, device)
+    loader = val_loader(model, recipe.data, recipe.train.batch_size, device, ckpt.data_config)
     quality = task.evaluate(model, loader, device, recipe.train.precision)
     routes = routing_stats(model, loader, device, lambda: autocast(device, recipe.train.precision))
     images = next(iter(loader))[0][:16].to(device)

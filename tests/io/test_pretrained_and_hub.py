@@ -1,0 +1,193 @@
+"""Real pretrained models and the Hub: each model is read with its own preprocessing (timm's data config of the
+source, kept in the checkpoint), datasets fail in one line offline, a Hub fetch fails fast, and `moe push`
+writes a repository that loads back through the Hub cache."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import write_recipe
+from PIL import Image
+
+from moe_cli.config import DataCfg
+from moe_cli.errors import ConfigError, ModelSourceError
+from moe_cli.io.checkpoint import load_checkpoint
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+DEIT = ["deit_tiny_patch16_224", "--no-pretrained", "-m", "img_size=32", "-m", "depth=2", "-m", "num_classes=2"]
+
+
+def white_folder(root):
+    """An image folder whose every pixel is white: after normalisation each channel is (1 - mean) / std."""
+    for split in ("train", "validation"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(root / split / label / "0.png")
+    return root
+
+
+def channel_values(x: torch.Tensor) -> list[float]:
+    return x.reshape(x.shape[0], -1).mean(-1).tolist()
+
+
+def expected(mean, std):
+    return [(1 - m) / s for m, s in zip(mean, std, strict=True)]
+
+
+def test_imagenet_models_get_imagenet_preprocessing_everywhere(cli, tmp_path):
+    from moe_cli.data.loaders import calibration_batches, val_loader
+
+    folder = white_folder(tmp_path / "data")
+    assert cli("upcycle", *DEIT, "--experts", "2", "--k", "1", "--out", str(tmp_path / "moe")).exit_code == 0
+    ck = load_checkpoint(tmp_path / "moe")
+    assert ck.data_config["mean"] == pytest.approx(IMAGENET[0]) and ck.data_config["std"] == pytest.approx(IMAGENET[1])
+    want = expected(*IMAGENET)
+    # eval / inspect read the validation split through val_loader with the checkpoint's data config
+    x, _ = next(iter(val_loader(ck.model, DataCfg(name="", root=str(folder)), 4, torch.device("cpu"),
+                                ck.data_config)))
+    assert channel_values(x[0]) == pytest.approx(want, abs=1e-4)
+    # calibration (router init, merge, prune) too
+    assert channel_values(calibration_batches(ck.model, str(folder), 1, ck.data_config)[0][0]) == pytest.approx(
+        want, abs=1e-4)
+    # finetune keeps the source's preprocessing in what it publishes
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "run", model={"source": str(tmp_path / "moe"), "kwargs": {}},
+                     data={"name": "", "root": str(folder)}, train={"steps": 1, "batch_size": 2})
+    assert cli("finetune", f).exit_code == 0
+    assert load_checkpoint(tmp_path / "run" / "final").data_config == ck.data_config
+    # a ViT trained with mean/std 0.5 keeps [-1, 1]
+    vit = load_checkpoint(tmp_path / "moe")
+    vit.data_config = None
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=2)
+    x, _ = next(iter(val_loader(model, DataCfg(name="", root=str(folder)), 4, torch.device("cpu"))))
+    assert channel_values(x[0]) == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)
+
+
+def test_digits_follow_the_model_and_the_recipe_can_override(tmp_path):
+    import timm
+
+    from moe_cli.data.loaders import build_dataset
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=1, num_classes=10)
+    background = build_dataset(DataCfg(name="digits"), False, model)[0][0][:, 0, 0]  # a zero pixel, normalised
+    assert background.tolist() == pytest.approx([-m / s for m, s in zip(*IMAGENET, strict=True)], abs=1e-5)
+    cfg = DataCfg(name="digits", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert build_dataset(cfg, False, model)[0][0][:, 0, 0].tolist() == pytest.approx([-1.0] * 3)
+
+
+@pytest.mark.parametrize("assignment,needle", [
+    ("data.std=[0, 1, 1]", "`data.std` in r.yaml must be three finite numbers > 0"),
+    ("data.mean=[0.5, 0.5]", "`data.mean` in r.yaml must be list of 3 numbers"),
+    ("data.interpolation=cubic", "`data.interpolation` in r.yaml must be one of"),
+    ("data.crop_pct=1.5", "`data.crop_pct` in r.yaml must be a number in (0, 1]"),
+])
+def test_preprocessing_overrides_are_validated(cli, tmp_path, assignment, needle):
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "out")
+    r = cli("finetune", f, "--set", assignment)
+    assert r.exit_code == 2 and needle in r.stderr, r.stderr
+
+
+def test_a_checkpoint_with_a_bad_data_config_is_one_line(cli, tmp_path):
+    import safetensors.torch
+
+    from moe_cli.io.checkpoint import read_metadata, read_tensors
+
+    assert cli("upcycle", *DEIT, "--experts", "2", "--k", "1", "--out", str(tmp_path / "moe")).exit_code == 0
+    src = tmp_path / "moe" / "model.safetensors"
+    meta = {**read_metadata(src), "data_config": json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0, 1, 1]})}
+    (tmp_path / "bad").mkdir()
+    safetensors.torch.save_file(read_tensors(src), str(tmp_path / "bad" / "model.safetensors"), metadata=meta)
+    r = cli("eval", str(tmp_path / "bad"))
+    assert r.exit_code == 2 and "metadata `data_config.std` must be three finite numbers > 0" in r.stderr
+
+
+def test_torch_datasets_without_the_files_fail_in_one_line(cli, tmp_path):
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data={"name": "torch/cifar10", "root": str(tmp_path)})
+    r = cli("finetune", f)
+    assert r.exit_code == 2 and "cannot open dataset `torch/cifar10`" in r.stderr and "data.download: true" in r.stderr
+    # with download, offline (every connection refused through a dead proxy): one line too, quickly
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "MOE_DEVICE": "cpu"}
+    f = write_recipe(tmp_path / "r2.yaml", tmp_path / "out2", data={"name": "torch/cifar10", "root": str(tmp_path),
+                                                                    "download": True})
+    r = subprocess.run([sys.executable, "-m", "moe_cli", "finetune", f], capture_output=True, text=True, env=env,
+                       timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "offline?" in lines[0], r.stderr
+
+
+def test_a_failing_hub_fetch_returns_in_seconds(monkeypatch, tmp_path):
+    """Before: about 55 s of retries without network. The endpoint here refuses connections at once."""
+    from huggingface_hub import constants
+
+    from moe_cli.io.sources import load_source
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    t0 = time.perf_counter()
+    with pytest.raises(ModelSourceError, match="the Hub is unreachable or offline"):
+        load_source("vit_tiny_patch16_224", pretrained=True, model_kwargs={"depth": 1})
+    assert time.perf_counter() - t0 < 5
+    assert constants.HF_HUB_OFFLINE is False  # the offline switch is undone afterwards
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def seed_hub_cache(cache, repo_id, folder):
+    """Put ``folder``'s files where huggingface_hub keeps a downloaded snapshot of ``repo_id``."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    for p in folder.iterdir():
+        (snap / p.name).write_bytes(p.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def test_push_dry_run_writes_the_card_and_the_repo_loads_back_through_the_hub_cache(cli, tmp_path):
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "run", model={"upcycle": {"experts": 2, "k": 1}},
+                     train={"steps": 2, "batch_size": 16})
+    assert cli("finetune", f).exit_code == 0
+    assert cli("inspect", str(tmp_path / "run" / "final"), "--out", str(tmp_path / "run" / "inspect"),
+               "--images", "1").exit_code == 0
+    r = cli("push", str(tmp_path / "run" / "final"), "me/vit-moe", "--dry-run", str(tmp_path / "dry"))
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in (tmp_path / "dry").iterdir())
+    assert names == ["README.md", "config.json", "expert_load.png", "model.safetensors", "summary.json"]
+    card = (tmp_path / "dry" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "moe-cli" and {"mixture-of-experts", "moe-cli"} <= set(front["tags"])
+    assert "| MoE layers | 2 |" in card and "moe upcycle vit_tiny_patch16_224 --experts 2 --k 1" in card
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert f"| accuracy | {summary['accuracy']:.4f} |" in card and "![expert load per layer](expert_load.png)" in card
+    assert json.loads((tmp_path / "dry" / "config.json").read_text())["library_name"] == "moe-cli"
+    # a pushed repository is what the Hub serves back: seed the cache with it and evaluate offline
+    seed_hub_cache(tmp_path / "hub", "me/vit-moe", tmp_path / "dry")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "MOE_DEVICE": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "moe_cli", "eval", "hf-hub:me/vit-moe", "--metric", "accuracy",
+                        "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"]["top1"] == pytest.approx(summary["accuracy"], abs=1e-6)
+
+
+def test_push_refuses_a_bad_repo_id_and_a_used_dry_run_folder(cli, tmp_path):
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "run", train={"steps": 1})
+    assert cli("finetune", f).exit_code == 0
+    r = cli("push", str(tmp_path / "run" / "final"), "no-slash", "--dry-run", str(tmp_path / "dry"))
+    assert r.exit_code == 2 and "ORG/NAME" in r.stderr
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    r = cli("push", str(tmp_path / "run" / "final"), "me/x", "--dry-run", str(tmp_path / "used"))
+    assert r.exit_code == 2 and "not empty" in r.stderr
+    with pytest.raises(ConfigError):
+        from moe_cli.io.hub import stage
+
+        stage(tmp_path / "run" / "final", "a/b/c", tmp_path / "o")
