@@ -99,3 +99,23 @@ def test_paper_recipes_run_two_steps_on_a_tiny_stand_in(cli, tmp_path, recipe, o
     r = cli(command, str(root / recipe), *[a for s in stand_in for a in ("--set", s)])
     assert r.exit_code == 0, r.output
     assert any((tmp_path / "run").rglob("final/model.safetensors"))
+
+
+def test_readme_figures_read_what_the_command_prints(cli, tmp_path):
+    """bench/readme_figures.py builds the README tables from summary.json: the same numbers `moe finetune` prints
+    at the end of the run (a stale README figure can only come from not rerunning the script)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("readme_figures", Path(__file__).parents[2] / "bench" /
+                                                  "readme_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "run", train={"steps": 3, "batch_size": 16})
+    r = cli("finetune", f)
+    assert r.exit_code == 0, r.output
+    printed = dict(re.findall(r"(accuracy|ce) ([0-9.]+)", r.output.split("final:")[-1]))
+    s = figures.summary(str(tmp_path / "run"))
+    assert f"{s['accuracy']:.4f}" == printed["accuracy"] and f"{s['ce']:.4f}" == printed["ce"]
+    assert figures.pct(s["accuracy"]) == f"{100 * float(printed['accuracy']):.2f}%"
