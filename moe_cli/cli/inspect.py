@@ -9,7 +9,13 @@ import typer
 from moe_cli.cli.common import STATE, CheckpointArg, DisableExpertsOpt, console, user_errors
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
-from moe_cli.evaluate.inspect import collect_routes, write_figures, write_routes_json
+from moe_cli.evaluate.inspect import (
+    collect_routes,
+    training_load,
+    write_figures,
+    write_routes_json,
+    write_training_load,
+)
 from moe_cli.evaluate.report import data_config
 from moe_cli.io.sources import open_checkpoint
 from moe_cli.models.overrides import apply_overrides
@@ -25,7 +31,8 @@ def inspect_cmd(
     batch_size: int = typer.Option(64, min=1),
     disable_experts: DisableExpertsOpt = None,
 ) -> None:
-    """Expert-load heatmap per layer, routing per class, per-patch expert maps, routes.json."""
+    """Expert-load heatmap per layer, routing per class, per-patch expert maps, the load over training (for a
+    run's checkpoint), routes.json."""
     checkpoint = open_checkpoint(ckpt)
     if checkpoint.task != "classify":
         raise ConfigError(f"moe inspect maps routing per class and per image patch of classifiers; {ckpt} is a "
@@ -36,6 +43,9 @@ def inspect_cmd(
     num_classes = getattr(model, "num_classes", 0) or 1
     routes = collect_routes(model.to(device), loader, device, num_classes, images)
     paths = write_figures(routes, out)
+    run = Path(str(ckpt)).parent  # a run folder's final/ or last/: its metrics.jsonl has the load over training
+    if (load := training_load(run / "metrics.jsonl")):
+        paths.append(write_training_load(load, out / "load_over_training.png"))
     write_routes_json(routes, out / "routes.json")
     for p in [*paths, out / "routes.json"]:
         console.print(f"wrote {p}")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_cli.cli.common import STATE, console
+from moe_cli.cli.common import STATE, console, err_console
 from moe_cli.train.loop import Reporter
 
 
@@ -55,6 +56,14 @@ class RichReporter(Reporter):
             self.progress.console.print(text)
         elif not STATE["quiet"]:
             console.print(text)
+
+    def warning(self, text: str) -> None:
+        """One line, also with --quiet (on stderr)."""
+        line = f"[bold yellow]warning:[/] {escape(text)}"
+        if self.progress is not None:
+            self.progress.console.print(line, soft_wrap=True)
+        else:
+            err_console.print(line, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:

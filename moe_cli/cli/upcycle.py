@@ -15,7 +15,7 @@ from moe_cli.io.checkpoint import save
 from moe_cli.io.sources import load_source
 from moe_cli.models.flops import param_counts
 from moe_cli.models.upcycle import TOLERANCE, UpcycleMismatch, Verification
-from moe_cli.moe.config import Gate, Impl, Init, MoELayout, Priority, RouterInit, Split, UpcycleCfg, flag
+from moe_cli.moe.config import Balance, Gate, Impl, Init, MoELayout, Priority, RouterInit, Split, UpcycleCfg, flag
 from moe_cli.train.build import upcycle_checkpoint
 
 D = UpcycleCfg()  # the options' defaults are the config's
@@ -28,8 +28,10 @@ def upcycle(
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer.")] = D.experts,
     k: Annotated[int, typer.Option("--k", "-k", help="Experts each token is routed to (top-k).")] = D.k,
     layers: Annotated[str, typer.Option(help="Which FFNs: all, every-N, last-N or a list like 0,3,5.")] = D.layers,
-    gate: Annotated[Gate, typer.Option(help="topk: token choice; expert_choice; soft: dense, all experts.")] =
-        D.gate,
+    gate: Annotated[Gate, typer.Option(help="topk: each token its k best experts (softmax); sigmoid_topk: the "
+                                       "same on sigmoid scores (DeepSeek-V3); top_p: the fewest experts "
+                                       "reaching --top-p; soft: all experts; expert_choice: each expert "
+                                       "its best tokens.")] = D.gate,
     capacity_factor: Annotated[float | None, typer.Option(help="Token choice: capacity C = cf*k*T/N, overflow "
                                                           "dropped. Expert choice: C = cf*T/N (default 1).",
                                                           show_default=False)] = None,
@@ -68,12 +70,24 @@ def upcycle(
     calib_batches: Annotated[int, typer.Option(help="Calibration batches of 64 images.")] = D.calib_batches,
     top_p: Annotated[float, typer.Option(help="--gate top_p: probability mass each token's experts reach "
                                          "(1 to k experts).")] = D.top_p,
+    shared_experts: Annotated[int, typer.Option(help="Always-on experts added to the routed ones (DeepSeek-MoE, "
+                                                "Qwen2-MoE).")] = D.shared_experts,
+    shared_gate: Annotated[bool, typer.Option(help="Scale the shared experts per token by a sigmoid gate "
+                                              "(Qwen2-MoE).")] = D.shared_gate,
+    balance: Annotated[Balance, typer.Option(help="aux: load-balance loss; aux_free: a per-expert selection "
+                                             "bias nudged after each step (DeepSeek-V3).")] = D.balance,
+    bias_update: Annotated[float, typer.Option(help="--balance aux_free: bias step u per optimizer step.")] =
+        D.bias_update,
+    route_scale: Annotated[float, typer.Option(help="--gate sigmoid_topk: scale of the combine weights.")] =
+        D.route_scale,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts and check it computes what the dense one did."""
     cfg = UpcycleCfg(experts=experts, k=k, gate=gate, normalize=normalize, capacity_factor=capacity_factor,
                      eval_capacity_factor=eval_capacity_factor, priority=priority, impl=impl, layers=layers,
                      target=target, noise_std=noise_std, init=init, drop_ratio=drop_ratio, split=split,
-                     router_init=router_init, calib=calib, calib_batches=calib_batches, top_p=top_p).validate(flag)
+                     router_init=router_init, calib=calib, calib_batches=calib_batches, top_p=top_p,
+                     shared_experts=shared_experts, shared_gate=shared_gate, balance=balance, bias_update=bias_update,
+                     route_scale=route_scale).validate(flag)
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     source = load_source(model, pretrained=pretrained, arch=arch,
@@ -127,5 +141,7 @@ def summary_table(name: str, dense_total: int, sparse, cfg: MoELayout) -> Table:
     table.add_row("MoE layers", "0", str(len(cfg.layers)))
     table.add_row("experts", "-", str(cfg.experts))
     table.add_row("k (active experts)", "-", "all" if cfg.gate == "soft" else str(cfg.k))
-    table.add_row("gate", "-", cfg.gate)
+    table.add_row("gate", "-", str(cfg.gate))
+    if cfg.shared_experts:
+        table.add_row("shared experts", "-", f"{cfg.shared_experts}{' (gated)' if cfg.shared_gate else ''}")
     return table

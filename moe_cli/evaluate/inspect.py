@@ -122,3 +122,44 @@ def write_figures(routes: dict, out_dir: Path) -> list[Path]:
 def write_routes_json(routes: dict, path: Path) -> None:
     data = {k: v for k, v in routes.items() if not k.startswith("_")}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
+
+
+def training_load(metrics: Path) -> dict[str, tuple[list[int], list[list[float]]]]:
+    """{layer: (steps, load per expert at each)} from a run's metrics.jsonl (the loop's routing-health records);
+    empty when the run has none."""
+    out: dict[str, tuple[list[int], list[list[float]]]] = {}
+    if not metrics.is_file():
+        return out
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        for name, r in (rec.get("routing") or {}).items() if rec.get("split") == "train" else ():
+            steps, loads = out.setdefault(name, ([], []))
+            steps.append(rec["step"])
+            loads.append(r["load"])
+    return out
+
+
+def write_training_load(load: dict, path: Path) -> Path:
+    """One panel per MoE layer: each expert's share of the load over the training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(load)
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names) + 0.6), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        steps, loads = load[name]
+        experts = max(len(v) for v in loads)
+        for e in range(experts):
+            ax.plot(steps, [v[e] if e < len(v) else np.nan for v in loads], label=str(e))
+        ax.axhline(1 / experts, color="grey", lw=0.8, ls="--")
+        ax.set(title=name, ylabel="share of load", ylim=(0, 1.05))
+    axes[-1, 0].set_xlabel("training step")
+    axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title="expert", title_fontsize=7)
+    fig.text(0.5, -0.01, "Each expert's share of the routed tokens over training (dashed: an even share).",
+             ha="center", va="top", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+    return path

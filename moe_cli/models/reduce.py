@@ -182,6 +182,8 @@ def dense_weights(layer: MoEMlp, name: str = "") -> dict[str, torch.Tensor]:
     """The one FFN a layer of one expert, or of split slices (concatenated along the hidden units), stands for."""
     ex = layer.experts
     names = [n for n in EXPERT_PARAMS if getattr(ex, n) is not None]
+    if layer.shared is not None:
+        raise ConfigError(f"`{name}` has shared experts, which one dense FFN cannot hold besides the routed one")
     if layer.num_experts == 1:
         return {n: getattr(ex, n)[0] for n in names}
     if not is_split(layer):

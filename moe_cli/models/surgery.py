@@ -81,7 +81,7 @@ def upcycle(model: nn.Module, cfg: UpcycleCfg | None = None, *, seed: int = 0, *
     which FFNs and how; the routers are drawn from ``seed``. Returns the model and the layout to store with it."""
     cfg = (cfg or UpcycleCfg(**fields)).validate()
     names = upcycle_targets(model, cfg)
-    check_memory(model, names, cfg.experts if cfg.init != "split" else 1)
+    check_memory(model, names, (cfg.experts + cfg.shared_experts) if cfg.init != "split" else 1)
     layout = MoELayout(**cfg.layer_config().__dict__, layers=names, init=cfg.init)
     apply_moe(model, layout, seed=seed, noise_std=cfg.noise_std, drop_ratio=cfg.drop_ratio, split=cfg.split)
     return model, layout_of(model, cfg.init)

@@ -28,10 +28,16 @@ from moe_cli.runtime import Choice
 
 
 class Gate(Choice):
-    topk = "topk"  # token choice: each token picks its k experts
+    topk = "topk"  # token choice: each token picks its k experts (softmax affinities)
+    sigmoid_topk = "sigmoid_topk"  # token choice on sigmoid affinities (DeepSeek-V3)
     top_p = "top_p"  # adaptive: the fewest experts whose probabilities add up to top_p (1..k)
     soft = "soft"  # dense: every expert, softmax weights
     expert_choice = "expert_choice"  # each expert picks its top tokens
+
+
+class Balance(Choice):
+    aux = "aux"  # the load-balance loss (moe.load_balance in recipes)
+    aux_free = "aux_free"  # DeepSeek-V3: a per-expert selection bias, nudged after each step toward balance
 
 
 class Priority(Choice):
@@ -65,7 +71,7 @@ class RouterInit(Choice):
     activation = "activation"
 
 
-TOKEN_CHOICE = (Gate.topk, Gate.top_p)  # gates where each token picks k experts (k is bounded by the experts)
+TOKEN_CHOICE = (Gate.topk, Gate.sigmoid_topk, Gate.top_p)  # each token picks k experts (k bounded by the experts)
 ROUTER_STD = 0.02
 
 Label = Callable[[str], str]
@@ -115,6 +121,11 @@ class MoEConfig:
     priority: Priority = Priority.slot  # who keeps its place when an expert overflows
     impl: Impl = Impl.auto  # expert dispatch
     disabled: tuple[int, ...] = ()  # experts switched off (an inference override: no token is sent to them)
+    route_scale: float = 1.0  # sigmoid_topk: the combine weights are multiplied by it (DeepSeek-V3)
+    balance: Balance = Balance.aux
+    bias_update: float = 0.001  # balance aux_free: u in bias += u * sign(mean load - load), per optimizer step
+    shared_experts: int = 0  # always-on experts added to the routed output (DeepSeek-MoE, Qwen2-MoE)
+    shared_gate: bool = False  # scale the shared experts' output per token by sigmoid(x w) (Qwen2-MoE)
 
     def validate(self, label: Label = flag) -> MoEConfig:
         """Check every field and their combinations; returns self so it chains."""
@@ -149,6 +160,19 @@ class MoEConfig:
                                       f"expert_choice); gate {self.gate} does not drop tokens")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ConfigError(f"{label('top_p')} must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.route_scale) or not math.isfinite(self.route_scale) or self.route_scale <= 0:
+            raise ConfigError(f"{label('route_scale')} must be a finite number > 0, got {self.route_scale!r}")
+        _check_std(self, "bias_update", label)
+        if self.balance == Balance.aux_free and self.gate not in TOKEN_CHOICE:
+            raise ConfigError(f"{label('balance')} aux_free biases which experts tokens choose: use {label('gate')} "
+                              "topk, sigmoid_topk or top_p")
+        if not isinstance(self.shared_experts, int) or isinstance(self.shared_experts, bool) or \
+                not 0 <= self.shared_experts <= 64:
+            raise ConfigError(f"{label('shared_experts')} must be an integer in [0, 64], got {self.shared_experts!r}")
+        if not isinstance(self.shared_gate, bool):
+            raise ConfigError(f"{label('shared_gate')} must be true or false, got {self.shared_gate!r}")
+        if self.shared_gate and not self.shared_experts:
+            raise ConfigError(f"{label('shared_gate')} gates the shared experts: set {label('shared_experts')} too")
         return self
 
     @property
@@ -247,6 +271,9 @@ class UpcycleCfg(MoEConfig):
         """Why an MoE made with these settings cannot compute what the dense model did, where that is known before
         building it ('' otherwise): the upcycling check of ``moe upcycle`` refuses these up front."""
         every = self.gate == Gate.topk and self.k == self.experts  # raw probabilities of all experts add up to 1
+        if self.gate == Gate.sigmoid_topk and self.route_scale != 1 and self.init == Init.copy:
+            return (f"route_scale {self.route_scale} scales the sum of the copies of the dense FFN, so the MoE "
+                    "cannot reproduce the dense model; upcycle with route_scale 1")
         if not self.normalize and self.gate in TOKEN_CHOICE and self.init == Init.copy and not every:
             return ("normalize false weighs the copies of the dense FFN by router probabilities that do not add up "
                     "to 1, so the MoE cannot reproduce the dense model (the upcycling invariant); keep normalize, "

@@ -80,6 +80,17 @@ class Experts(nn.Module):
         stacked weights and grouped GEMMs."""
         return plan.apply(self.ffn, x_RD, {name: getattr(self, name) for name in PARAMS})
 
+    def dense(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row, outputs added (shared experts): (T, D) -> (T, O)."""
+        from moe_cli.moe.dispatchers.loop import DENSE
+
+        params = {name: getattr(self, name) for name in PARAMS}
+        out = None
+        for e in range(self.num_experts):
+            y = self.ffn(x_TD, DENSE, {n: p[e] if p is not None else None for n, p in params.items()})
+            out = y if out is None else out + y
+        return out
+
     def ffn(self, x: torch.Tensor, ops: Ops, p: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """The expert FFN, written once: ``ops`` runs its linear maps and the hidden norm's affine part."""
         h = ops.linear(x, p["w1"], p["b1"], True)

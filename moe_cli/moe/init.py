@@ -77,8 +77,9 @@ def from_dense(mlp: nn.Module, num_experts: int | None = None, k: int | None = N
     not the one ``init`` gives, e.g. a pruned split layer), without computing expert weights."""
     spec = dense_spec(mlp)
     cfg = for_init(layer_config(config, num_experts, k, moe), init)
+    slices = cfg.experts + cfg.shared_experts  # split: the shared experts hold slices of their own
     if hidden is None:
-        hidden = spec["hidden_features"] // cfg.experts if init == Init.split else spec["hidden_features"]
+        hidden = spec["hidden_features"] // slices if init == Init.split else spec["hidden_features"]
     eps, act = spec["norm_eps"], spec["act"]
     layer = MoEMlp(spec["in_features"], hidden, spec["out_features"], act_layer=lambda: copy.deepcopy(act),
                    glu=spec["glu"], bias=spec["bias"], drop=spec["drop"],
@@ -86,15 +87,43 @@ def from_dense(mlp: nn.Module, num_experts: int | None = None, k: int | None = N
                    use_conv=spec["channels_first"], config=cfg)
     if shapes_only:
         return layer.to(device=spec["device"])
-    weights = expert_weights(spec, layer.num_experts, init, noise_std, drop_ratio, split, generator)
+    routed, shared = upcycled_weights(spec, cfg, init, noise_std, drop_ratio, split, generator)
     with torch.no_grad():
         if generator is not None:
             weight = layer.router.weight
             weight.copy_(torch.randn(weight.shape, generator=generator) * ROUTER_STD)
-        for name, tensor in weights.items():
-            param = getattr(layer.experts, name)
-            param.copy_(tensor.to(param.dtype))
+        for bank, weights in ((layer.experts, routed), (layer.shared, shared)):
+            for name, tensor in (weights.items() if bank is not None else ()):
+                param = getattr(bank, name)
+                param.copy_(tensor.to(param.dtype))
+        if layer.shared_gate is not None:
+            layer.shared_gate.weight.zero_()  # sigmoid(0) = 1/2 for every token at the start
     return layer.to(device=spec["device"])
+
+
+def upcycled_weights(spec: dict, cfg: MoEConfig, init: str, noise_std: float = 0.0, drop_ratio: float = 0.5,
+                     split: str = "cluster", generator: torch.Generator | None = None) -> tuple[dict, dict]:
+    """(routed, shared) stacked expert tensors so that the layer starts as the dense FFN.
+
+    With ``shared_experts`` S, the output y = routed + g * sum(shared) (g = sigmoid(gate . x), 1/2 at the start,
+    or 1 ungated) reproduces the dense FFN f: copy and drop inits give every expert f's weights with the output
+    projection (w2, b2) scaled — routed by 1 / (1 + S), shared by 1 / ((1 + S) g) — so routed (weights adding up
+    to 1) + g * S shared = f; split gives the shared experts their own slices of f's hidden units (E + S slices,
+    b2 shared out), scaled by 1 / g, exact when every routed slice is chosen (k = E)."""
+    E, S = cfg.experts, cfg.shared_experts
+    if init == Init.split:
+        slices = expert_weights(spec, E + S, init, noise_std, drop_ratio, split, generator)
+        routed, shared = {n: t[:E] for n, t in slices.items()}, {n: t[E:].clone() for n, t in slices.items()}
+    else:
+        routed = expert_weights(spec, E, init, noise_std, drop_ratio, split, generator)
+        shared = expert_weights(spec, S, Init.copy) if S else {}
+    if S:
+        g = 0.5 if cfg.shared_gate else 1.0
+        c_routed, c_shared = (1.0, 1 / g) if init == Init.split else (1 / (1 + S), 1 / ((1 + S) * g))
+        for name in ("w2", "b2"):
+            if name in routed:
+                routed[name], shared[name] = routed[name] * c_routed, shared[name] * c_shared
+    return routed, shared
 
 
 def balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:

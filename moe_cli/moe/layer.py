@@ -67,8 +67,13 @@ class MoEMlp(nn.Module):
         out_features = out_features or in_features
         self.channels_first = use_conv
         self.router: Router = make_router(in_features, cfg, std=router_std, device=device, dtype=dtype)
-        self.experts = Experts(cfg.experts, in_features, hidden_features, out_features, act_layer, glu, bias,
-                               _norm_eps(norm_layer, hidden_features), drop, device=device, dtype=dtype)
+        ffn = (in_features, hidden_features, out_features, act_layer, glu, bias, _norm_eps(norm_layer, hidden_features),
+               drop)
+        self.experts = Experts(cfg.experts, *ffn, device=device, dtype=dtype)
+        # always-on experts added to the routed output (DeepSeek-MoE, Qwen2-MoE), optionally gated per token
+        self.shared = Experts(cfg.shared_experts, *ffn, device=device, dtype=dtype) if cfg.shared_experts else None
+        self.shared_gate = nn.Linear(in_features, 1, bias=False, device=device, dtype=dtype) \
+            if cfg.shared_gate else None
 
     # ------------------------------------------------------------------ state
 
@@ -92,6 +97,9 @@ class MoEMlp(nn.Module):
         new = layer_config(cfg or self.cfg, moe=changes)
         if new.experts != self.cfg.experts:
             raise ConfigError(f"experts cannot change from {self.cfg.experts} to {new.experts} (prune instead)")
+        for name in ("shared_experts", "shared_gate", "balance"):
+            if getattr(new, name) != getattr(self.cfg, name):
+                raise ConfigError(f"{name} is part of the layer's structure; it cannot change after it is built")
         self.cfg = new
         self.router = make_router(self.router.weight.shape[1], new, like=self.router)
         return self
@@ -118,7 +126,14 @@ class MoEMlp(nn.Module):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        return {f"experts.{n}" for n in self.experts.no_weight_decay()}
+        names = {f"experts.{n}" for n in self.experts.no_weight_decay()}
+        return names | ({f"shared.{n}" for n in self.shared.no_weight_decay()} if self.shared is not None else set())
+
+    @torch.no_grad()
+    def update_balance(self, counts: torch.Tensor) -> None:
+        """Aux-loss-free balancing: nudge the router's selection bias by this step's counts per expert (E,)."""
+        if self.cfg.balance == "aux_free":
+            self.router.update_bias(counts)
 
     # ------------------------------------------------------------------ forward
 
@@ -139,6 +154,11 @@ class MoEMlp(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
         y_TO, _ = self.dispatcher(x_TD)(x_TD, routing, self.experts)
+        if self.shared is not None:
+            shared_TO = self.shared.dense(x_TD)
+            if self.shared_gate is not None:
+                shared_TO = torch.sigmoid(self.shared_gate(x_TD)) * shared_TO
+            y_TO = y_TO + shared_TO
         y = y_TO.reshape(*lead, y_TO.shape[-1])
         return y.movedim(-1, 1) if self.channels_first else y
 

@@ -7,10 +7,15 @@ import torch
 from moe_cli.moe.routing import Routing
 
 
-def load_balance_loss(routing: Routing, num_experts: int, counts: torch.Tensor) -> torch.Tensor:
-    """Switch load balance N * sum_i f_i * P_i; f_i = share of (token, slot) pairs sent to expert i,
-    ``counts`` the (E,) slots per expert."""
-    frac = counts.float() / routing.expert.numel()
+def load_balance_loss(routing: Routing, num_experts: int) -> torch.Tensor:
+    """Switch load balance N * sum_i f_i * P_i (Switch Transformers, GShard, V-MoE): f_i = share of the router's
+    (token, slot) choices that go to expert i, counted BEFORE a capacity limit drops any (so an overflowing
+    expert's share is not capped at C/T, and the loss pushes hardest exactly when an expert overflows);
+    P_i = mean router probability of expert i."""
+    choices = routing.choices
+    counts = torch.zeros(num_experts + 1, device=choices.device).scatter_add_(
+        0, choices.reshape(-1) + 1, torch.ones(choices.numel(), device=choices.device))[1:]
+    frac = counts / choices.numel()
     return num_experts * (frac * routing.probs.mean(dim=0)).sum()
 
 

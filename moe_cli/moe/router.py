@@ -12,8 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_cli.moe.config import ROUTER_STD, MoEConfig
-from moe_cli.moe.routing import Routing, apply_capacity, expert_choice, soft, top_k, top_p, unit_weights
+from moe_cli.moe.config import ROUTER_STD, Balance, MoEConfig
+from moe_cli.moe.routing import (
+    Routing,
+    apply_capacity,
+    expert_choice,
+    sigmoid_top_k,
+    soft,
+    top_k,
+    top_p,
+    unit_weights,
+)
 
 
 class Router(nn.Module):
@@ -24,6 +33,8 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.experts, in_features, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=std)
+        if cfg.balance == Balance.aux_free:  # DeepSeek-V3 selection bias, saved with the model
+            self.register_buffer("expert_bias", torch.zeros(cfg.experts, device=device, dtype=torch.float32))
 
     @property
     def capacity_factor(self) -> float | None:
@@ -52,6 +63,18 @@ class Router(nn.Module):
     def gate(self, logits: torch.Tensor) -> Routing:
         raise NotImplementedError
 
+    @property
+    def selection_bias(self) -> torch.Tensor | None:
+        """The aux-loss-free balancing bias (E,) added to the scores when choosing experts, or None."""
+        return getattr(self, "expert_bias", None)
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> None:
+        """bias_i += u * sign(mean load - load_i) from this step's (token, slot) counts per expert, on the device
+        (no host sync): under-loaded experts become more likely to be chosen."""
+        load = counts.float()
+        self.expert_bias.add_(self.cfg.bias_update * torch.sign(load.mean() - load))
+
     def noisy(self, logits: torch.Tensor) -> torch.Tensor:
         std = self.cfg.router_noise
         return logits + std * torch.randn_like(logits) if (self.training and std > 0) else logits
@@ -67,19 +90,30 @@ class TopKRouter(Router):
     """Token choice: each token goes to its k highest-scoring experts; with a capacity factor, overflow drops."""
 
     def gate(self, logits: torch.Tensor) -> Routing:
-        r = top_k(self.noisy(logits), self.cfg.k, self.cfg.normalize)
+        r = self.choose(self.noisy(logits))
         cf = self.capacity_factor
         return apply_capacity(r, cf, self.cfg.priority) if cf is not None else r
 
+    def choose(self, logits: torch.Tensor) -> Routing:
+        return top_k(logits, self.cfg.k, self.cfg.normalize, self.selection_bias)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.cfg.k}, normalize={self.cfg.normalize}"
+
+
+class SigmoidTopKRouter(TopKRouter):
+    """DeepSeek-V3 token choice: sigmoid affinities, top-k selection, weights normalised over the chosen experts
+    and multiplied by ``route_scale``; capacity as top-k."""
+
+    def choose(self, logits: torch.Tensor) -> Routing:
+        return sigmoid_top_k(logits, self.cfg.k, self.cfg.normalize, self.cfg.route_scale, self.selection_bias)
 
 
 class TopPRouter(Router):
     """Adaptive token choice: the fewest experts (1..k) whose probabilities reach ``top_p``."""
 
     def gate(self, logits: torch.Tensor) -> Routing:
-        return top_p(self.noisy(logits), self.cfg.top_p, self.cfg.k, self.cfg.normalize)
+        return top_p(self.noisy(logits), self.cfg.top_p, self.cfg.k, self.cfg.normalize, self.selection_bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_p={self.cfg.top_p}, k={self.cfg.k}"
@@ -100,8 +134,8 @@ class ExpertChoiceRouter(Router):
         return expert_choice(logits, cf if cf is not None else 1.0)
 
 
-ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "top_p": TopPRouter, "soft": SoftRouter,
-                                    "expert_choice": ExpertChoiceRouter}
+ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "sigmoid_topk": SigmoidTopKRouter, "top_p": TopPRouter,
+                                    "soft": SoftRouter, "expert_choice": ExpertChoiceRouter}
 
 
 def make_router(in_features: int, cfg: MoEConfig, like: Router | None = None, **kwargs) -> Router:
@@ -110,5 +144,8 @@ def make_router(in_features: int, cfg: MoEConfig, like: Router | None = None, **
     router = ROUTERS[cfg.gate](in_features, cfg, **kwargs)
     if like is not None:
         router.weight = like.weight
+        if router.selection_bias is not None and like.selection_bias is not None:
+            router.expert_bias = like.expert_bias
+        router.to(like.weight.device)
         router.train(like.training)
     return router

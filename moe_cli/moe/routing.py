@@ -16,8 +16,14 @@ import torch
 class Routing:
     expert: torch.Tensor  # (T, S) long, -1 = dropped slot
     weight: torch.Tensor  # (T, S) fp32 combine weight (0 for dropped slots)
-    probs: torch.Tensor  # (T, E) fp32 softmax over all experts, for aux losses and statistics
+    probs: torch.Tensor  # (T, E) fp32 affinities over all experts (softmax; normalised sigmoid), for aux losses
     logits: torch.Tensor  # (T, E) fp32 router logits
+    chosen: torch.Tensor | None = None  # (T, S) the router's choices before a capacity limit dropped any (None: expert)
+
+    @property
+    def choices(self) -> torch.Tensor:
+        """(T, S) experts the router chose, counting those a capacity limit then dropped (-1: no choice)."""
+        return self.expert if self.chosen is None else self.chosen
 
 
 def capacity(capacity_factor: float, tokens: int, num_experts: int, k: int = 1) -> int:
@@ -25,12 +31,28 @@ def capacity(capacity_factor: float, tokens: int, num_experts: int, k: int = 1) 
     return max(1, math.ceil(capacity_factor * k * tokens / num_experts))
 
 
-def top_k(logits: torch.Tensor, k: int, normalize: bool = True) -> Routing:
-    """Token-choice top-k: softmax over the k kept logits, or top-k of the full softmax if not normalize."""
+def top_k(logits: torch.Tensor, k: int, normalize: bool = True, bias: torch.Tensor | None = None) -> Routing:
+    """Token-choice top-k: softmax over the k kept logits, or top-k of the full softmax if not normalize.
+    ``bias`` (E,) shifts which experts are selected only (aux-loss-free balancing); weights use the raw logits."""
     probs = logits.softmax(dim=-1)
-    top_logits, expert = logits.topk(k, dim=-1)
+    expert = (logits if bias is None else logits + bias).topk(k, dim=-1).indices
+    top_logits = logits.gather(-1, expert)
     weight = top_logits.softmax(dim=-1) if normalize else probs.gather(-1, expert)
     return Routing(expert=expert, weight=weight, probs=probs, logits=logits)
+
+
+def sigmoid_top_k(logits: torch.Tensor, k: int, normalize: bool = True, scale: float = 1.0,
+                  bias: torch.Tensor | None = None) -> Routing:
+    """DeepSeek-V3: affinities s = sigmoid(logits); each token takes the k experts with the highest s (+ ``bias``
+    when balancing without aux loss); weights are the chosen s, normalised to sum to 1 (``normalize``), times
+    ``scale``. ``probs`` (for the load-balance loss and statistics) are s normalised over all experts."""
+    scores = logits.sigmoid()
+    expert = (scores if bias is None else scores + bias).topk(k, dim=-1).indices
+    weight = scores.gather(-1, expert)
+    if normalize:
+        weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20)
+    probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+    return Routing(expert=expert, weight=weight * scale, probs=probs, logits=logits)
 
 
 def apply_capacity(r: Routing, capacity_factor: float, priority: str = "slot") -> Routing:
@@ -55,7 +77,7 @@ def apply_capacity(r: Routing, capacity_factor: float, priority: str = "slot") -
     keep[pair_index] = keep_queue  # back to (slot, token) order
     keep = keep.reshape(k, T).t().contiguous()
     return Routing(expert=torch.where(keep, r.expert, -1), weight=torch.where(keep, r.weight, 0.0),
-                   probs=r.probs, logits=r.logits)
+                   probs=r.probs, logits=r.logits, chosen=r.choices)
 
 
 def expert_choice(logits: torch.Tensor, capacity_factor: float = 1.0) -> Routing:
@@ -81,11 +103,13 @@ def soft(logits: torch.Tensor, noisy: torch.Tensor | None = None) -> Routing:
 
 
 
-def top_p(logits: torch.Tensor, p: float, k: int, normalize: bool = True) -> Routing:
+def top_p(logits: torch.Tensor, p: float, k: int, normalize: bool = True, bias: torch.Tensor | None = None) -> Routing:
     """Adaptive: each token goes to the fewest of its top experts whose probabilities add up to ``p`` (at least
-    one, at most ``k``); slots beyond are dropped (-1). Weights renormalised over the kept experts (or raw)."""
+    one, at most ``k``); slots beyond are dropped (-1). Weights renormalised over the kept experts (or raw).
+    ``bias`` orders the candidates only (aux-loss-free balancing)."""
     probs = logits.softmax(dim=-1)
-    top, expert = probs.topk(k, dim=-1)
+    expert = (probs if bias is None else probs + bias).topk(k, dim=-1).indices
+    top = probs.gather(-1, expert)
     before = top.cumsum(-1) - top  # mass of the higher-ranked experts
     keep = before < p
     keep[:, 0] = True
@@ -99,4 +123,4 @@ def unit_weights(r: Routing) -> Routing:
     """``combine: sum``: every routed slot weighs exactly 1 in value, with the router's probability's gradient
     (1 + p - p.detach()), so the router still learns."""
     w = torch.where(r.expert >= 0, 1.0 + r.weight - r.weight.detach(), 0.0)
-    return Routing(r.expert, w, r.probs, r.logits)
+    return Routing(r.expert, w, r.probs, r.logits, r.chosen)

@@ -38,6 +38,7 @@ class LayerRecord:
     z_loss: torch.Tensor | None = None
     distill: torch.Tensor | None = None  # KL from the layer's teacher router (RoutingRecorder teachers=)
     gate: torch.Tensor | None = None  # (batch, tokens, E) combine weights (with gates=True)
+    entropy: torch.Tensor | None = None  # mean router entropy over tokens, nats (with aux=True), detached
 
 
 def dropped_fraction(routing: Routing) -> torch.Tensor:
@@ -65,6 +66,7 @@ class RoutingRecorder:
         self.aux, self.gates, self.teachers = aux, gates, dict(teachers or {})
         self.layers = moe_layers(model)
         self.records: dict[str, LayerRecord] = {}
+        self.step_counts: dict[str, torch.Tensor] = {}  # training forwards' counts since the last take_counts()
         self._batch: dict[str, int] = {}
         self._handles: list = []
 
@@ -89,14 +91,24 @@ class RoutingRecorder:
         E = router.weight.shape[0]
         counts = expert_counts(routing.expert.detach(), E)[1:]
         rec = LayerRecord(counts=counts, dropped=dropped_fraction(routing))
+        if router.training:
+            self.step_counts[name] = counts + self.step_counts[name] if name in self.step_counts else counts
         if self.aux:
-            rec.load_balance = load_balance_loss(routing, E, counts)
+            rec.load_balance = load_balance_loss(routing, E)
             rec.z_loss = z_loss(routing.logits)
+            p = routing.probs.detach()
+            rec.entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
             if name in self.teachers:
                 rec.distill = distill_loss(tokens, routing.logits, self.teachers[name].to(tokens.device))
         if self.gates:
             rec.gate = gate_matrix(routing, E).view(self._batch.get(name, 1), -1, E)
         self.records[name] = rec
+
+    def take_counts(self) -> dict[str, torch.Tensor]:
+        """Each layer's (token, slot) counts per expert over the training forwards since the last call (a step's
+        micro-batches: what aux-loss-free balancing updates from), then starts over."""
+        counts, self.step_counts = self.step_counts, {}
+        return counts
 
     def __iter__(self) -> Iterator[LayerRecord]:
         return iter(self.records.values())
@@ -155,8 +167,56 @@ def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
             tokens += rec.records[layers[0][0]].gate[..., 0].numel() if layers else 0
             batches += 1
     model.train(was_training)
-    return {name: {"load": (counts[name] / counts[name].sum().clamp_min(1)).tolist(),
-                   "experts_per_token": float(counts[name].sum()) / max(tokens, 1),
-                   "entropy": entropy[name] / max(tokens, 1),
-                   "variation": variation[name] / max(batches, 1),
-                   "dropped": dropped[name] / max(batches, 1)} for name, _ in layers}
+    out = {name: {"load": (counts[name] / counts[name].sum().clamp_min(1)).tolist(),
+                  "experts_per_token": float(counts[name].sum()) / max(tokens, 1),
+                  "entropy": entropy[name] / max(tokens, 1),
+                  "variation": variation[name] / max(batches, 1),
+                  "dropped": dropped[name] / max(batches, 1)} for name, _ in layers}
+    for name, layer in layers:  # aux-loss-free balancing: the learned selection bias
+        if layer.router.selection_bias is not None:
+            out[name]["selection_bias"] = layer.router.selection_bias.tolist()
+    return out
+
+
+class RoutingHealth:
+    """Watches routing during training, cheaply: each step adds the layers' counts, dropped shares and router
+    entropies on the device; at log steps :meth:`report` reads them once and says, per layer, the load share of
+    each expert, the dropped share and the entropy over the interval. A layer that keeps an expert under
+    1/(10 E) of its load, or drops more than 20% of its tokens, for ``patience`` log intervals in a row gets one
+    warning (once per layer and kind)."""
+
+    def __init__(self, patience: int = 3, starve: float = 0.1, max_dropped: float = 0.2):
+        self.patience, self.starve, self.max_dropped = patience, starve, max_dropped
+        self._sums: dict[str, list] = {}
+        self._streak: dict[tuple[str, str], int] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    def observe(self, recorder: RoutingRecorder) -> None:
+        for name, r in recorder.records.items():
+            if r.entropy is None:
+                continue
+            acc = self._sums.get(name)
+            values = [r.counts.float(), r.dropped, r.entropy, 1]
+            self._sums[name] = values if acc is None else [a + v for a, v in zip(acc, values, strict=True)]
+
+    def report(self) -> tuple[dict[str, dict], list[str]]:
+        """({layer: {load, dropped, entropy}} over the interval, new warnings); starts a new interval."""
+        stats, warnings = {}, []
+        for name, (counts, dropped, entropy, n) in self._sums.items():
+            load = (counts / counts.sum().clamp_min(1)).tolist()
+            stats[name] = {"load": [round(v, 4) for v in load], "dropped": round(float(dropped) / n, 4),
+                           "entropy": round(float(entropy) / n, 4)}
+            E = len(load)
+            starving = [e for e, v in enumerate(load) if v < self.starve / E]
+            for kind, bad, text in (
+                    ("starve", bool(starving), f"`{name}`: expert(s) {', '.join(map(str, starving))} got under "
+                                               f"{100 * self.starve / E:.1f}% of the load"),
+                    ("dropped", stats[name]["dropped"] > self.max_dropped,
+                     f"`{name}` dropped {100 * stats[name]['dropped']:.0f}% of its tokens")):
+                key = (name, kind)
+                self._streak[key] = self._streak.get(key, 0) + 1 if bad else 0
+                if self._streak[key] >= self.patience and key not in self._warned:
+                    self._warned.add(key)
+                    warnings.append(f"routing: {text} for {self.patience} log intervals in a row")
+        self._sums = {}
+        return stats, warnings

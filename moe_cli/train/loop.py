@@ -27,7 +27,8 @@ from moe_cli.config import Recipe
 from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
 from moe_cli.errors import CheckpointError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
-from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.moe.layer import moe_layers
+from moe_cli.moe.stats import RoutingHealth, RoutingRecorder
 from moe_cli.runtime import atomic_write, autocast, init_distributed, pick_device
 from moe_cli.tasks import Task, recipe_task
 from moe_cli.train.build import build_model
@@ -56,6 +57,7 @@ class Reporter:
     def log(self, record: dict) -> None: ...
     def evaluated(self, record: dict) -> None: ...
     def message(self, text: str) -> None: ...
+    def warning(self, text: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -211,6 +213,8 @@ def train(
 
     # ---- the loop
     recorder = RoutingRecorder(model, aux=True)  # aux losses and routing statistics of each training forward
+    health = RoutingHealth()  # per-layer load, dropped share and entropy, read at log steps; warns on collapse
+    balancing = [(n, m) for n, m in moe_layers(model) if m.cfg.balance == "aux_free"]
     first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step whose loss was not finite
     reporter.start(total, step)
     last_eval: dict = {}
@@ -241,6 +245,12 @@ def train(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                counts = recorder.take_counts()
+                for name, layer in balancing:  # aux-loss-free routers: this step's loads, summed over the ranks
+                    if dd.world > 1:
+                        dist.all_reduce(counts[name])
+                    layer.update_balance(counts[name])
+                health.observe(recorder)
                 step += 1
                 at_log = step % t.log_every == 0 or step == total
                 at_eval = bool(t.eval_every and step % t.eval_every == 0 and step < total)
@@ -254,8 +264,12 @@ def train(
                            **{k: float(v) for k, v in {**logs, **aux_logs}.items()}}
                     if (imbalance := recorder.imbalance()) is not None:
                         rec["expert_imbalance"] = imbalance.item()
+                    rec["routing"], warnings = health.report()
                     record(rec)
                     reporter.log(rec)
+                    for text in warnings:
+                        record({"step": step, "split": "warning", "message": text})
+                        reporter.warning(text)
                     window_t, window_n = now, 0
                 if at_eval:
                     last_eval = evaluate()

@@ -34,7 +34,8 @@ def test_help_fits_80_columns_and_lists_every_choice():
         assert all(len(line) <= 80 for line in r.stdout.splitlines()), command
         assert max(len(line) for line in r.stdout.splitlines()) > 60  # it did wrap to the terminal, not to 40
         if command == "upcycle":
-            assert "<topk|top_p|soft|expert_choice>" in r.stdout and "<auto|triton|grouped|loop>" in r.stdout
+            assert "<topk|sigmoid_topk|top_p|soft|expert_choice>" in r.stdout
+            assert "<auto|triton|grouped|loop>" in r.stdout
         if command == "eval":
             text = " ".join(r.stdout.split())
             assert "accuracy, ce, mse, lpips, routing, flops, throughput" in text and "<fp32|bf16|fp16>" in text

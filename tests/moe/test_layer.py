@@ -129,7 +129,7 @@ def test_aux_losses_hand_computed():
 @pytest.mark.parametrize("kwargs,needle", [
     ({"num_experts": 0}, "experts must be at least 1, got 0"),
     ({"num_experts": 2, "k": 3}, "k must be between 1 and experts (2), got 3"),
-    ({"gate": "nope"}, "gate must be one of topk, top_p, soft, expert_choice, got 'nope'"),
+    ({"gate": "nope"}, "gate must be one of topk, sigmoid_topk, top_p, soft, expert_choice, got 'nope'"),
     ({"impl": "cuda"}, "impl must be one of auto, triton, grouped, loop, got 'cuda'"),
     ({"num_experts": 4, "k": 2, "disabled": (0, 1, 2)}, "leaves 1 expert(s), fewer than k=2"),
 ])

@@ -43,3 +43,16 @@ def test_two_rank_gloo_weights_identical(tmp_path):
     start = build_model(load_recipe(f)).model.state_dict()
     for key in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.router.weight", "blocks.1.mlp.experts.w1"):
         assert not torch.equal(start[key], r0[key]), f"{key} did not train"
+
+
+def test_aux_free_biases_stay_identical_on_both_ranks(tmp_path):
+    """Each rank routes its own batches; the loads are summed over the ranks before the bias update."""
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "out", model={"upcycle": {
+        "experts": 4, "k": 1, "balance": "aux_free", "bias_update": 0.05}}, moe={"load_balance": 0.0},
+        train={"steps": 4, "batch_size": 8})
+    mp.spawn(_worker, args=(2, _free_port(), f, str(tmp_path)), nprocs=2, join=True)
+    r0 = safetensors.torch.load_file(str(tmp_path / "rank0.safetensors"))
+    r1 = safetensors.torch.load_file(str(tmp_path / "rank1.safetensors"))
+    bias = [k for k in r0 if k.endswith("router.expert_bias")]
+    assert len(bias) == 2 and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert all(r0[k].abs().max() > 0 for k in bias)  # the biases moved
