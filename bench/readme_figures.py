@@ -1,7 +1,7 @@
 """Rerun every command behind a README results table and print the tables in README form.
 
     python bench/readme_figures.py                 # all tables (about 30 min on a 2-core CPU)
-    python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens, inits
+    python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens, inits, features
 
 Each run writes where its recipe says (runs/...); the script reads summary.json / report.json and prints
 markdown. Training is deterministic on CPU with the recipes' seeds, so a rerun prints the same figures.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -138,13 +139,43 @@ def inits() -> None:
     print("\n".join(rows))
 
 
+def features() -> None:
+    """Routing of current systems on digits: each upcycled from the dense digits ViT (capacity factor 1.0, so
+    tokens can be dropped) and fine-tuned 200 steps."""
+    if not (ROOT / "runs/digits-dense/final").is_dir():
+        moe("finetune", "recipes/digits-vit-tiny-dense.yaml", "--overwrite")
+    cf = "capacity_factor: 1.0"
+    runs = [("E4 k2, load-balance loss", "runs/feat-lb", f"{{experts: 4, k: 2, {cf}}}", []),
+            ("E4 k2, aux-loss-free bias (u = 0.001), no LB loss", "runs/feat-auxfree",
+             f"{{experts: 4, k: 2, {cf}, balance: aux_free, bias_update: 0.001}}", ["--set", "moe.load_balance=0"]),
+            ("1 shared + E4 k1 (`--shared-experts 1`)", "runs/feat-shared", f"{{experts: 4, k: 1, {cf}, "
+             "shared_experts: 1}", []),
+            ("E4 k2, sigmoid gate (`sigmoid_topk`)", "runs/feat-sigmoid", f"{{experts: 4, k: 2, {cf}, "
+             "gate: sigmoid_topk}", [])]
+    rows = []
+    for label, out, upcycle, extra in runs:
+        moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--output", out, "--set",
+            f"model.upcycle={upcycle}", *extra)
+        ev = json.loads(subprocess.run([sys.executable, "-m", "moe_cli", "eval", f"{out}/final", "--metric",
+                                        "accuracy,routing,flops", "--json"], cwd=ROOT, check=True,
+                                       capture_output=True, text=True).stdout)
+        layers = ev["routing"].values()
+        cv = sum(statistics.pstdev(r["load"]) / statistics.mean(r["load"]) for r in layers) / len(layers)
+        dropped = sum(r["dropped"] for r in layers) / len(layers)
+        rows.append(f"| {label} | {pct(ev['accuracy']['top1'])} | {cv:.3f} | {pct(dropped)} | "
+                    f"{ev['flops']['gflops_per_image']:.4f} |")
+    print("\n#### routing of current MoE systems on digits (capacity factor 1.0, +200 steps)\n")
+    print("| model | val accuracy | load CV (end) | dropped tokens | GFLOPs/image |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 def _eval(ckpt: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "moe_cli", "eval", ckpt, "--metric", "accuracy,flops", "--json"],
                          cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
 
-GROUPS = {"digits": digits, "densify": densify, "mae": mae, "tokens": tokens, "inits": inits}
+GROUPS = {"digits": digits, "densify": densify, "mae": mae, "tokens": tokens, "inits": inits, "features": features}
 
 
 def main() -> None:
