@@ -1,6 +1,6 @@
 """moe-cli: turn dense transformer checkpoints into Mixture-of-Experts models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from moe_cli.errors import MoeError  # noqa: E402
 from moe_cli.io.checkpoint import save  # noqa: E402

@@ -56,7 +56,8 @@ def write_figures(routes: dict, out_dir: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MoeError("moe inspect draws with matplotlib: pip install 'moe-cli[plots]'") from None
+        raise MoeError("moe inspect draws with matplotlib: pip install -e '.[plots]' in the moe-cli checkout") \
+            from None
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(routes["layers"])
     written = []

@@ -137,7 +137,7 @@ class RoutingRecorder:
 def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
                   max_batches: int | None = None) -> dict[str, dict]:
     """{layer: {load: [fraction of routed (token, slot) pairs per expert], entropy of the normalised gate,
-    batch-wise variation (DESIGN.md §3), dropped: share of tokens with no expert, experts_per_token: routed
+    batch-wise variation (docs/method.md), dropped: share of tokens with no expert, experts_per_token: routed
     (token, slot) pairs per token (k for top-k without drops; between 1 and k for top_p)}} over ``loader``.
     ``autocast``: a context factory for the forward (mixed precision)."""
     layers = moe_layers(model)

@@ -24,7 +24,8 @@ def lpips_model(device: torch.device | str = "cpu") -> torch.nn.Module:
     try:
         import lpips
     except ImportError:
-        raise MoeError("the lpips metric needs the `lpips` package: pip install 'moe-cli[metrics]'") from None
+        raise MoeError("the lpips metric needs the `lpips` package: pip install -e '.[metrics]' in the moe-cli "
+                       "checkout") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

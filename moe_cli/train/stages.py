@@ -1,4 +1,4 @@
-"""Dense-to-sparse gate distillation (DESIGN.md §3) as stages on top of the shared loop.
+"""Dense-to-sparse gate distillation (docs/method.md) as stages on top of the shared loop.
 
 Stage 1: dense softmax gate over all experts + the two inverse-CV losses.
 Stage 2: new sparse top-k gates, everything else frozen, trained to reproduce the stage-1 routing (KL).
