@@ -53,9 +53,9 @@ def densify() -> None:
         moe("finetune", "recipes/digits-vit-tiny-dense.yaml", "--overwrite")
     moe("densify-to-sparse", "recipes/digits-densify-to-sparse.yaml", "--overwrite")
     moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--set", "model.upcycle.k=1", "--set",
-        "model.upcycle.normalize=false", "--set", "train.steps=400", "--output", "runs/digits-top1-400")
+        "model.upcycle.normalize=false", "--set", "train.steps=400", "--out", "runs/digits-top1-400")
     moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--set", "model.upcycle=null", "--set",
-        "train.steps=400", "--output", "runs/digits-dense-400")
+        "train.steps=400", "--out", "runs/digits-dense-400")
     report = json.loads((ROOT / "runs/digits-d2s/report.json").read_text())["stages"]
     rows = []
     for label, run in (("dense ViT (start point)", "runs/digits-dense"), ("dense ViT, +400 steps",
@@ -88,7 +88,7 @@ def mae() -> None:
     moe("finetune", "recipes/digits-mae.yaml", "--overwrite", *tok, "--set", "output=runs/digits-mae-tok",
         "--set", "then.output=runs/digits-mae-tok-classify", "--set", "then.model.kwargs.global_pool=token")
     moe("finetune", "recipes/digits-vit-scratch-baseline.yaml", "--overwrite", "--set",
-        "model.kwargs.global_pool=token", "--output", "runs/digits-scratch-tok")
+        "model.kwargs.global_pool=token", "--out", "runs/digits-scratch-tok")
     cls_tok, scratch_tok = summary("runs/digits-mae-tok-classify"), summary("runs/digits-scratch-tok")
     print(f"\n#### MAE -> classify (pretraining + classifier: {t / 60:.1f} min; MAE val MSE {pre['mse']:.4f})\n")
     print("| classifier | classifier steps | val accuracy | val CE |\n|---|---|---|---|")
@@ -127,7 +127,7 @@ def inits() -> None:
     rows.append(f"| dense ViT (start point) | - | {pct(dense['accuracy']['top1'])} | "
                 f"{dense['flops']['gflops_per_image']:.4f} |")
     for label, out, extra in runs:
-        moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--output", out, *extra)
+        moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--out", out, *extra)
         ev = _eval(f"{out}/final")
         rows.append(f"| {label} | +200 | {pct(ev['accuracy']['top1'])} | {ev['flops']['gflops_per_image']:.4f} |")
     moe("merge", "runs/init-copy/final", "--experts", "1", "--out", "runs/init-copy-merged")
@@ -154,7 +154,7 @@ def features() -> None:
              "gate: sigmoid_topk}", [])]
     rows = []
     for label, out, upcycle, extra in runs:
-        moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--output", out, "--set",
+        moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--out", out, "--set",
             f"model.upcycle={upcycle}", *extra)
         ev = json.loads(subprocess.run([sys.executable, "-m", "moe_cli", "eval", f"{out}/final", "--metric",
                                         "accuracy,routing,flops", "--json"], cwd=ROOT, check=True,

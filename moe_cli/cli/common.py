@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from moe_cli.errors import MoeError
+from moe_cli.errors import ConfigError, MoeError
 from moe_cli.runtime import Precision
 
 console = Console(highlight=False)
@@ -98,8 +98,17 @@ CheckpointArg = Annotated[Path, typer.Argument(help="moe-cli checkpoint folder, 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field, e.g. optim.lr=3e-4 "
                                                   "(repeat).", show_default=False)]
-OutputDirOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (overrides `output`).",
-                                                   show_default=False)]
+OutputDirOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (overrides the recipe's "
+                                                   "`output`).", show_default=False)]
+OutputAliasOpt = Annotated[Path | None, typer.Option("--output", hidden=True, help="Old name of --out.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace the output if it exists.")]
+
+
+def writable(out: Path, overwrite: bool, option: str = "--out") -> Path:
+    """The one rule for every writing command: an existing output is refused in one line unless --overwrite."""
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{option} {out} exists; pass --overwrite to replace it")
+    return out
 DisableExpertsOpt = Annotated[str | None, typer.Option(help="Switch experts off: LAYER:EXPERT,... (MoE layer "
                                                        "index).", show_default=False)]
 PrecisionOpt = Annotated[Precision, typer.Option(help="Autocast precision.")]

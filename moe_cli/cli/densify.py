@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moe_cli.cli.common import STATE, OutputDirOpt, RecipeArg, SetOpt, console, say, user_errors
+from moe_cli.cli.common import STATE, OutputAliasOpt, OutputDirOpt, RecipeArg, SetOpt, console, say, user_errors
 from moe_cli.cli.progress import RichReporter
 from moe_cli.config import load_recipe
 from moe_cli.train.stages import densify_to_sparse
@@ -20,10 +20,11 @@ def densify(
     from_stage: int = typer.Option(1, help="Start at stage 1 (dense), 2 (gate distillation) or 3 (fine-tune)."),
     init: Path | None = typer.Option(None, help="Checkpoint of the stage before --from-stage (e.g. runs/x/stage1)."),
     overwrite: bool = typer.Option(False, help="Replace stage folders that already hold a run."),
-    output: OutputDirOpt = None,
+    out: OutputDirOpt = None,
+    output: OutputAliasOpt = None,
 ) -> None:
     """Dense MoE with inverse-CV losses -> sparse gates distilled from the dense gate -> fine-tune."""
-    r = load_recipe(recipe, (set_ or []) + ([f"output={output}"] if output else []))
+    r = load_recipe(recipe, (set_ or []) + ([f"output={out or output}"] if (out or output) else []))
     report = densify_to_sparse(r, from_stage=from_stage, init=init, device=STATE["device"], overwrite=overwrite,
                                reporter=RichReporter, on_stage=lambda _i, msg: say(msg))
     console.print(report_table(report))

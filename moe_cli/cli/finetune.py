@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moe_cli.cli.common import STATE, OutputDirOpt, RecipeArg, SetOpt, console, user_errors
+from moe_cli.cli.common import STATE, OutputAliasOpt, OutputDirOpt, RecipeArg, SetOpt, console, user_errors
 from moe_cli.cli.progress import RichReporter
 from moe_cli.config import load_recipe, recipe_chain
 from moe_cli.errors import ConfigError
@@ -20,11 +20,12 @@ def finetune(
     set_: SetOpt = None,
     resume: bool = typer.Option(False, help="Continue the run in the recipe's output folder from `last`."),
     overwrite: bool = typer.Option(False, help="Start over even if the output folder holds a run."),
-    output: OutputDirOpt = None,
+    out: OutputDirOpt = None,
+    output: OutputAliasOpt = None,
 ) -> None:
     """Train (fine-tune, or from scratch) the recipe's model, then its `then:` runs; each writes last/, final/,
     metrics.jsonl and summary.json in its output folder."""
-    r = load_recipe(recipe, (set_ or []) + ([f"output={output}"] if output else []))
+    r = load_recipe(recipe, (set_ or []) + ([f"output={out or output}"] if (out or output) else []))
     chain = recipe_chain(r, recipe.name)
     if not resume and not overwrite:
         for run in chain[1:]:

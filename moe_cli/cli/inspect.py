@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moe_cli.cli.common import STATE, CheckpointArg, DisableExpertsOpt, console, user_errors
+from moe_cli.cli.common import STATE, CheckpointArg, DisableExpertsOpt, OverwriteOpt, console, user_errors, writable
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.evaluate.inspect import (
@@ -28,11 +28,13 @@ def inspect_cmd(
     data: str = typer.Option("digits", help="digits (built in) or an ImageFolder folder."),
     out: Path = typer.Option(Path("inspect"), "--out", "-o", help="Folder for the PNGs and routes.json."),
     images: int = typer.Option(4, min=1, help="Images in the per-patch expert map."),
-    batch_size: int = typer.Option(64, min=1),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     disable_experts: DisableExpertsOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Expert-load heatmap per layer, routing per class, per-patch expert maps, the load over training (for a
     run's checkpoint), routes.json."""
+    writable(out, overwrite)
     checkpoint = open_checkpoint(ckpt)
     if checkpoint.task != "classify":
         raise ConfigError(f"moe inspect maps routing per class and per image patch of classifiers; {ckpt} is a "

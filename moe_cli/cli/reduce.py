@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moe_cli.cli.common import CheckpointArg, console, say, user_errors
+from moe_cli.cli.common import CheckpointArg, OverwriteOpt, console, say, user_errors, writable
 from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, create_timm, save
@@ -20,18 +20,12 @@ from moe_cli.moe.layer import moe_layers
 
 CalibOpt = Annotated[str, typer.Option(help="Calibration images for expert usage: digits or an image folder.")]
 CalibBatchesOpt = Annotated[int, typer.Option(min=1, help="Calibration batches of 64 images.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder (must not exist).",
-                                      show_default=False)]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder.", show_default=False)]
 
 
 def calibration(ckpt: Checkpoint, calib: str, batches: int) -> list:
     """Calibration images read as the checkpoint's model expects them."""
     return calibration_batches(ckpt.model, calib, batches, ckpt.data_config)
-
-
-def _target(out: Path) -> None:
-    if out.exists():
-        raise ConfigError(f"--out {out} exists; choose a new folder")
 
 
 def _report(title: str, before: int, ckpt: Checkpoint, path: Path, rows: dict) -> None:
@@ -56,11 +50,12 @@ def prune_cmd(
                                                      show_default=False)] = None,
     calib: CalibOpt = "digits",
     calib_batches: CalibBatchesOpt = 4,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Remove experts permanently (a smaller checkpoint), unlike eval's --disable-experts, which only masks."""
     if (keep is None) == (drop_experts is None):
         raise ConfigError("give exactly one of --keep N and --drop-experts LAYER:EXPERT,...")
-    _target(out)
+    writable(out, overwrite)
     checkpoint = open_checkpoint(ckpt)
     before = param_counts(checkpoint.model)[0]
     usage = expert_usage(checkpoint.model, calibration(checkpoint, calib, calib_batches)) if keep is not None else None
@@ -76,9 +71,10 @@ def merge_cmd(
                                          "model plain timm loads).", show_default=False)],
     calib: CalibOpt = "digits",
     calib_batches: CalibBatchesOpt = 4,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Merge similar experts (router-logit similarity, usage-weighted, hidden units aligned) into N per layer."""
-    _target(out)
+    writable(out, overwrite)
     checkpoint = open_checkpoint(ckpt)
     layers = moe_layers(checkpoint.model)
     if not layers:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moe_cli.cli.common import STATE, console, say, user_errors
+from moe_cli.cli.common import STATE, OverwriteOpt, console, say, user_errors, writable
 from moe_cli.config import parse_assignments
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import save
@@ -80,6 +80,7 @@ def upcycle(
         D.bias_update,
     route_scale: Annotated[float, typer.Option(help="--gate sigmoid_topk: scale of the combine weights.")] =
         D.route_scale,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts and check it computes what the dense one did."""
     cfg = UpcycleCfg(experts=experts, k=k, gate=gate, normalize=normalize, capacity_factor=capacity_factor,
@@ -88,10 +89,14 @@ def upcycle(
                      router_init=router_init, calib=calib, calib_batches=calib_batches, top_p=top_p,
                      shared_experts=shared_experts, shared_gate=shared_gate, balance=balance, bias_update=bias_update,
                      route_scale=route_scale).validate(flag)
-    if out is not None and out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    if out is not None:
+        writable(out, overwrite)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a folder")
     source = load_source(model, pretrained=pretrained, arch=arch,
                          model_kwargs=parse_assignments(model_arg, "--model-arg"))
+    name = source.architecture["name"]
+    out = out or writable(Path("out") / f"{name}-moe{experts}k{k}", overwrite)
     dense_total, _ = param_counts(source.model)
     try:
         up = upcycle_checkpoint(source, cfg, seed=STATE["seed"], verify=True, tolerance=tolerance)
@@ -102,8 +107,7 @@ def upcycle(
     console.print(verify_line(up.verification, cfg))
     if up.initial_load:
         say(load_table(up.initial_load, cfg.router_init))
-    name = source.architecture["name"]
-    path = save(source, out or Path("out") / f"{name}-moe{experts}k{k}")
+    path = save(source, out)
     say(summary_table(name, dense_total, source.model, source.moe))
     console.print(f"saved {path}")
 

@@ -1,0 +1,36 @@
+"""One rule for every command that writes: an existing output is refused in one line unless --overwrite, and the
+option is --out / -o everywhere (finetune and densify keep --output as a hidden alias)."""
+
+from conftest import model_args, write_recipe
+
+M = ["vit_tiny_patch16_224", "--no-pretrained", *model_args("vit")]
+
+
+def refused(r, path):
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert f"{path} exists; pass --overwrite to replace it" in lines[0]
+
+
+def test_every_writing_command_refuses_an_existing_output_without_overwrite(cli, tmp_path):
+    up = tmp_path / "moe"
+    assert cli("upcycle", *M, "--experts", "2", "--k", "1", "-o", str(up)).exit_code == 0
+    before = (up / "model.safetensors").stat().st_mtime_ns
+    refused(cli("upcycle", *M, "--experts", "2", "--k", "1", "-o", str(up)), up)
+    assert (up / "model.safetensors").stat().st_mtime_ns == before  # untouched
+    assert cli("upcycle", *M, "--experts", "2", "--k", "1", "-o", str(up), "--overwrite").exit_code == 0
+    for command, extra in (("merge", ["--experts", "1"]), ("prune", ["--keep", "1"]), ("inspect", ["--images", "1"]),
+                           ("export", [])):
+        out = tmp_path / (f"{command}.safetensors" if command == "export" else command)
+        assert cli(command, str(up), *extra, "-o", str(out)).exit_code == 0, command
+        refused(cli(command, str(up), *extra, "-o", str(out)), out)
+        assert cli(command, str(up), *extra, "-o", str(out), "--overwrite").exit_code == 0, command
+
+
+def test_finetune_takes_out_and_the_old_output_name(cli, tmp_path):
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "ignored", train={"steps": 1})
+    assert cli("finetune", f, "--out", str(tmp_path / "a")).exit_code == 0
+    assert cli("finetune", f, "--output", str(tmp_path / "b")).exit_code == 0
+    assert (tmp_path / "a" / "final").is_dir() and (tmp_path / "b" / "final").is_dir()
+    r = cli("finetune", "--help")
+    assert "--out" in r.stdout and "--output" not in r.stdout
