@@ -1,23 +1,66 @@
-"""The `moe` command: root Typer app and global options."""
+"""The `moe` command: the root Typer app, its global options, and the commands, imported only when run.
+
+`moe --version`, `moe --help` and a mistyped command never import torch or timm (under half a second): each
+command's module is imported when that command (or its --help) runs; the one-line summaries `moe --help`
+lists are declared here, once.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib
+
 import typer
+import typer.main
 
 from moe_cli import __version__
-from moe_cli.cli import densify as densify_cmd
-from moe_cli.cli import eval as eval_cmd
-from moe_cli.cli import export as export_cmd
-from moe_cli.cli import finetune as finetune_cmd
-from moe_cli.cli import inspect as inspect_cmd
-from moe_cli.cli import push as push_cmd
-from moe_cli.cli import reduce as reduce_cmd
-from moe_cli.cli import upcycle as upcycle_cmd
-from moe_cli.cli.common import STATE, OneLineErrors
+from moe_cli.cli.base import STATE, OneLineErrors
+
+# name -> (module, function, the one line `moe --help` shows)
+COMMANDS = {
+    "upcycle": ("moe_cli.cli.upcycle", "upcycle", "Turn a dense model into an MoE, checked equivalent."),
+    "finetune": ("moe_cli.cli.finetune", "finetune", "Train a recipe's model (and its `then:` runs)."),
+    "densify-to-sparse": ("moe_cli.cli.densify", "densify", "Dense-to-sparse gate distillation in three stages."),
+    "eval": ("moe_cli.cli.eval", "eval_cmd", "Accuracy, CE, LPIPS, routing, FLOPs and speed of a model."),
+    "inspect": ("moe_cli.cli.inspect", "inspect_cmd", "Figures of a classifier's routing."),
+    "export": ("moe_cli.cli.export", "export", "Write one self-describing .safetensors file."),
+    "merge": ("moe_cli.cli.reduce", "merge_cmd", "Merge similar experts into fewer (1: a plain timm model)."),
+    "prune": ("moe_cli.cli.reduce", "prune_cmd", "Remove the least used (or named) experts for good."),
+    "push": ("moe_cli.cli.push", "push_cmd", "Upload a checkpoint and model card to the Hub."),
+}
+
+
+class LazyCommands(OneLineErrors):
+    """The commands of COMMANDS, each built from its module the first time it is asked for."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name: str):
+        if name not in COMMANDS:
+            return None
+        module, attr, short = COMMANDS[name]
+        single = typer.Typer(rich_markup_mode=None, add_completion=False, pretty_exceptions_enable=False)
+        single.command(name, short_help=short)(getattr(importlib.import_module(module), attr))
+        return typer.main.get_command(single)
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in COMMANDS:
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            ctx.fail(f"no command `{name}`{hint}")
+        return super().resolve_command(ctx, args)
+
+    def format_commands(self, ctx, formatter) -> None:
+        """The command list from the one-line summaries above, without importing any command."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, _, short) in COMMANDS.items()])
+
 
 app = typer.Typer(
     name="moe",
-    cls=OneLineErrors,
+    cls=LazyCommands,
     rich_markup_mode=None,
     help="Turn dense transformer checkpoints into Mixture-of-Experts models; train, distil, evaluate, export.",
     no_args_is_help=True,
@@ -40,17 +83,6 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     STATE.update(device=device, seed=seed, quiet=quiet)
-
-
-app.command("upcycle")(upcycle_cmd.upcycle)
-app.command("export")(export_cmd.export)
-app.command("finetune")(finetune_cmd.finetune)
-app.command("densify-to-sparse")(densify_cmd.densify)
-app.command("eval")(eval_cmd.eval_cmd)
-app.command("inspect")(inspect_cmd.inspect_cmd)
-app.command("merge")(reduce_cmd.merge_cmd)
-app.command("prune")(reduce_cmd.prune_cmd)
-app.command("push")(push_cmd.push_cmd)
 
 
 def main() -> None:

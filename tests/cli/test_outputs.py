@@ -34,3 +34,17 @@ def test_finetune_takes_out_and_the_old_output_name(cli, tmp_path):
     assert (tmp_path / "a" / "final").is_dir() and (tmp_path / "b" / "final").is_dir()
     r = cli("finetune", "--help")
     assert "--out" in r.stdout and "--output" not in r.stdout
+
+
+def test_version_help_and_typos_do_not_import_torch():
+    """`moe --version` / `--help` / a typo start in a fraction of a second because they import neither torch nor
+    timm (the figure, with its command, is in bench/RESULTS.md; tests do not time)."""
+    import subprocess
+    import sys
+
+    for args in (["--version"], ["--help"], ["upcyle"]):
+        code = (f"import sys\nfrom moe_cli.cli.app import main\nsys.argv = ['moe', *{args!r}]\ntry:\n    main()\n"
+                "except SystemExit:\n    pass\n"
+                "print('IMPORTED', sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip().splitlines()[-1] == "IMPORTED []", (args, r.stdout, r.stderr)

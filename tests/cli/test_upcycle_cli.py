@@ -114,7 +114,8 @@ def test_pretrained_weights_unavailable_offline(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["export", "x", "--out", "y.safetensors", "--dtype", "int8"], "'int8' is not one of 'fp32', 'bf16', 'fp16'"),
     (["upcycle"], "Missing argument"),
-    (["frobnicate"], "No such command 'frobnicate'"),
+    (["frobnicate"], "no command `frobnicate`"),
+    (["upcyle"], "did you mean `upcycle`?"),
     (["upcycle", "vit_tiny", "--gate", "sometimes"], "--gate"),
     (["eval", "x", "--precision", "fp8"], "--precision"),
 ])

@@ -1,0 +1,90 @@
+"""The light part of the CLI (no torch, no timm): consoles, the global state the root options set, one-line
+errors, and the click group every command runs under. `moe --version`, `moe --help` and a mistyped command
+import only this."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from moe_cli.errors import MoeError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+# set by the root callback
+STATE = {"quiet": False, "device": None, "seed": 0}
+
+
+def say(*args, **kwargs) -> None:
+    """Print unless --quiet."""
+    if not STATE["quiet"]:
+        console.print(*args, **kwargs)
+
+
+def error_line(message: str) -> None:
+    """The one `error:` line on stderr every bad input gets."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # user text is not markup
+
+
+def fail(message: str, code: int = 2):
+    error_line(message)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn MoeError (bad input) into one red line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoeError as e:
+            fail(str(e), code=getattr(e, "exit_code", 2))
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+        except OSError as e:
+            if os.environ.get("MOE_DEBUG"):
+                raise
+            fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+
+    return wrapper
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+# typer >= 0.25 vendors click as typer._click; older versions use click itself: take the module its errors live in
+_usage = sys.modules[typer.BadParameter.__module__]
+_NO_ARGS = getattr(_usage, "NoArgsIsHelpError", ())
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad choice, missing argument) as one `error:` line and exit 2, like every
+    other bad input, instead of click's boxed message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except _NO_ARGS as e:
+            typer.echo(e.ctx.get_help())
+            rv = 0
+        except _usage.UsageError as e:
+            path = e.ctx.command_path if e.ctx is not None else "moe"
+            message = e.format_message().replace("Value error, ", "")  # typer's pydantic coercion prefix
+            error_line(f"{path}: {message} (see {path} --help)")
+            rv = 2
+        except typer.Abort:
+            error_line("aborted")
+            rv = 130
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
