@@ -386,6 +386,7 @@ def apply_override(data: dict, assignment: str) -> dict:
 
 def recipe_from_dict(data: dict, src: str = "recipe", overrides: list[str] | None = None) -> Recipe:
     for assignment in overrides or []:
+        _build(Recipe, apply_override({}, assignment), "", f"`--set {assignment}`")  # its own errors name --set
         data = apply_override(data, assignment)
     recipe = _build(Recipe, data, "", src)
     validate(recipe, src)

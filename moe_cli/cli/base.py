@@ -80,6 +80,8 @@ class OneLineErrors(TyperGroup):
         except _usage.UsageError as e:
             path = e.ctx.command_path if e.ctx is not None else "moe"
             message = e.format_message().replace("Value error, ", "")  # typer's pydantic coercion prefix
+            if "unexpected extra argument" in message and "--set" in (args if args is not None else sys.argv):
+                message += "; --set takes KEY=VALUE as one word, e.g. --set optim.lr=3e-4"
             error_line(f"{path}: {message} (see {path} --help)")
             rv = 2
         except typer.Abort:

@@ -94,6 +94,10 @@ def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None) ->
 def read_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file; a missing or corrupt file is a CheckpointError."""
     if not path.is_file():
+        run = path.parent
+        for sub in ("final", "last"):  # a training run's folder: its checkpoints are inside
+            if path.name == WEIGHTS_NAME and (run / sub / WEIGHTS_NAME).is_file():
+                raise CheckpointError(f"{run} is a training run's folder, not a checkpoint; use {run / sub}")
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:

@@ -119,8 +119,9 @@ def download_hint(what: str, err: Exception) -> ModelSourceError:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         reason = reason if len(reason) <= 160 else reason[:160].rsplit(" ", 1)[0] + " …"
     return ModelSourceError(
-        f"could not fetch {what}: {reason}; use --no-pretrained for random weights, or fill the "
-        "Hugging Face cache (HF_HOME) on a machine with network and run with HF_HUB_OFFLINE=1")
+        f"could not fetch {what}: {reason}; for random weights use --no-pretrained (moe upcycle) or "
+        "`model.pretrained: false` (recipes), or fill the Hugging Face cache (HF_HOME) on a machine with network and "
+        "run with HF_HUB_OFFLINE=1")
 
 
 def built_kwargs(model, kwargs: dict) -> dict:

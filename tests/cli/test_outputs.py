@@ -48,3 +48,15 @@ def test_version_help_and_typos_do_not_import_torch():
                 "print('IMPORTED', sorted(m for m in ('torch', 'timm') if m in sys.modules))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert r.stdout.strip().splitlines()[-1] == "IMPORTED []", (args, r.stdout, r.stderr)
+
+
+def test_messages_point_at_what_the_user_typed(cli, tmp_path):
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "run", train={"steps": 1})
+    r = cli("finetune", f, "--set", "optim.lrr=1")
+    assert r.exit_code == 2 and "unknown key `optim.lrr` in `--set optim.lrr=1` — did you mean `optim.lr`?" in r.stderr
+    r = cli("finetune", f, "--set", "optim.lr", "3e-4")
+    assert r.exit_code == 2 and "--set takes KEY=VALUE as one word" in r.stderr
+    assert cli("finetune", f).exit_code == 0
+    r = cli("eval", str(tmp_path / "run"))
+    assert r.exit_code == 2 and f"{tmp_path / 'run'} is a training run's folder, not a checkpoint; use " \
+        f"{tmp_path / 'run' / 'final'}" in r.stderr
