@@ -1,6 +1,6 @@
 """Rerun every command behind a README results table and print the tables in README form.
 
-    python bench/readme_figures.py                 # all tables (about 30 min on a 2-core CPU)
+    python bench/readme_figures.py                 # all tables (the longest part: the MAE pretraining runs)
     python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens, inits, features
 
 Each run writes where its recipe says (runs/...); the script reads summary.json / report.json and prints
