@@ -10,7 +10,7 @@ import torch
 
 from moe_cli.config import DataCfg, section_from
 from moe_cli.data.loaders import val_loader
-from moe_cli.errors import ConfigError
+from moe_cli.errors import ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, create_timm
 from moe_cli.models.flops import compute_report
 from moe_cli.moe.stats import routing_stats
@@ -107,9 +107,15 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
                 "lpips needs a token decoder: pass --decoder module:function (tokens (B,F,H,W) -> images " \
                 "(B,F,C,H,W) in [-1, 1]; it executes that code)"
             out["lpips"] = {"skipped": named}
+            out["warnings"].append(f"lpips skipped: {named}")
             wanted.remove("lpips")
         else:
-            lp = lpips_model(device)
+            try:
+                lp = lpips_model(device)
+            except MoeError as e:  # no lpips package or no AlexNet weights: the other metrics still run
+                out["lpips"] = {"skipped": str(e)}
+                out["warnings"].append(f"lpips skipped: {e}")
+                wanted.remove("lpips")
     if wanted:
         q = task.evaluate(model, loader, device, precision, lpips=lp)
         if "accuracy" in wanted:

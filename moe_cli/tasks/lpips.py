@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
 from pathlib import Path
@@ -27,7 +29,8 @@ def lpips_model(device: torch.device | str = "cpu") -> torch.nn.Module:
         raise MoeError("the lpips metric needs the `lpips` package: pip install -e '.[metrics]' in the moe-cli "
                        "checkout") from None
     try:
-        with warnings.catch_warnings():
+        quiet = io.StringIO()  # torchvision announces the backbone download on stdout/stderr: we say it in one line
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             warnings.simplefilter("ignore")
             model = lpips.LPIPS(net="alex", verbose=False)
     except OSError as e:  # URLError is an OSError: no network and no cached backbone
