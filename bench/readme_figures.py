@@ -130,7 +130,7 @@ def inits() -> None:
         moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--out", out, *extra)
         ev = _eval(f"{out}/final")
         rows.append(f"| {label} | +200 | {pct(ev['accuracy']['top1'])} | {ev['flops']['gflops_per_image']:.4f} |")
-    moe("merge", "runs/init-copy/final", "--experts", "1", "--out", "runs/init-copy-merged")
+    moe("merge", "runs/init-copy/final", "--experts", "1", "--out", "runs/init-copy-merged", "--overwrite")
     ev = _eval("runs/init-copy-merged")
     rows.append(f"| copy-upcycle merged back to 1 expert (`moe merge --experts 1`) | +200 | "
                 f"{pct(ev['accuracy']['top1'])} | {ev['flops']['gflops_per_image']:.4f} |")

@@ -51,6 +51,15 @@ def run_moe(*args: str, env: dict | None = None, cwd=None) -> subprocess.Complet
                           env=full_env, cwd=cwd, timeout=300)
 
 
+def one_line(r, needle, code=2):
+    """A CliRunner result that is one `error:` line on stderr containing ``needle``, exit ``code``, no traceback."""
+    assert r.exit_code == code, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in r.output
+
+
 @pytest.fixture
 def cli():
     runner = CliRunner()

@@ -7,21 +7,13 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from conftest import model_args, write_recipe
+from conftest import model_args, one_line, write_recipe
 
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, read_metadata, read_tensors, save
 from moe_cli.models.surgery import upcycle
 from moe_cli.train.run_folder import lock_output
 
 M = ["vit_tiny_patch16_224", "--no-pretrained", *model_args("vit")]
-
-
-def one_line(r, needle, code=2):
-    assert r.exit_code == code, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in r.output
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import model_args, write_recipe
+from conftest import model_args, one_line, write_recipe
 from PIL import Image
 
 from moe_cli.errors import ConfigError
@@ -22,14 +22,6 @@ from moe_cli.models.genie import Genie, GenieConfig
 M = ["vit_tiny_patch16_224", "--no-pretrained", *model_args("vit")]
 GENIE = {"num_layers": 2, "num_heads": 2, "d_model": 64, "T": 4, "S": 16, "image_vocab_size": 64,
          "num_factored_vocabs": 2, "use_mup": True, "qk_norm": False}
-
-
-def one_line(r, needle, code=2):
-    assert r.exit_code == code, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in r.output
 
 
 @pytest.fixture
