@@ -33,12 +33,13 @@ def densify(
 
 
 def report_table(report: dict) -> Table:
-    table = Table(title="dense-to-sparse gate distillation")
-    for col in ("stage", "accuracy", "CE", "variation", "GFLOPs/img", "params total", "active", "trainable"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    table = Table(title="dense-to-sparse gate distillation", caption="var.: batch-wise variation; GFLOPs per "
+                  "image; params total / active / trained in the stage", padding=(0, 1))
+    for col in ("stage", "acc.", "CE", "var.", "GFLOPs", "params", "active", "trained"):
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
     for name, r in report["stages"].items():
         trainable = f"{r['trainable_params'] / 1e6:.3f}M" if r.get("trainable_params") else "-"
-        table.add_row(name, f"{r['accuracy']:.2%}", f"{r['ce']:.4f}", f"{r['variation']:.3f}",
+        table.add_row(name, f"{r['accuracy']:.2%}", f"{r['ce']:.3f}", f"{r['variation']:.2f}",
                       f"{r['gflops_per_image']:.4f}", f"{r['params_total'] / 1e6:.2f}M",
                       f"{r['params_active'] / 1e6:.2f}M", trainable)
     return table

@@ -44,4 +44,5 @@ def finetune(
         if result.final is not None:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in result.eval.items()
                               if k not in ("step", "split") and isinstance(v, float))
-            console.print(f"{title} final: step {result.step}  {shown}  -> {result.final}", soft_wrap=True)
+            console.print(f"{title} final: step {result.step}  {shown}")
+            console.print(f"  saved {result.final}", soft_wrap=True)

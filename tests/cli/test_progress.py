@@ -39,3 +39,17 @@ def test_help_fits_80_columns_and_lists_every_choice():
         if command == "eval":
             text = " ".join(r.stdout.split())
             assert "accuracy, ce, mse, lpips, routing, flops, throughput" in text and "<fp32|bf16|fp16>" in text
+
+
+def test_densify_summary_table_fits_80_columns_without_cutting():
+    from rich.console import Console
+
+    from moe_cli.cli.densify import report_table
+
+    stage = {"accuracy": 0.9582, "ce": 0.2114, "variation": 12.023, "gflops_per_image": 0.1818, "params_total": 85.4e6,
+             "params_active": 31.8e6, "trainable_params": 12345}
+    console = Console(width=80, record=True)
+    console.print(report_table({"stages": {n: stage for n in ("dense", "distill", "finetune")}}))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert "finetune" in text and "85.40M" in text
