@@ -84,7 +84,7 @@ def test_digits_follow_the_model_and_the_recipe_can_override(tmp_path):
 
 @pytest.mark.parametrize("assignment,needle", [
     ("data.std=[0, 1, 1]", "`data.std` in r.yaml must be three finite numbers > 0"),
-    ("data.mean=[0.5, 0.5]", "`data.mean` in r.yaml must be list of 3 numbers"),
+    ("data.mean=[0.5, 0.5]", "`data.mean` in `--set data.mean=[0.5, 0.5]` must be list of 3 numbers"),
     ("data.interpolation=cubic", "`data.interpolation` in r.yaml must be one of"),
     ("data.crop_pct=1.5", "`data.crop_pct` in r.yaml must be a number in (0, 1]"),
 ])
