@@ -166,6 +166,8 @@ def _hub_config(hub_id: str) -> dict | None:
     try:
         with quiet_hub():
             path = hf_hub_download(hub_id, "config.json")
+    except LocalEntryNotFoundError:  # offline and not cached (a subclass of the next): not "no config.json"
+        raise
     except EntryNotFoundError:
         return None
     try:
@@ -181,6 +183,10 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     try:
         config = _hub_config(hub_id)
     except DOWNLOAD_ERRORS as e:
+        if not pretrained:  # the architecture itself is in the repository's config.json
+            raise ModelSourceError(f"`{spec}` without pretrained weights still needs the repository's config.json "
+                                   "(its architecture), which could not be fetched and is not in the local cache; "
+                                   "name the architecture instead (e.g. genie_35m, or a timm model name)") from None
         raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
     if is_moe_cli_repo(config):  # a checkpoint pushed by `moe push`
         return load_checkpoint(download(hub_id))

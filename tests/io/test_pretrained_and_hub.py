@@ -191,3 +191,15 @@ def test_push_refuses_a_bad_repo_id_and_a_used_dry_run_folder(cli, tmp_path):
         from moe_cli.io.hub import stage
 
         stage(tmp_path / "run" / "final", "a/b/c", tmp_path / "o")
+
+
+def test_a_hub_source_without_weights_explains_it_still_needs_the_config(monkeypatch, tmp_path):
+    """Before: `--set model.pretrained=false` with hf-hub:1x-technologies/GENIE_35M offline said it could not fetch
+    the model and suggested --no-pretrained, which was already the case."""
+    from huggingface_hub import constants
+
+    from moe_cli.io.sources import load_source
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelSourceError, match="without pretrained weights still needs the repository's config.json"):
+        load_source("hf-hub:1x-technologies/GENIE_35M", pretrained=False)
