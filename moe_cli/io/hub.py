@@ -23,6 +23,11 @@ LIBRARY = "moe-cli"
 FIGURE = "expert_load.png"
 
 
+def is_repo_id(text: str) -> bool:
+    """A Hub repository id: ORG/NAME, both parts non-empty."""
+    return text.count("/") == 1 and all(text.split("/"))
+
+
 def hub_config(ckpt: Checkpoint) -> dict:
     return {"library_name": LIBRARY, "format": "moe-cli/1", "architecture": ckpt.architecture["name"],
             "task": ckpt.task, "moe": ckpt.moe.to_dict() if ckpt.moe else None}
@@ -100,7 +105,7 @@ def model_card(ckpt: Checkpoint, repo_id: str, results: dict | None = None, figu
 
 def stage(ckpt_dir: str | Path, repo_id: str, out: Path) -> list[Path]:
     """Write into ``out`` exactly the files `moe push` uploads for the checkpoint folder ``ckpt_dir``."""
-    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    if not is_repo_id(repo_id):
         raise ConfigError(f"the repository must be ORG/NAME, got {repo_id!r}")
     weights = weights_path(ckpt_dir)
     ckpt = load_checkpoint(weights)

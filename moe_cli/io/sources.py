@@ -29,7 +29,7 @@ from moe_cli.io.checkpoint import (
     read_metadata,
     weights_path,
 )
-from moe_cli.io.hub import download, is_moe_cli_repo
+from moe_cli.io.hub import download, is_moe_cli_repo, is_repo_id
 from moe_cli.models.genie import GenieConfig, is_genie_config
 from moe_cli.models.overrides import apply_overrides
 from moe_cli.models.probe import model_data_config
@@ -178,7 +178,7 @@ def _hub_config(hub_id: str) -> dict | None:
 
 def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     hub_id = spec.split(":", 1)[1]
-    if not hub_id or "/" not in hub_id:
+    if not is_repo_id(hub_id):
         raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
     try:
         config = _hub_config(hub_id)
@@ -265,7 +265,7 @@ def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     spec = str(spec)
     if spec.startswith("hf-hub:"):
         hub_id = spec.split(":", 1)[1]
-        if hub_id.count("/") != 1:
+        if not is_repo_id(hub_id):
             raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
         return load_checkpoint(download(hub_id))
     return load_checkpoint(spec)
