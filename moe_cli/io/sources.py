@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import logging
 import os
@@ -73,10 +74,16 @@ HUB_PROBE_SECONDS = 3.0  # how long the Hub may take to accept a connection befo
 
 def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
     """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` (name lookup included; run in
-    a thread, since a lookup without network can hang far longer than its caller's patience)."""
+    a thread, since a lookup without network can hang far longer than its caller's patience). Asked once per
+    endpoint in a process: loading one hf-hub source touches the Hub several times."""
     from huggingface_hub import constants
 
-    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    return _reachable(constants.ENDPOINT, timeout)
+
+
+@functools.cache
+def _reachable(endpoint: str, timeout: float) -> bool:
+    url = urllib.parse.urlsplit(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     ok: list[bool] = []
 
