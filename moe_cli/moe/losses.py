@@ -7,15 +7,12 @@ import torch
 from moe_cli.moe.routing import Routing
 
 
-def load_balance_loss(routing: Routing, num_experts: int) -> torch.Tensor:
+def load_balance_loss(routing: Routing, num_experts: int, choice_counts: torch.Tensor) -> torch.Tensor:
     """Switch load balance N * sum_i f_i * P_i (Switch Transformers, GShard, V-MoE): f_i = share of the router's
-    (token, slot) choices that go to expert i, counted BEFORE a capacity limit drops any (so an overflowing
-    expert's share is not capped at C/T, and the loss pushes hardest exactly when an expert overflows);
-    P_i = mean router probability of expert i."""
-    choices = routing.choices
-    counts = torch.zeros(num_experts + 1, device=choices.device).scatter_add_(
-        0, choices.reshape(-1) + 1, torch.ones(choices.numel(), device=choices.device))[1:]
-    frac = counts / choices.numel()
+    (token, slot) choices that go to expert i, counted BEFORE a capacity limit drops any (``choice_counts`` (E,),
+    the counts of ``routing.choices``; so an overflowing expert's share is not capped at C/T, and the loss pushes
+    hardest exactly when an expert overflows); P_i = mean router probability of expert i."""
+    frac = choice_counts.float() / routing.choices.numel()
     return num_experts * (frac * routing.probs.mean(dim=0)).sum()
 
 

@@ -94,7 +94,8 @@ class RoutingRecorder:
         if router.training:
             self.step_counts[name] = counts + self.step_counts[name] if name in self.step_counts else counts
         if self.aux:
-            rec.load_balance = load_balance_loss(routing, E)
+            choices = counts if routing.chosen is None else expert_counts(routing.chosen, E)[1:]
+            rec.load_balance = load_balance_loss(routing, E, choices)
             rec.z_loss = z_loss(routing.logits)
             p = routing.probs.detach()
             rec.entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
