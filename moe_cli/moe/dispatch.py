@@ -53,6 +53,14 @@ class GroupedOps:
         return ffn(x_RD, self, params)
 
 
+def per_expert(params: dict[str, torch.Tensor | None]) -> list[dict[str, torch.Tensor | None]]:
+    """Stacked (E, ...) expert tensors -> one dict of 2-d weights per expert. Each tensor is unbound once, so its
+    backward stacks the per-expert grads in one allocation."""
+    unbound = {n: p.unbind(0) if p is not None else None for n, p in params.items()}
+    experts = next(len(v) for v in unbound.values() if v is not None)
+    return [{n: v[e] if v is not None else None for n, v in unbound.items()} for e in range(experts)]
+
+
 def expert_counts(expert_TS: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(E + 1,) counts of slots per expert, index 0 = dropped (-1); no host synchronisation."""
     flat = expert_TS.reshape(-1) + 1

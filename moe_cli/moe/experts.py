@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import nn
 
-from moe_cli.moe.dispatch import Ops, Plan
+from moe_cli.moe.dispatch import Ops, Plan, per_expert
 
 PARAMS = ("w1", "b1", "wg", "bg", "norm_w", "norm_b", "w2", "b2")  # every stacked tensor an expert bank may hold
 
@@ -84,12 +84,8 @@ class Experts(nn.Module):
         """Every expert on every row, outputs added (shared experts): (T, D) -> (T, O)."""
         from moe_cli.moe.dispatchers.loop import DENSE
 
-        params = {name: getattr(self, name) for name in PARAMS}
-        out = None
-        for e in range(self.num_experts):
-            y = self.ffn(x_TD, DENSE, {n: p[e] if p is not None else None for n, p in params.items()})
-            out = y if out is None else out + y
-        return out
+        outs = [self.ffn(x_TD, DENSE, w) for w in per_expert({name: getattr(self, name) for name in PARAMS})]
+        return sum(outs[1:], outs[0])
 
     def ffn(self, x: torch.Tensor, ops: Ops, p: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """The expert FFN, written once: ``ops`` runs its linear maps and the hidden norm's affine part."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_cli.moe.dispatch import Dispatcher, expert_counts, inverse_permutation, weighted_sum
+from moe_cli.moe.dispatch import Dispatcher, expert_counts, inverse_permutation, per_expert, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -20,15 +20,10 @@ class LoopPlan:
     slots: int  # T * S
 
     def apply(self, ffn, x_RD, params):
-        """``ffn`` on each expert's rows with that expert's weights (each stacked tensor unbound once, so its
-        backward stacks the per-expert grads in one allocation); the outputs concatenated."""
-        per_expert = {n: p.unbind(0) if p is not None else None for n, p in params.items()}
-
-        def weights(e: int) -> dict:
-            return {n: v[e] if v is not None else None for n, v in per_expert.items()}
-
+        """``ffn`` on each expert's rows with that expert's weights; the outputs concatenated."""
+        weights = per_expert(params)
         chunks = x_RD.split(self.group_sizes)
-        outs = [ffn(chunk, DENSE, weights(e)) for e, chunk in enumerate(chunks) if self.group_sizes[e]]
+        outs = [ffn(chunk, DENSE, weights[e]) for e, chunk in enumerate(chunks) if self.group_sizes[e]]
         if not outs:
             return x_RD.new_zeros(0, params["w2"].shape[1])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
