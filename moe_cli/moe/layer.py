@@ -117,11 +117,13 @@ class MoEMlp(nn.Module):
             raise ConfigError(f"keeping {len(keep)} expert(s) leaves fewer than k={self.k}") from None
         index = torch.tensor(keep, dtype=torch.long)
         self.experts.select(index)
-        weight = self.router.weight
+        old = self.router
         self.cfg = new
-        self.router = make_router(weight.shape[1], new, device=weight.device, dtype=weight.dtype)
-        self.router.weight.copy_(weight[index.to(weight.device)])
-        self.router.weight.requires_grad_(weight.requires_grad)
+        self.router = make_router(old.weight.shape[1], new, device=old.weight.device, dtype=old.weight.dtype)
+        self.router.weight.copy_(old.weight[index.to(old.weight.device)])
+        self.router.weight.requires_grad_(old.weight.requires_grad)
+        if old.selection_bias is not None:  # the kept experts keep their aux-loss-free balancing bias
+            self.router.expert_bias.copy_(old.selection_bias[index.to(old.selection_bias.device)])
         self.router.train(self.training)
         return self
 

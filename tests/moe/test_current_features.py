@@ -172,6 +172,14 @@ def test_bias_update_rule_by_hand():
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
 
 
+def test_pruning_keeps_the_kept_experts_balancing_bias():
+    layer = from_dense(Mlp(4, 8), 4, 1, balance="aux_free")
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    layer.select_experts([3, 1])
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.4, 0.2]))
+
+
 @pytest.mark.parametrize("fields,needle", [
     ({"gate": "soft", "balance": "aux_free"}, "balance aux_free biases which experts"),
     ({"shared_gate": True}, "shared_gate gates the shared experts"),
