@@ -21,12 +21,17 @@ from moe_cli.moe.dispatch import (
 )
 
 
+def _group_sizes(offsets: torch.Tensor) -> list[int]:
+    """Rows of each group from the groups' end offsets (read on the host: inside the custom ops only)."""
+    return torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
+
+
 @torch.library.custom_op("moe_cli::segment_linear", mutates_args=())
 def segment_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows [offsets[e-1], offsets[e]) of ``x`` (R, I) times ``w[e]`` (E, O, I) transposed: a grouped linear map
     in any dtype, one matmul per group. An opaque op to torch.compile (the group sizes are read on the host inside
     it), so fp32 models compile without a graph break where ``F.grouped_mm`` takes 16-bit inputs only."""
-    sizes = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
+    sizes = _group_sizes(offsets)
     w_t = w.transpose(1, 2)
     outs = [chunk @ w_t[e] for e, chunk in enumerate(x.split(sizes)) if sizes[e]]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
@@ -40,7 +45,7 @@ def _(x, w, offsets):
 @torch.library.custom_op("moe_cli::segment_weight_grad", mutates_args=())
 def segment_weight_grad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """dW[e] = dy[group e]^T x[group e]: (E, O, I)."""
-    sizes = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
+    sizes = _group_sizes(offsets)
     return torch.stack([a.T @ b for a, b in zip(dy.split(sizes), x.split(sizes), strict=True)])
 
 
