@@ -115,6 +115,10 @@ def test_unsupported_devices_are_refused(cli, moe_ckpt, tmp_path, monkeypatch):
     ("genie.eval_max_batches=-1", "`genie.eval_max_batches`"),
     ("genie.maskgit_steps=0", "`genie.maskgit_steps`"),
     ("data.stride=0", "`data.stride`"),
+    ("data.std=[0, 1, 1]", "`data.std` in r.yaml must be three finite numbers > 0"),
+    ("data.mean=[0.5, 0.5]", "`data.mean` in `--set data.mean=[0.5, 0.5]` must be list of 3 numbers"),
+    ("data.interpolation=cubic", "`data.interpolation` in r.yaml must be one of"),
+    ("data.crop_pct=1.5", "`data.crop_pct` in r.yaml must be a number in (0, 1]"),
 ])
 def test_recipe_ranges(cli, tmp_path, assignment, needle):
     f = write_recipe(tmp_path / "r.yaml", tmp_path / "out")
