@@ -25,6 +25,7 @@ from moe_cli.errors import ConfigError
 from moe_cli.moe.config import ROUTER_STD, MoEConfig
 from moe_cli.moe.dispatch import Dispatcher
 from moe_cli.moe.dispatchers import DISPATCHERS
+from moe_cli.moe.expert_parallel import ExpertShard, expert_parallel
 from moe_cli.moe.experts import Experts
 from moe_cli.moe.router import Router, make_router
 
@@ -74,6 +75,7 @@ class MoEMlp(nn.Module):
         self.shared = Experts(cfg.shared_experts, *ffn, device=device, dtype=dtype) if cfg.shared_experts else None
         self.shared_gate = nn.Linear(in_features, 1, bias=False, device=device, dtype=dtype) \
             if cfg.shared_gate else None
+        self.expert_shard: ExpertShard | None = None  # expert parallelism: which experts this rank holds
 
     # ------------------------------------------------------------------ state
 
@@ -108,6 +110,9 @@ class MoEMlp(nn.Module):
     def select_experts(self, keep: list[int]) -> MoEMlp:
         """Keep only the experts ``keep`` (in that order), for good: expert weights, router rows and config shrink
         together (prune, merge). Switched-off experts are switched on again."""
+        if self.expert_shard is not None:
+            raise ConfigError("experts split over ranks (expert parallelism) cannot be selected; load the full "
+                              "checkpoint on one process")
         if not keep or len(set(keep)) != len(keep) or not all(0 <= e < self.num_experts for e in keep):
             raise ConfigError(f"experts to keep must be distinct, between 0 and {self.num_experts - 1}, got {keep}")
         new = dataclasses.replace(self.cfg, experts=len(keep), disabled=())
@@ -125,6 +130,23 @@ class MoEMlp(nn.Module):
         if old.selection_bias is not None:  # the kept experts keep their aux-loss-free balancing bias
             self.router.expert_bias.copy_(old.selection_bias[index.to(old.selection_bias.device)])
         self.router.train(self.training)
+        return self
+
+    @torch.no_grad()
+    def shard_experts(self, group) -> MoEMlp:
+        """Expert parallelism: keep only this rank's share of the experts (rank p of the P ranks of ``group`` keeps
+        experts p*E/P ... (p+1)*E/P - 1); the forward then exchanges tokens with the group. The router, shared
+        experts and config stay whole."""
+        import torch.distributed as dist
+
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.expert_shard is not None:
+            raise ConfigError("the experts are already split over ranks")
+        if self.num_experts % size:
+            raise ConfigError(f"train.expert_parallel: {size} ranks cannot split {self.num_experts} experts evenly "
+                              f"(the number of experts must be a multiple of it)")
+        self.expert_shard = shard = ExpertShard(group, rank, size, self.num_experts)
+        self.experts.select(torch.arange(shard.experts.start, shard.experts.stop))
         return self
 
     def no_weight_decay(self) -> set[str]:
@@ -155,7 +177,10 @@ class MoEMlp(nn.Module):
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
-        y_TO, _ = self.dispatcher(x_TD)(x_TD, routing, self.experts)
+        if self.expert_shard is not None:
+            y_TO = expert_parallel(x_TD, routing, self.experts, self.expert_shard, self.dispatcher(x_TD))
+        else:
+            y_TO, _ = self.dispatcher(x_TD)(x_TD, routing, self.experts)
         if self.shared is not None:
             shared_TO = self.shared.dense(x_TD)
             if self.shared_gate is not None:

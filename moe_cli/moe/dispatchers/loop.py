@@ -24,8 +24,8 @@ class LoopPlan:
         weights = per_expert(params)
         chunks = x_RD.split(self.group_sizes)
         outs = [ffn(chunk, DENSE, weights[e]) for e, chunk in enumerate(chunks) if self.group_sizes[e]]
-        if not outs:
-            return x_RD.new_zeros(0, params["w2"].shape[1])
+        if not outs:  # no rows: an empty pass through the first expert keeps input and weights in the autograd
+            return ffn(x_RD, DENSE, weights[0])  # graph (expert parallelism: every rank's backward must run)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
