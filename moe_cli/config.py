@@ -22,7 +22,7 @@ import yaml
 
 from moe_cli.errors import ConfigError
 from moe_cli.moe.config import Gate, MoEConfig, UpcycleCfg, enum_type
-from moe_cli.runtime import Precision
+from moe_cli.runtime import Parallel, Precision
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,8 @@ class TrainCfg:
     label_smoothing: float = 0.0
     compile: bool = False  # torch.compile the model for training (dynamic token counts: no recompile per step)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for debugging)
+    parallel: Parallel = Parallel.ddp  # under torchrun: ddp (whole model per rank) or fsdp (sharded, FSDP2)
+    expert_parallel: int = 1  # ranks that split each MoE layer's experts between them (1: each holds all)
 
 
 @dataclass(frozen=True)
@@ -491,6 +493,11 @@ def validate(r: Recipe, src: str) -> None:
     _check(_finite(sc.min_lr_ratio) and 0 <= sc.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a number in [0, 1]",
            sc.min_lr_ratio, src)
     _check(t.log_every >= 1, "train.log_every", "an integer >= 1", t.log_every, src)
+    _check(isinstance(t.expert_parallel, int) and not isinstance(t.expert_parallel, bool) and t.expert_parallel >= 1,
+           "train.expert_parallel", "an integer >= 1 (ranks per expert group)", t.expert_parallel, src)
+    if t.precision == Precision.fp16 and (t.parallel == Parallel.fsdp or t.expert_parallel > 1):
+        raise ConfigError(f"`train.precision` in {src}: fp16 loss scaling is not supported with sharded training "
+                          "(train.parallel: fsdp or train.expert_parallel > 1); use bf16")
     for name in ("eval_every", "ckpt_every"):
         _check(getattr(t, name) >= 0, f"train.{name}", "an integer >= 0 (0: only at the end)", getattr(t, name), src)
     _check(t.clip is None or _finite(t.clip) and t.clip > 0, "train.clip", "a finite number > 0 or null (no clipping)",

@@ -37,6 +37,13 @@ class Precision(Choice):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
 
 
+class Parallel(Choice):
+    """How torchrun ranks hold the model: whole on every rank, or sharded."""
+
+    ddp = "ddp"  # every rank holds the whole model, gradients averaged (DistributedDataParallel)
+    fsdp = "fsdp"  # parameters, gradients and optimizer state sharded over the ranks (FSDP2 fully_shard)
+
+
 def pick_device(requested: str | None) -> torch.device:
     """``requested`` ('cpu', 'cuda', 'cuda:1', ...) checked; else the ``MOE_DEVICE`` environment variable; else
     cuda when available, else cpu. Devices that cannot run a model (meta, ...) are refused in one line."""

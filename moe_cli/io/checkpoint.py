@@ -74,20 +74,22 @@ def weights_path(path: str | os.PathLike) -> Path:
     return p / WEIGHTS_NAME
 
 
-def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None) -> Path:
-    """Write ``ckpt`` to ``path`` (a folder, or a ``.safetensors`` file), optionally casting floats to ``dtype``."""
+def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None,
+         tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``ckpt`` to ``path`` (a folder, or a ``.safetensors`` file), optionally casting floats to ``dtype``.
+    ``tensors``: the model's whole state dict when ``ckpt.model`` is sharded over ranks (gathered by the trainer)."""
     target = weights_path(path)
     if dtype is not None and dtype not in set(Precision):
         raise ConfigError(f"dtype must be one of {', '.join(Precision)}, got {dtype!r}")
     cast = Precision(dtype).dtype if dtype else None
-    tensors = {}
-    for name, t in ckpt.model.state_dict().items():
+    out = {}
+    for name, t in (tensors if tensors is not None else ckpt.model.state_dict()).items():
         t = t.detach()
         if cast is not None and t.is_floating_point():
             t = t.to(cast)
-        tensors[name] = t.contiguous().cpu()
+        out[name] = t.contiguous().cpu()
     meta = ckpt.metadata() | ({"dtype": dtype} if dtype else {})
-    atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    atomic_write(target, lambda tmp: safetensors.torch.save_file(out, tmp, metadata=meta))
     return target
 
 

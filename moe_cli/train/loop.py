@@ -14,7 +14,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +32,10 @@ from moe_cli.runtime import atomic_write, autocast, init_distributed, pick_devic
 from moe_cli.tasks import Task, recipe_task
 from moe_cli.train.build import build_model
 from moe_cli.train.optim import lr_lambda, make_optimizer
+from moe_cli.train.parallel import Parallelism, plan
 from moe_cli.train.run_folder import (
     FINAL,
+    OPTIMIZER_DIR,
     STATE_FILE,
     find_last,
     holds_output_lock,
@@ -82,16 +83,19 @@ def prefetch(loader, device: torch.device):
         yield cur
 
 
-def check_finite(first_bad: torch.Tensor, loss: torch.Tensor | None, out: Path,
+def check_finite(first_bad: torch.Tensor, loss: torch.Tensor | None, out: Path, par: Parallelism,
                  params: list[nn.Parameter] | None = None, metrics: dict | None = None) -> None:
-    """Stop with TrainingDiverged if any loss since the start was not finite, or (``params``, before a checkpoint
-    is written) a parameter is, or (``metrics``, before the final model is published) an eval metric is: a
-    non-finite model is never published. One host read."""
+    """Stop with TrainingDiverged (on every rank) if any loss since the start was not finite on any rank, or
+    (``params``, before a checkpoint is written) a parameter is, or (``metrics``, before the final model is
+    published) an eval metric is: a non-finite model is never published. One host read."""
+    if par.dist.world > 1:
+        first_bad = first_bad.clone()
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
     bad = int(first_bad)
     bad_metric = [k for k, v in (metrics or {}).items() if isinstance(v, float) and not math.isfinite(v)]
     if bad >= 0:
         reason = f"loss became non-finite at step {bad}" + (f" (now {loss.item()})" if loss is not None else "")
-    elif params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+    elif params and not par.all_finite(params):
         reason = "the weights became non-finite"
     elif bad_metric:
         reason = f"the final evaluation gives a non-finite {bad_metric[0]} ({metrics[bad_metric[0]]})"
@@ -136,8 +140,9 @@ def train(
     t = recipe.train
     dev = pick_device(device)
     dd = init_distributed(dev)
+    par = plan(recipe, dd, dev)
     out = Path(out_dir or recipe.output)
-    last, state = start_or_resume(out, recipe, resume, overwrite, can_resume, dd.main)
+    last, state = start_or_resume(out, recipe, resume, overwrite, can_resume, dd.main, dd.world)
 
     # ---- model, data, optimizer
     task = task or recipe_task(recipe)
@@ -152,6 +157,7 @@ def train(
     total = t.steps or max(1, math.ceil(t.epochs * math.ceil(len(sampler) / t.batch_size) / t.grad_accum))
     for n, p in model.named_parameters():
         p.requires_grad_(trainable is None or trainable(n, p))
+    train_model = par.wrap(model, dev)  # DDP wrapper, or the model itself sharded in place (fsdp, experts)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total))
@@ -159,7 +165,10 @@ def train(
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            if "optimizer" in state:  # written by moe-cli 0.2
+                optimizer.load_state_dict(state["optimizer"])
+            else:
+                par.load_optimizer(last / OPTIMIZER_DIR, model, optimizer)
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
@@ -170,9 +179,6 @@ def train(
             trim_metrics(out / "metrics.jsonl", step)  # the steps after the checkpoint are replayed
         set_rng_state(state["rng"][min(dd.rank, len(state["rng"]) - 1)])
         reporter.message(f"resumed from {last} at step {step}")
-    train_model = model
-    if dd.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if t.compile:
         train_model = torch.compile(train_model, backend=t.compile_backend)
     val_loader = make_loader(val_ds, t.batch_size * 2, None, recipe.data.num_workers, dev)
@@ -200,12 +206,20 @@ def train(
         if dd.world > 1:
             rngs = [None] * dd.world
             dist.all_gather_object(rngs, rng_state())
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs, "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "recipe": recipe.to_dict()}
+        return {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "step": step,
+                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world": dd.world, "recipe": recipe.to_dict()}
+
+    def write_checkpoint(tensors: dict | None) -> None:
+        """`last/`: the whole model (``tensors``, gathered on rank 0), the optimizer (sharded) and the training
+        state. Every rank calls it."""
+        state = checkpoint_state()
+        save_last(out, ckpt, state, tensors, lambda path: par.save_optimizer(path, model, optimizer), dd.main,
+                  dist.barrier if dd.world > 1 else lambda: None)
 
     def evaluate() -> dict:
-        rec = {"step": step, "split": "val", **(task.evaluate(model, val_loader, dev, t.precision) if dd.main else {})}
+        # a sharded model runs its forward on every rank together: each evaluates (the same data)
+        run = dd.main or par.sharded
+        rec = {"step": step, "split": "val", **(task.evaluate(model, val_loader, dev, t.precision) if run else {})}
         if dd.main:
             record(rec)
             reporter.evaluated(rec)
@@ -228,8 +242,7 @@ def train(
             for batch in prefetch(loader, dev):
                 batch_in_epoch, micro = batch_in_epoch + 1, micro + 1
                 sync = micro % t.grad_accum == 0
-                with train_model.no_sync() if (dd.world > 1 and not sync) else nullcontext(), \
-                        autocast(dev, t.precision):
+                with par.no_sync(train_model, sync), autocast(dev, t.precision):
                     loss, logs = loss_fn(train_model, batch)
                     aux, aux_logs = recorder.aux_loss(recipe.moe.load_balance, recipe.moe.z_loss)
                     total_loss = loss + aux if aux is not None else loss
@@ -238,9 +251,10 @@ def train(
                 window_n += len(batch[0])
                 if not sync:
                     continue
+                par.finish_grads(model)
                 if t.clip:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, t.clip)
+                    par.clip_grad_norm_(model, params, t.clip)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -256,12 +270,17 @@ def train(
                 at_eval = bool(t.eval_every and step % t.eval_every == 0 and step < total)
                 at_ckpt = bool(t.ckpt_every and step % t.ckpt_every == 0 and step < total)
                 if at_log or at_eval or at_ckpt:
-                    check_finite(first_bad, total_loss, out, params if at_ckpt else None)
+                    check_finite(first_bad, total_loss, out, par, params if at_ckpt else None)
                 if at_log:
                     now = time.perf_counter()
-                    rec = {"step": step, "split": "train", "loss": total_loss.item(),
-                           "lr": scheduler.get_last_lr()[0], "img_s": window_n * dd.world / max(now - window_t, 1e-9),
-                           **{k: float(v) for k, v in {**logs, **aux_logs}.items()}}
+                    logged = {"loss": total_loss, **logs, **aux_logs}
+                    values = torch.stack([torch.as_tensor(v, device=dev).detach().float() for v in logged.values()])
+                    if dd.world > 1:  # the mean over the ranks: the global batch's
+                        dist.all_reduce(values)
+                        values /= dd.world
+                    rec = {"step": step, "split": "train", "lr": scheduler.get_last_lr()[0],
+                           "img_s": window_n * dd.world / max(now - window_t, 1e-9),
+                           **dict(zip(logged, values.tolist(), strict=True))}
                     if (imbalance := recorder.imbalance()) is not None:
                         rec["expert_imbalance"] = imbalance.item()
                     rec["routing"], warnings = health.report()
@@ -274,23 +293,21 @@ def train(
                 if at_eval:
                     last_eval = evaluate()
                 if at_ckpt:
-                    state = checkpoint_state()
-                    if dd.main:
-                        save_last(out, ckpt, state)
+                    write_checkpoint(par.full_state_dict(model))
                 if step >= total:
                     break
             else:
                 epoch, batch_in_epoch = epoch + 1, 0
 
     # ---- publish: only a finite model, only after its final evaluation
-    check_finite(first_bad, None, out, params)
+    check_finite(first_bad, None, out, par, params)
     last_eval = evaluate()
-    check_finite(first_bad, None, out, metrics=last_eval)
+    check_finite(first_bad, None, out, par, metrics=last_eval)
     final = None
-    state = checkpoint_state()
+    tensors = par.full_state_dict(model)
+    write_checkpoint(tensors)
     if dd.main:
-        save_last(out, ckpt, state)
-        final = save(ckpt, out / FINAL)
+        final = save(ckpt, out / FINAL, tensors=tensors)
         summary = {"step": step, **{k: v for k, v in last_eval.items() if k not in ("step", "split")}}
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     reporter.close()
@@ -298,4 +315,6 @@ def train(
         tb.close()
     if dd.world > 1:
         dist.barrier()
+    if par.sharded:  # callers (the next stage, the CLI) get the whole model, as from a one-process run
+        ckpt = load_checkpoint(out / FINAL)
     return TrainResult(step, last_eval, out, final, ckpt, history)

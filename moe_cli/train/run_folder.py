@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,13 +22,15 @@ from moe_cli.errors import CheckpointError, ConfigError
 from moe_cli.io.checkpoint import Checkpoint, save
 from moe_cli.runtime import atomic_write
 
-LAST, FINAL, STATE_FILE = "last", "final", "train_state.pt"
+LAST, FINAL, STATE_FILE, OPTIMIZER_DIR = "last", "final", "train_state.pt", "optimizer"
 
 # what a resumed run may change; every other recipe field must equal the run it continues, so a new section or
 # field is protected by default
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.epochs", "train.eval_every", "train.ckpt_every", "train.log_every",
-                        "train.compile", "train.compile_backend", "data.num_workers",
-                        "schedule", "output", "then")
+                        "train.compile", "train.compile_backend", "train.parallel", "train.expert_parallel",
+                        "data.num_workers", "schedule", "output", "then")
+# train.batch_size may change with the number of processes as long as the global batch (batch_size x processes)
+# stays the same: a run resumes on another world size
 
 
 def lock_output(out: Path):
@@ -72,7 +75,7 @@ def find_last(out: Path) -> Path | None:
 
 
 def start_or_resume(out: Path, recipe: Recipe, resume: bool, overwrite: bool, can_resume: bool,
-                    main: bool) -> tuple[Path | None, dict | None]:
+                    main: bool, world: int = 1) -> tuple[Path | None, dict | None]:
     """(`last` folder, its training state) to resume from, or (None, None) for a fresh run, whose folder is then
     cleared (``--overwrite``: nothing of the old run survives to be resumed or appended to)."""
     last = find_last(out) if resume else None
@@ -86,7 +89,7 @@ def start_or_resume(out: Path, recipe: Recipe, resume: bool, overwrite: bool, ca
         if main:
             clear_run(out)
         return None, None
-    return last, read_state(last, recipe)
+    return last, read_state(last, recipe, world)
 
 
 def rng_state() -> dict:
@@ -103,17 +106,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_last(out: Path, ckpt: Checkpoint, state: dict) -> None:
-    """Write model + optimizer/scheduler/RNG/data position into a fresh folder, then swap it in for `last`."""
+def save_last(out: Path, ckpt: Checkpoint, state: dict, tensors: dict | None, write_optimizer: Callable[[Path], None],
+              main: bool, barrier: Callable[[], None] = lambda: None) -> None:
+    """Write the model (``tensors``: the whole state dict, on rank 0), the optimizer (each rank its part, through
+    ``write_optimizer``) and scheduler/RNG/data position into a fresh folder, then swap it in for `last` (rank 0).
+    Every rank calls it."""
     tmp, last, old = out / f".{LAST}.tmp", out / LAST, out / f".{LAST}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(ckpt, tmp)
-    torch.save(state, tmp / STATE_FILE)
-    if last.exists():
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    write_optimizer(tmp / OPTIMIZER_DIR)
+    if main:
+        save(ckpt, tmp, tensors=tensors)
+        torch.save(state, tmp / STATE_FILE)
+        if last.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            last.rename(old)
+        tmp.rename(last)
         shutil.rmtree(old, ignore_errors=True)
-        last.rename(old)
-    tmp.rename(last)
-    shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -129,7 +141,7 @@ def _may_change(key: str) -> bool:
     return any(key == f or key.startswith(f + ".") for f in MAY_CHANGE_ON_RESUME)
 
 
-def read_state(last: Path, recipe: Recipe) -> dict:
+def read_state(last: Path, recipe: Recipe, world: int = 1) -> dict:
     """The training state in ``last``, checked to belong to a run of this recipe; one-line errors otherwise."""
     path = last / STATE_FILE
     try:
@@ -137,12 +149,19 @@ def read_state(last: Path, recipe: Recipe) -> dict:
     except Exception as e:  # truncated, garbage, or not a torch file
         raise CheckpointError(f"--resume: {path} cannot be read ({type(e).__name__}); it is damaged — start over "
                               "with --overwrite") from None
-    needed = ("optimizer", "scheduler", "scaler", "rng", "step", "epoch", "batch_in_epoch")
-    if not isinstance(state, dict) or any(k not in state for k in needed):
+    needed = ("scheduler", "scaler", "rng", "step", "epoch", "batch_in_epoch")
+    if not isinstance(state, dict) or any(k not in state for k in needed) or \
+            ("optimizer" not in state and not (last / OPTIMIZER_DIR).is_dir()):
         raise CheckpointError(f"--resume: {path} is not a moe-cli training state")
     old, new = _flat(state.get("recipe") or {}), _flat(recipe.to_dict())
+    old_world = state.get("world", 1)
+    old_batch, new_batch = old.get("train.batch_size"), new.get("train.batch_size")
+    if old_batch is not None and old_batch * old_world != new_batch * world:
+        raise ConfigError(f"--resume: the global batch (train.batch_size x processes) must stay "
+                          f"{old_batch} x {old_world} = {old_batch * old_world} to continue the run in "
+                          f"{last.parent}; got {new_batch} x {world}")
     for key in sorted(set(old) | set(new)):
-        if not _may_change(key) and old.get(key) != new.get(key):
+        if key != "train.batch_size" and not _may_change(key) and old.get(key) != new.get(key):
             raise ConfigError(f"--resume: `{key}` differs from the run being resumed ({last.parent}); a resumed run "
                               f"keeps its recipe except {', '.join(MAY_CHANGE_ON_RESUME)} — start a new run for that "
                               "change")

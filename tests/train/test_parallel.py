@@ -1,0 +1,102 @@
+"""FSDP2, expert parallelism and both, on 2 and 4 gloo processes, against one process with the same global batch.
+
+Every layout reaches the one-process losses at every step and its final weights (fp32; the load-balance loss is
+off because it is not linear in the batch: each rank's batch has its own balance). A run stopped on 4 processes
+(fsdp, 4-way EP) resumes on 2 (fsdp, 2-way EP) and continues the uninterrupted run. The final checkpoint is one
+whole file every command reads."""
+
+import os
+import socket
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import write_recipe
+
+from moe_cli.config import load_recipe
+from moe_cli.train.loop import Reporter, train
+
+GLOBAL_BATCH, STEPS = 8, 4
+LAYOUTS = {"fsdp": {"parallel": "fsdp"}, "ep2": {"expert_parallel": 2},
+           "fsdp_ep2": {"parallel": "fsdp", "expert_parallel": 2}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recipe(tmp, name: str, world: int, **train) -> str:
+    return write_recipe(tmp / f"{name}.yaml", tmp / name, model={"upcycle": {"experts": 4, "k": 2}},
+                        moe={"load_balance": 0.0, "z_loss": 0.001},
+                        train={"steps": STEPS, "batch_size": GLOBAL_BATCH // world, "log_every": 1, **train})
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAfter(Reporter):
+    def __init__(self, step: int):
+        self.step = step
+
+    def log(self, record: dict) -> None:
+        if record["step"] > self.step:
+            raise _Stop
+
+
+def _recipes(tmp, world: int) -> list[str]:
+    """This world size's runs (written before the processes start): the layouts, then the stopped (4) or resumed
+    (2) run."""
+    runs = [_recipe(tmp, f"{name}_w{world}", world, **layout) for name, layout in LAYOUTS.items()]
+    return runs + [_recipe(tmp, "resumed", world, parallel="fsdp", expert_parallel=world, ckpt_every=2)]
+
+
+def _worker(rank: int, world: int, port: int, recipes: list[str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        for f in recipes[:-1]:
+            train(load_recipe(f), device="cpu")
+        if world == 4:  # stopped after its checkpoint at step 2 ...
+            try:
+                train(load_recipe(recipes[-1]), device="cpu", reporter=_StopAfter(2))
+            except _Stop:
+                pass
+        else:  # ... and continued here, on 2 processes
+            train(load_recipe(recipes[-1]), device="cpu", resume=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def _losses(run) -> dict[int, float]:
+    import json
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
+
+
+def test_sharded_layouts_match_one_process(tmp_path):
+    one = train(load_recipe(_recipe(tmp_path, "one", 1)), device="cpu")
+    want_losses = _losses(one.out_dir)
+    want = safetensors.torch.load_file(str(one.final))
+    assert sorted(want_losses) == list(range(1, STEPS + 1))
+    for world in (4, 2):
+        mp.spawn(_worker, args=(world, _free_port(), _recipes(tmp_path, world)), nprocs=world, join=True)
+    runs = [f"{name}_w{world}" for world in (2, 4) for name in LAYOUTS] + ["resumed"]
+    for run in runs:
+        losses = _losses(tmp_path / run)
+        assert sorted(losses) == sorted(want_losses), run
+        for step, loss in want_losses.items():
+            assert abs(losses[step] - loss) <= 1e-5 * max(1.0, abs(loss)), f"{run} step {step}: {losses[step]} " \
+                                                                            f"vs one process {loss}"
+        got = safetensors.torch.load_file(str(tmp_path / run / "final" / "model.safetensors"))
+        assert got.keys() == want.keys(), run
+        for key, value in want.items():
+            assert got[key].shape == value.shape, f"{run} {key}"
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=2e-5, msg=lambda m, k=key, r=run: f"{r} {k}: {m}")
+    # the stopped run really stopped at its step-2 checkpoint, and the resumed one said it went on from there
+    assert (tmp_path / "resumed" / "last").is_dir()
