@@ -97,6 +97,8 @@ def test_sharded_layouts_match_one_process(tmp_path):
         assert got.keys() == want.keys(), run
         for key, value in want.items():
             assert got[key].shape == value.shape, f"{run} {key}"
-            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=2e-5, msg=lambda m, k=key, r=run: f"{r} {k}: {m}")
-    # the stopped run really stopped at its step-2 checkpoint, and the resumed one said it went on from there
-    assert (tmp_path / "resumed" / "last").is_dir()
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=2e-5,
+                                       msg=lambda m, k=key, r=run: f"{r} {k}: {m}")
+    # the resumed run's last checkpoint was written by 2 processes with 2-way EP
+    state = torch.load(tmp_path / "resumed" / "last" / "train_state.pt", weights_only=True)
+    assert state["world"] == 2 and state["recipe"]["train"]["expert_parallel"] == 2 and state["step"] == STEPS
