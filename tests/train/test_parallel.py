@@ -1,6 +1,6 @@
 """FSDP2, expert parallelism and both, on 2 and 4 gloo processes, against one process with the same global batch.
 
-Every layout reaches the one-process losses at every step and its final weights (fp32; the load-balance loss is
+Every layout (and fsdp + EP under torch.compile) reaches the one-process losses at every step and its final weights (fp32; the load-balance loss is
 off because it is not linear in the batch: each rank's batch has its own balance). A run stopped on 4 processes
 (fsdp, 4-way EP) resumes on 2 (fsdp, 2-way EP) and continues the uninterrupted run. The final checkpoint is one
 whole file every command reads."""
@@ -51,6 +51,8 @@ def _recipes(tmp, world: int) -> list[str]:
     """This world size's runs (written before the processes start): the layouts, then the stopped (4) or resumed
     (2) run."""
     runs = [_recipe(tmp, f"{name}_w{world}", world, **layout) for name, layout in LAYOUTS.items()]
+    if world == 2:
+        runs.append(_recipe(tmp, "compiled_w2", world, compile=True, compile_backend="aot_eager", **LAYOUTS["fsdp_ep2"]))
     return runs + [_recipe(tmp, "resumed", world, parallel="fsdp", expert_parallel=world, ckpt_every=2)]
 
 
@@ -86,7 +88,7 @@ def test_sharded_layouts_match_one_process(tmp_path):
     assert sorted(want_losses) == list(range(1, STEPS + 1))
     for world in (4, 2):
         mp.spawn(_worker, args=(world, _free_port(), _recipes(tmp_path, world)), nprocs=world, join=True)
-    runs = [f"{name}_w{world}" for world in (2, 4) for name in LAYOUTS] + ["resumed"]
+    runs = [f"{name}_w{world}" for world in (2, 4) for name in LAYOUTS] + ["compiled_w2", "resumed"]
     for run in runs:
         losses = _losses(tmp_path / run)
         assert sorted(losses) == sorted(want_losses), run
@@ -102,3 +104,29 @@ def test_sharded_layouts_match_one_process(tmp_path):
     # the resumed run's last checkpoint was written by 2 processes with 2-way EP
     state = torch.load(tmp_path / "resumed" / "last" / "train_state.pt", weights_only=True)
     assert state["world"] == 2 and state["recipe"]["train"]["expert_parallel"] == 2 and state["step"] == STEPS
+
+
+def _densify_worker(rank: int, world: int, port: int, recipe: str) -> None:
+    from moe_cli.train.stages import densify_to_sparse
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        densify_to_sparse(load_recipe(recipe), device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_densify_stages_run_sharded_and_stage2_trains_only_the_gates(tmp_path):
+    f = write_recipe(tmp_path / "d.yaml", tmp_path / "d2s", train={"batch_size": 8, "parallel": "fsdp",
+                                                                  "expert_parallel": 2},
+                     densify={"experts": 4, "k": 1, "stage1": {"steps": 2}, "stage2": {"steps": 2, "lr": 1e-2},
+                              "stage3": {"steps": 2}})
+    mp.spawn(_densify_worker, args=(2, _free_port(), f), nprocs=2, join=True)
+    s1, s2 = (safetensors.torch.load_file(str(tmp_path / "d2s" / f"stage{i}" / "final" / "model.safetensors"))
+              for i in (1, 2))
+    gates = [k for k in s2 if k.endswith("router.weight")]
+    assert gates and all(not torch.equal(s1[k], s2[k]) for k in gates)  # the new gates trained
+    assert all(torch.equal(s1[k], s2[k]) for k in s2 if k not in gates)  # everything else stayed frozen
+    assert (tmp_path / "d2s" / "stage3" / "final" / "model.safetensors").is_file()
