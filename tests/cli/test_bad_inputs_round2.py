@@ -119,6 +119,8 @@ def test_unsupported_devices_are_refused(cli, moe_ckpt, tmp_path, monkeypatch):
     ("data.mean=[0.5, 0.5]", "`data.mean` in `--set data.mean=[0.5, 0.5]` must be list of 3 numbers"),
     ("data.interpolation=cubic", "`data.interpolation` in r.yaml must be one of"),
     ("data.crop_pct=1.5", "`data.crop_pct` in r.yaml must be a number in (0, 1]"),
+    ("train.expert_parallel=0", "`train.expert_parallel` in r.yaml must be an integer >= 1"),
+    ("train.parallel=zero3", "`train.parallel` in `--set train.parallel=zero3` must be 'ddp' | 'fsdp'"),
 ])
 def test_recipe_ranges(cli, tmp_path, assignment, needle):
     f = write_recipe(tmp_path / "r.yaml", tmp_path / "out")

@@ -1,13 +1,15 @@
 """FSDP2, expert parallelism and both, on 2 and 4 gloo processes, against one process with the same global batch.
 
-Every layout (and fsdp + EP under torch.compile) reaches the one-process losses at every step and its final weights (fp32; the load-balance loss is
-off because it is not linear in the batch: each rank's batch has its own balance). A run stopped on 4 processes
+Every layout (and fsdp + EP under torch.compile) reaches the one-process losses at every step and its final
+weights (fp32; the load-balance loss is off because it is not linear in the batch: each rank's batch has its own
+balance). A run stopped on 4 processes
 (fsdp, 4-way EP) resumes on 2 (fsdp, 2-way EP) and continues the uninterrupted run. The final checkpoint is one
 whole file every command reads."""
 
 import os
 import socket
 
+import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -52,7 +54,8 @@ def _recipes(tmp, world: int) -> list[str]:
     (2) run."""
     runs = [_recipe(tmp, f"{name}_w{world}", world, **layout) for name, layout in LAYOUTS.items()]
     if world == 2:
-        runs.append(_recipe(tmp, "compiled_w2", world, compile=True, compile_backend="aot_eager", **LAYOUTS["fsdp_ep2"]))
+        runs.append(_recipe(tmp, "compiled_w2", world, compile=True, compile_backend="aot_eager",
+                            **LAYOUTS["fsdp_ep2"]))
     return runs + [_recipe(tmp, "resumed", world, parallel="fsdp", expert_parallel=world, ckpt_every=2)]
 
 
@@ -130,3 +133,25 @@ def test_densify_stages_run_sharded_and_stage2_trains_only_the_gates(tmp_path):
     assert gates and all(not torch.equal(s1[k], s2[k]) for k in gates)  # the new gates trained
     assert all(torch.equal(s1[k], s2[k]) for k in s2 if k not in gates)  # everything else stayed frozen
     assert (tmp_path / "d2s" / "stage3" / "final" / "model.safetensors").is_file()
+
+
+def test_layouts_the_job_cannot_take_are_refused(tmp_path, cli):
+    from moe_cli.errors import ConfigError
+    from moe_cli.runtime import Dist
+    from moe_cli.train.parallel import plan
+
+    recipe = load_recipe(_recipe(tmp_path, "r", 1, expert_parallel=2))
+    with pytest.raises(ConfigError, match=r"train.expert_parallel: 2 must divide the number of processes \(3\)"):
+        plan(recipe, Dist(rank=0, world=3), torch.device("cpu"))
+    f = _recipe(tmp_path, "fp16", 1)
+    r = cli("finetune", f, "--set", "train.precision=fp16", "--set", "train.parallel=fsdp")
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "fp16 loss scaling is not supported with " \
+        "sharded training" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_keeps_the_global_batch(tmp_path, cli):
+    f = _recipe(tmp_path, "run", 1, steps=2)
+    assert cli("finetune", f).exit_code == 0
+    r = cli("finetune", f, "--resume", "--set", "train.steps=3", "--set", "train.batch_size=4")
+    assert r.exit_code == 2 and "the global batch (train.batch_size x processes) must stay 8 x 1 = 8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
