@@ -11,6 +11,7 @@ import difflib
 import importlib
 
 import typer
+import typer.core
 import typer.main
 
 from moe_cli import __version__
@@ -30,6 +31,28 @@ COMMANDS = {
 }
 
 
+class Command(typer.core.TyperCommand):
+    """A command whose help reads as Unix help does: `moe upcycle [OPTIONS] MODEL` (not typer's `{model}`), and
+    option types as a user types them (`<int>` followed by the range, not `<int range>`)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if isinstance(p, typer.core.TyperArgument):
+                name = p.display_name_raw.upper()
+                pieces.append((name if p.required else f"[{name}]") + ("..." if p.nargs != 1 else ""))
+        return pieces
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if isinstance(p, typer.core.TyperOption) and p.metavar is None:
+                shown = p.display_type(ctx) or ""
+                if shown.endswith(" range>"):
+                    p.metavar = shown.removesuffix(" range>") + ">"
+        return params
+
+
 class LazyCommands(OneLineErrors):
     """The commands of COMMANDS, each built from its module the first time it is asked for."""
 
@@ -41,7 +64,7 @@ class LazyCommands(OneLineErrors):
             return None
         module, attr, short = COMMANDS[name]
         single = typer.Typer(rich_markup_mode=None, add_completion=False, pretty_exceptions_enable=False)
-        single.command(name, short_help=short)(getattr(importlib.import_module(module), attr))
+        single.command(name, short_help=short, cls=Command)(getattr(importlib.import_module(module), attr))
         return typer.main.get_command(single)
 
     def resolve_command(self, ctx, args):

@@ -26,8 +26,8 @@ CheckpointArg = Annotated[Path, typer.Argument(help="moe-cli checkpoint folder, 
                                                "hf-hub:org/name.",
                                                show_default=False)]
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field, e.g. optim.lr=3e-4 "
-                                                  "(repeat).", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe field, "
+                                                  "e.g. optim.lr=3e-4 (repeat).", show_default=False)]
 OutputDirOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (overrides the recipe's "
                                                    "`output`).", show_default=False)]
 OutputAliasOpt = Annotated[Path | None, typer.Option("--output", hidden=True, help="Old name of --out.")]

@@ -1,6 +1,13 @@
-"""Rich progress for the training loop: a bar with loss, lr, images/s and expert balance; eval lines."""
+"""Rich progress for the training loop: a bar with loss, lr, images/s and expert balance; eval lines.
+
+While running, the bar shows the last log window's loss and speed and the time left; when the run ends it shows
+the whole run's average speed and its total time. ``load`` is the busiest expert's tokens over the mean per
+expert (1.00: perfectly even), explained once when it first appears.
+"""
 
 from __future__ import annotations
+
+import time
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -15,26 +22,40 @@ class RichReporter(Reporter):
         self.progress: Progress | None = None
         self.task = None
         self.total = 0
+        self.first_step = 0
+        self.images = 0.0  # seen by the run, summed from each log window's speed and length
+        self.started = self.last = 0.0
+        self.record: dict | None = None
+        self.explained = False
 
     def start(self, total_steps: int, step: int) -> None:
         if STATE["quiet"]:
             return
         self.progress = Progress(TextColumn(f"[bold]{self.title}"), BarColumn(bar_width=None if console.width > 120
                                                                               else 12),
-                                 MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                                 TimeRemainingColumn(elapsed_when_finished=True),
                                  console=console, transient=False)
         self.progress.start()
         self.task = self.progress.add_task(self.title, total=total_steps, completed=step, stats="")
-        self.total = total_steps
+        self.total, self.first_step = total_steps, step
+        self.started = self.last = time.perf_counter()
 
     def log(self, record: dict) -> None:
         if self.progress is None:
             return
+        now = time.perf_counter()
+        self.images += record["img_s"] * (now - self.last)
+        self.last, self.record = now, record
+        if "expert_imbalance" in record and not self.explained:
+            self.explained = True
+            self.message("load: tokens of the busiest expert / mean tokens per expert (1.00 = even)")
         self.progress.update(self.task, completed=record["step"], stats=self.stats(record))
 
-    def stats(self, record: dict) -> str:
-        """The fields that fit the terminal, most important first (metrics.jsonl has the full record)."""
-        fields = [f"loss {record['loss']:.4f}", f"{record['img_s']:.0f} img/s"]
+    def stats(self, record: dict, average: bool = False) -> str:
+        """The fields that fit the terminal, most important first (metrics.jsonl has the full record);
+        ``average``: the speed is the whole run's."""
+        fields = [f"loss {record['loss']:.4f}", f"{record['img_s']:.0f} img/s" + (" avg" if average else "")]
         if "expert_imbalance" in record:  # max/mean tokens per expert
             fields.append(f"load {record['expert_imbalance']:.2f}")
         fields.append(f"lr {record['lr']:.1e}")
@@ -66,6 +87,11 @@ class RichReporter(Reporter):
             err_console.print(line, soft_wrap=True)
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        """The finished bar: the last loss, the run's average speed over all its steps, and its total time."""
+        if self.progress is None:
+            return
+        if self.record is not None and self.last > self.started:
+            run = {**self.record, "img_s": self.images / (self.last - self.started)}
+            self.progress.update(self.task, stats=self.stats(run, average=True))
+        self.progress.stop()
+        self.progress = None

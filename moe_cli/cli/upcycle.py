@@ -48,7 +48,7 @@ def upcycle(
                                                "'blocks.*.ffn'.", show_default=False)] = None,
     arch: Annotated[str | None, typer.Option(help="timm architecture of a plain .safetensors file.",
                                              show_default=False)] = None,
-    model_arg: Annotated[list[str] | None, typer.Option("--model-arg", "-m", help="timm kwarg KEY=VALUE "
+    model_arg: Annotated[list[str] | None, typer.Option("--model-arg", "-m", metavar="KEY=VALUE", help="timm kwarg "
                                                         "(repeat).", show_default=False)] = None,
     pretrained: Annotated[bool, typer.Option(help="Load pretrained weights for timm / hub names.")] = True,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "

@@ -28,10 +28,15 @@ def test_help_fits_80_columns_and_lists_every_choice():
 
     from moe_cli.cli.app import app
 
-    for command in ("upcycle", "finetune", "densify-to-sparse", "eval", "inspect", "export"):
+    usage = {"upcycle": "MODEL", "finetune": "RECIPE", "densify-to-sparse": "RECIPE", "eval": "CKPT",
+             "inspect": "CKPT", "export": "CKPT", "merge": "CKPT", "prune": "CKPT", "push": "CKPT ORG/NAME"}
+    for command, args in usage.items():
         r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"}, prog_name="moe")
         assert r.exit_code == 0
         assert all(len(line) <= 80 for line in r.stdout.splitlines()), command
+        # Unix usage and types as typed: not typer's `{model}`, `<int range>`, `<list[str]>`
+        assert r.stdout.splitlines()[0] == f"Usage: moe {command} [OPTIONS] {args}"
+        assert not any(bad in r.stdout for bad in ("{", " range>", "list["))
         assert max(len(line) for line in r.stdout.splitlines()) > 60  # it did wrap to the terminal, not to 40
         if command == "upcycle":
             assert "<topk|sigmoid_topk|top_p|soft|expert_choice>" in r.stdout
@@ -53,3 +58,24 @@ def test_densify_summary_table_fits_80_columns_without_cutting():
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
     assert "finetune" in text and "85.40M" in text
+
+
+def test_finished_bar_shows_the_run_average_speed_and_load_is_explained(monkeypatch):
+    import moe_cli.cli.progress as progress
+
+    clock = iter([0.0, 1.0, 3.0])  # start; a 1 s window at 100 img/s; a 2 s window at 400 img/s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    old = console.width, console.record
+    console.width, console.record = 100, True
+    try:
+        console.export_text()  # drop what was recorded before
+        r = RichReporter("classify")
+        r.start(2, 0)
+        r.log({**RECORD, "step": 1, "img_s": 100.0})
+        r.log({**RECORD, "step": 2, "img_s": 400.0})
+        r.close()
+        text = console.export_text()
+    finally:
+        console.width, console.record = old
+    assert text.count("load: tokens of the busiest expert / mean tokens per expert") == 1
+    assert "300 img/s avg" in text.splitlines()[-1]  # (100 x 1 s + 400 x 2 s) / 3 s, not the last window's 400
