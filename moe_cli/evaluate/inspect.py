@@ -17,27 +17,36 @@ from moe_cli.runtime import atomic_write
 
 @torch.no_grad()
 def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: int, n_images: int = 4) -> dict:
-    """Per layer: load (share of routed pairs per expert) and per-class load; patch maps of the first images."""
+    """Per layer: load (share of routed pairs per expert) and per-class load; patch maps of the first images, with
+    their class and the model's prediction."""
     layers = moe_layers(model)
     if not layers:
         raise MoeError("this checkpoint has no MoE layers: there is no routing to inspect")
     per_class = {n: torch.zeros(num_classes, m.num_experts) for n, m in layers}  # pruned layers differ in E
     maps: dict[str, list] = {n: [] for n, _ in layers}
     images: list[torch.Tensor] = []
+    labels: list[int] = []
+    preds: list[int] = []
     model.eval()
     with RoutingRecorder(model, gates=True) as rec:
         for x, y in loader:
-            model(x.to(device))
+            logits = model(x.to(device))
             for name, _ in layers:
                 gate = rec.records[name].gate
                 used = (gate > 0).float().cpu()  # (B, N, E)
                 per_class[name].index_add_(0, y, used.sum(1))
                 if len(images) < n_images:
                     maps[name].extend(gate.argmax(-1).cpu()[: n_images - len(images)])
-            images.extend(x[: n_images - len(images)])
+            take = n_images - len(images)
+            labels.extend(y[:take].tolist())
+            preds.extend(logits[:take].argmax(-1).cpu().tolist() if logits.dim() == 2 else [-1] * len(y[:take]))
+            images.extend(x[:take])
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     prefix = getattr(model, "num_prefix_tokens", 0)
-    out = {"experts": max(m.num_experts for _, m in layers), "layers": {}, "patch_grid": list(grid) if grid else None}
+    classes = getattr(loader.dataset, "classes", None)
+    out = {"experts": max(m.num_experts for _, m in layers), "layers": {}, "patch_grid": list(grid) if grid else None,
+           "class_names": [str(c) for c in classes] if classes else [str(c) for c in range(num_classes)],
+           "image_labels": labels, "image_predictions": preds}
     for name, _ in layers:
         counts = per_class[name]
         out["layers"][name] = {
@@ -84,15 +93,25 @@ def write_figures(routes: dict, out_dir: Path) -> list[Path]:
     caption(fig, "Each row sums to 1; a balanced layer has every cell near 1/E.")
     save(fig, "expert_load.png")
 
-    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names) + 1, 4.5), squeeze=False)
+    classes = routes["class_names"]
+    per_class = [np.array(routes["layers"][n]["per_class"]) for n in names]
+    top = max(float(np.nanmax(p)) for p in per_class) or 1.0
+    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + (1.1 + 0.3 * E) * len(names), 1.6 + 0.28 * len(classes)),
+                             squeeze=False, sharey=True, layout="constrained")
     im = None
-    for ax, n in zip(axes[0], names, strict=True):
-        per_class = np.array(routes["layers"][n]["per_class"])
-        im = ax.imshow(per_class, cmap="magma", vmin=0, vmax=1, aspect="auto")
-        ax.set(title=n, xlabel="expert", ylabel="class", xticks=range(E))
-    fig.colorbar(im, ax=axes[0].tolist(), label="share of the class's routed tokens")
-    caption(fig, "Cell (c, e): the share of class c's routed (token, slot) pairs that go to expert e; each row sums "
-                 "to 1 (normalised per class, as in the dense-to-sparse paper's figures).")
+    for j, (ax, n, p) in enumerate(zip(axes[0], names, per_class, strict=True)):
+        im = ax.imshow(p, cmap="magma", vmin=0, vmax=top, aspect="auto")
+        ax.set_title(n, fontsize=8)
+        ax.set_xticks(range(p.shape[1]))
+        ax.set_xlabel("expert", fontsize=8)
+        if j == 0:  # the axes share y: the first one's labels are every panel's
+            ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("class")
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of the class's tokens", shrink=0.9)
+    fig.suptitle("Which experts each class uses", fontsize=10)
+    caption(fig, "One row per class: how that class's image tokens split over the experts of each MoE layer "
+                 "(each row adds up to 1). Bright cells: the experts the class relies on.")
     save(fig, "class_routing.png")
 
     if routes["patch_grid"] and routes["_images"]:
@@ -100,22 +119,25 @@ def write_figures(routes: dict, out_dir: Path) -> list[Path]:
 
         imgs = routes["_images"]
         cmap = plt.get_cmap("tab10" if E <= 10 else "tab20", E)
-        fig, axes = plt.subplots(len(imgs), 1 + len(names), figsize=(2 * (1 + len(names)), 2 * len(imgs) + 1),
-                                 squeeze=False)
+        fig, axes = plt.subplots(len(imgs), 1 + len(names), figsize=(1.5 * (1 + len(names)), 1.5 * len(imgs) + 0.9),
+                                 squeeze=False, layout="constrained")
         for i, img in enumerate(imgs):
             axes[i][0].imshow(((img[:3].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
-            axes[i][0].set_title("image" if i == 0 else "", fontsize=8)
+            label, pred = routes["image_labels"][i], routes["image_predictions"][i]
+            title = f"class {classes[label]}" + (f", predicted {classes[pred]}" if 0 <= pred < len(classes) else "")
+            axes[i][0].set_title(title, fontsize=7, color="black" if pred in (label, -1) else "red")
             for j, n in enumerate(names):
                 axes[i][j + 1].imshow(np.array(routes["layers"][n]["patch_experts"][i]), cmap=cmap,
                                       vmin=-0.5, vmax=E - 0.5)
-                axes[i][j + 1].set_title(n if i == 0 else "", fontsize=8)
+                if i == 0:
+                    axes[i][j + 1].set_title(n, fontsize=7)
             for ax in axes[i]:
                 ax.set_xticks([])
                 ax.set_yticks([])
-        fig.legend(handles=[Patch(color=cmap(e), label=f"expert {e}") for e in range(E)], loc="upper center",
-                   ncol=min(E, 8), fontsize=8, bbox_to_anchor=(0.5, 1.02))
-        caption(fig, "Each patch is coloured by the expert with the largest gate weight for that patch's token, "
-                     "per MoE layer (columns); the left column is the input image.")
+        fig.legend(handles=[Patch(color=cmap(e), label=f"expert {e}") for e in range(E)], loc="outside upper center",
+                   ncol=min(E, 8), fontsize=7)
+        caption(fig, "Each patch is coloured by the expert that weighs most for that patch, per MoE layer "
+                     "(columns); left: the image, its class and the model's prediction (red when wrong).")
         save(fig, "patch_experts.png")
     return written
 

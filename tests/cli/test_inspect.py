@@ -27,6 +27,10 @@ def test_inspect_figures_differ_with_routing(tmp_path, cli):
         assert set(routes["layers"]) == {"blocks.0.mlp", "blocks.1.mlp"}
         assert abs(sum(routes["layers"]["blocks.0.mlp"]["load"]) - 1) < 1e-6
         assert len(routes["layers"]["blocks.0.mlp"]["patch_experts"]) == 2
+        # the images of patch_experts.png come with their class and the model's prediction, named by class
+        assert routes["class_names"] == [str(c) for c in range(10)]
+        assert len(routes["image_labels"]) == len(routes["image_predictions"]) == 2
+        assert all(0 <= c < 10 for c in routes["image_labels"] + routes["image_predictions"])
         pixels.append({n: imread(out / n) for n in ("expert_load.png", "class_routing.png", "patch_experts.png")})
     for name in pixels[0]:
         a, b = pixels[0][name], pixels[1][name]
