@@ -90,6 +90,16 @@ def init_distributed(device: torch.device) -> Dist:
     return d
 
 
+def rank_device(device: torch.device, d: Dist) -> torch.device:
+    """Under torchrun each process takes the GPU of its local rank (``cuda`` -> ``cuda:LOCAL_RANK``) and makes it
+    the current one (NCCL and FSDP use the current device)."""
+    if device.type == "cuda" and d.world > 1 and device.index is None:
+        device = torch.device("cuda", d.local_rank % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed precision for ``precision`` bf16/fp16 on ``device``; fp32 is a no-op context."""
     if precision == Precision.fp32:

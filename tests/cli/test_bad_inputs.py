@@ -96,7 +96,8 @@ def test_resume_refuses_changed_model_and_damaged_state(cli, tmp_path):
     # sections nobody listed are protected by default (before, only a hand-kept list of sections was compared)
     one_line(cli("finetune", f, "--resume", "--set", "moe.load_balance=0.5"), "`moe.load_balance` differs")
     one_line(cli("finetune", f, "--resume", "--set", "genie.seed=3"), "`genie.seed` differs")
-    one_line(cli("finetune", f, "--resume", "--set", "train.batch_size=8"), "`train.batch_size` differs")
+    one_line(cli("finetune", f, "--resume", "--set", "train.batch_size=8"),
+             "the global batch (train.batch_size x processes) must stay 32 x 1")
     state = tmp_path / "out" / "last" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     one_line(cli("finetune", f, "--resume"), "cannot be read")
