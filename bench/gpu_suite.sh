@@ -6,7 +6,8 @@
 #      for the triton and the grouped dispatchers (target: whole layer fwd+bwd <= 1.3x ideal at ViT-B E8 k2)
 #   2. whole training steps, dense vs upcycled E4 k2, ViT-S and ViT-B, bf16 (target: ViT-S >= 0.55x dense img/s)
 #   3. `moe finetune` against a bare loop on the GPU
-#   4. pytest (Triton kernels on CUDA, not the interpreter), its summary line recorded
+#   4. the NCCL smoke test: one torchrun process, FSDP2 over a group of one, bf16, 20 steps
+#   5. pytest (Triton kernels on CUDA, not the interpreter), its summary line recorded
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-bench/RESULTS.md}
@@ -34,6 +35,13 @@ for model in vit_small_patch16_224 vit_base_patch16_224; do
     --steps 20 --out "$RESULTS"
 done
 run 90 python bench/loop_overhead.py --device cuda --precision bf16 --batch 256 --steps 300 --out "$RESULTS"
+smoke="torchrun --nproc-per-node 1 -m moe_cli finetune recipes/digits-vit-tiny-dense.yaml --out /tmp/nccl-smoke \
+  --overwrite --set train.parallel=fsdp --set train.precision=bf16 --set train.steps=20 --set train.eval_every=0"
+if timeout 120 $smoke > /tmp/nccl-smoke.log 2>&1; then
+  printf '\nNCCL smoke test (`%s`): passed; %s\n' "$smoke" "$(tail -1 /tmp/nccl-smoke.log)" >> "$RESULTS"
+else
+  printf '\nNCCL smoke test (`%s`): FAILED; %s\n' "$smoke" "$(tail -1 /tmp/nccl-smoke.log)" >> "$RESULTS"
+fi
 summary=$(timeout 240 python -m pytest -q -p no:cacheprovider 2>&1 | tail -1)
 printf '\nTest suite on this GPU machine (`python -m pytest -q`): %s\n\nWhole suite: %ss.\n' \
   "$summary" "$(( $(date +%s) - start ))" >> "$RESULTS"

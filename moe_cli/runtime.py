@@ -82,9 +82,9 @@ def init_distributed(device: torch.device) -> Dist:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # not under torchrun (one torchrun process joins a
+        return Dist()                                             # group of one: the NCCL path on one GPU)
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=d.rank, world_size=world)
     return d

@@ -84,10 +84,8 @@ class Parallelism:
         module for fsdp, which shards in place; a DDP wrapper for ddp)."""
         ddp = nn.parallel.DistributedDataParallel
         ids = [device.index] if device.type == "cuda" else None
-        if self.dist.world == 1:
-            return model
         if not self.sharded:
-            return ddp(model, device_ids=ids)
+            return model if self.dist.world == 1 else ddp(model, device_ids=ids)
         if self.ep > 1:
             for _, layer in moe_layers(model):
                 layer.shard_experts(self.mesh["ep"].get_group())
@@ -249,7 +247,7 @@ def plan(recipe: Recipe, dd: Dist, device: torch.device) -> Parallelism:
         raise ConfigError(f"train.expert_parallel: {t.expert_parallel} must divide the number of processes "
                           f"({dd.world})")
     p = Parallelism(dd, Parallel(t.parallel), t.expert_parallel, Precision(t.precision))
-    if dd.world > 1 and (p.mode == Parallel.fsdp or p.ep > 1):
+    if (dd.world > 1 or dist.is_initialized()) and (p.mode == Parallel.fsdp or p.ep > 1):
         from torch.distributed.device_mesh import init_device_mesh
 
         p.mesh = init_device_mesh(device.type, (dd.world // p.ep, p.ep), mesh_dim_names=("dp", "ep"))

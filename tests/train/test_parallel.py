@@ -77,6 +77,20 @@ def _worker(rank: int, world: int, port: int, recipes: list[str]) -> None:
         dist.destroy_process_group()
 
 
+def _one_torchrun_process(rank: int, port: int, recipe: str) -> None:
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_RUN_ID="test")
+    torch.set_num_threads(1)
+    try:
+        result = train(load_recipe(recipe), device="cpu")
+        from torch.distributed.tensor import DTensor
+
+        assert dist.is_initialized() and result.final is not None
+        assert not isinstance(next(result.ckpt.model.parameters()), DTensor)  # the caller gets the whole model
+    finally:
+        dist.destroy_process_group()
+
+
 def _losses(run) -> dict[int, float]:
     import json
 
@@ -91,7 +105,9 @@ def test_sharded_layouts_match_one_process(tmp_path):
     assert sorted(want_losses) == list(range(1, STEPS + 1))
     for world in (4, 2):
         mp.spawn(_worker, args=(world, _free_port(), _recipes(tmp_path, world)), nprocs=world, join=True)
-    runs = [f"{name}_w{world}" for world in (2, 4) for name in LAYOUTS] + ["compiled_w2", "resumed"]
+    # one torchrun process joins a group of one and shards over it (the one-GPU NCCL smoke test's path)
+    mp.spawn(_one_torchrun_process, args=(_free_port(), _recipe(tmp_path, "fsdp_w1", 1, parallel="fsdp")), nprocs=1)
+    runs = [f"{name}_w{world}" for world in (2, 4) for name in LAYOUTS] + ["fsdp_w1", "compiled_w2", "resumed"]
     for run in runs:
         losses = _losses(tmp_path / run)
         assert sorted(losses) == sorted(want_losses), run
