@@ -39,13 +39,15 @@ class Command(typer.core.TyperCommand):
         pieces = [self.options_metavar] if self.options_metavar else []
         for p in self.get_params(ctx):
             if isinstance(p, typer.core.TyperArgument):
-                name = p.display_name_raw.upper()
+                name = p.display_name_raw
                 pieces.append((name if p.required else f"[{name}]") + ("..." if p.nargs != 1 else ""))
         return pieces
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
         for p in params:
+            if isinstance(p, typer.core.TyperArgument) and p.metavar is None:  # CKPT in usage, list and errors
+                p.metavar = p.name.upper()
             if isinstance(p, typer.core.TyperOption) and p.metavar is None:
                 shown = p.display_type(ctx) or ""
                 if shown.endswith(" range>"):
