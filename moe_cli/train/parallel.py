@@ -120,7 +120,9 @@ class Parallelism:
             return
         for _, layer in moe_layers(model):
             for p in layer.experts.parameters():
-                if p.grad is None:
+                if not p.requires_grad:  # frozen (densify stage 2)
+                    continue
+                if p.grad is None:  # every rank reduces every expert tensor, used or not
                     p.grad = torch.zeros_like(p)
                 if isinstance(p.grad, DTensor):  # fsdp: already averaged over dp
                     p.grad.to_local().div_(self.ep)
@@ -143,8 +145,7 @@ class Parallelism:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         experts = self._experts(model)
         grads = [(p.grad, id(p) in experts) for p in params if p.grad is not None]
-        dev = params[0].device if not isinstance(params[0], DTensor) else params[0].to_local().device
-        sq = torch.zeros((), dtype=torch.float32, device=dev)
+        sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
         for g, expert in grads:
             local = g.to_local() if isinstance(g, DTensor) else g
             sq = sq + local.float().pow(2).sum() / self._replicas(g, expert)
