@@ -154,8 +154,10 @@ def read_state(last: Path, recipe: Recipe, world: int = 1) -> dict:
             ("optimizer" not in state and not (last / OPTIMIZER_DIR).is_dir()):
         raise CheckpointError(f"--resume: {path} is not a moe-cli training state")
     old, new = _flat(state.get("recipe") or {}), _flat(recipe.to_dict())
-    old_world = state.get("world", 1)
+    old_world = state.get("world")  # None: written by 0.2.0, which did not record it (the batch must not change)
     old_batch, new_batch = old.get("train.batch_size"), new.get("train.batch_size")
+    if old_world is None:
+        old_world = world
     if old_batch is not None and old_batch * old_world != new_batch * world:
         raise ConfigError(f"--resume: the global batch (train.batch_size x processes) must stay "
                           f"{old_batch} x {old_world} = {old_batch * old_world} to continue the run in "

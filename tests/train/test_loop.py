@@ -15,7 +15,7 @@ from PIL import Image
 
 import moe_cli
 from moe_cli.config import load_recipe
-from moe_cli.train.loop import train
+from moe_cli.train.loop import Reporter, train
 
 
 def weights(path):
@@ -117,3 +117,42 @@ def test_bad_data_root_is_one_line(tmp_path, cli):
     f = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data={"name": "", "root": str(tmp_path / "none")})
     r = cli("finetune", f)
     assert r.exit_code == 2 and "cannot open dataset" in r.stderr
+
+
+def test_a_run_written_by_0_2_resumes_exactly(tmp_path):
+    """0.2.0 kept the optimizer state inside train_state.pt (no last/optimizer/, no `world`)."""
+    import shutil
+
+    from moe_cli.io.checkpoint import load_checkpoint
+    from moe_cli.runtime import Dist
+    from moe_cli.train.optim import make_optimizer
+    from moe_cli.train.parallel import Parallelism
+
+    sections = {"model": {"upcycle": {"experts": 4, "k": 2}}}
+    whole = write_recipe(tmp_path / "whole.yaml", tmp_path / "whole", **sections, train={"steps": 4})
+    cut = write_recipe(tmp_path / "cut.yaml", tmp_path / "cut", **sections, train={"steps": 4, "ckpt_every": 2})
+    train(load_recipe(whole), device="cpu")
+
+    class Stop(Exception):
+        pass
+
+    class StopAfter2(Reporter):
+        def log(self, record):
+            if record["step"] > 2:
+                raise Stop
+
+    with pytest.raises(Stop):
+        train(load_recipe(cut), device="cpu", reporter=StopAfter2())
+    last = tmp_path / "cut" / "last"
+    model = load_checkpoint(last).model
+    optimizer = make_optimizer(load_recipe(cut), model)
+    Parallelism(Dist()).load_optimizer(last / "optimizer", model, optimizer)
+    state = torch.load(last / "train_state.pt", weights_only=True)
+    state["optimizer"] = optimizer.state_dict()
+    del state["world"]
+    torch.save(state, last / "train_state.pt")
+    shutil.rmtree(last / "optimizer")  # now laid out as 0.2.0 wrote it
+
+    train(load_recipe(cut), device="cpu", resume=True)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
