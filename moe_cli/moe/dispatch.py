@@ -75,6 +75,25 @@ def sort_dropped_last(expert_TS: torch.Tensor, num_experts: int) -> tuple[torch.
     return expert_counts(expert_TS, num_experts), key, torch.argsort(key, stable=True)
 
 
+def sort_dropped_first(expert_TS: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (E+1,), stable order of the slots by expert, dropped slots (-1) first); no host synchronisation."""
+    return expert_counts(expert_TS, num_experts), torch.argsort(expert_TS.reshape(-1), stable=True)
+
+
+def gather_sorted(x_TD: torch.Tensor, order: torch.Tensor, dropped: int, slots_per_token: int) -> torch.Tensor:
+    """The token rows of the kept slots, in ``order`` (from :func:`sort_dropped_first`; ``dropped`` slots lead)."""
+    return x_TD.index_select(0, torch.div(order[dropped:], slots_per_token, rounding_mode="floor"))
+
+
+def combine_sorted(y_RO: torch.Tensor, order: torch.Tensor, dropped: int, weight_TS: torch.Tensor) -> torch.Tensor:
+    """Outputs of the rows :func:`gather_sorted` gave back in slot order (dropped slots zero), weighted per token."""
+    if dropped:
+        y_slots = y_RO.new_zeros(order.numel(), y_RO.shape[-1]).index_copy(0, order[dropped:], y_RO)
+    else:
+        y_slots = y_RO.index_select(0, inverse_permutation(order))
+    return weighted_sum(y_slots, weight_TS)
+
+
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moe_cli.moe.dispatch import Dispatcher, expert_counts, weighted_sum
+from moe_cli.moe.dispatch import Dispatcher, combine_sorted, gather_sorted, sort_dropped_first
 from moe_cli.moe.routing import Routing
 
 
@@ -56,10 +56,8 @@ def expert_parallel(x_TD: torch.Tensor, routing: Routing, experts, shard: Expert
                     local: Dispatcher) -> torch.Tensor:
     """y[t] = sum_s weight[t, s] * f_{expert[t, s]}(x[t]) with the experts spread over ``shard``'s group; ``experts``
     holds this rank's experts, ``local`` groups the rows they receive."""
-    T, S = routing.expert.shape
     P, L = shard.size, shard.local
-    order = torch.argsort(routing.expert.reshape(-1), stable=True)  # dropped slots (-1) first, then by expert
-    counts = expert_counts(routing.expert, shard.num_experts)  # (E + 1,), index 0 = dropped
+    counts, order = sort_dropped_first(routing.expert, shard.num_experts)  # by expert, so by owning rank
     received = torch.empty_like(counts[1:])  # (P * L,) rows of each of my experts, from each source rank
     dist.all_to_all_single(received, counts[1:].contiguous(), group=shard.group)
     sizes = torch.cat([counts, received]).tolist()  # the host read of the layer
@@ -67,8 +65,7 @@ def expert_parallel(x_TD: torch.Tensor, routing: Routing, experts, shard: Expert
     in_splits = [sum(send[p * L:(p + 1) * L]) for p in range(P)]
     out_splits = [sum(recv[p * L:(p + 1) * L]) for p in range(P)]
 
-    kept = order[dropped:]
-    x_in = _exchange(x_TD.index_select(0, torch.div(kept, S, rounding_mode="floor")), out_splits, in_splits,
+    x_in = _exchange(gather_sorted(x_TD, order, dropped, routing.expert.shape[1]), out_splits, in_splits,
                      shard.group)
     # received rows come source rank by source rank, each sorted by local expert: run them through the local
     # dispatcher as one slot per row with weight 1 (it groups them by expert and puts them back in this order)
@@ -76,6 +73,4 @@ def expert_parallel(x_TD: torch.Tensor, routing: Routing, experts, shard: Expert
                                            torch.tensor(recv, device=x_TD.device), output_size=sum(recv))
     x_RD, plan = local.dispatch(x_in, local_expert[:, None], experts)
     y_in = local.combine(experts(x_RD, plan), plan, torch.ones(len(local_expert), 1, device=x_TD.device))
-    y_out = _exchange(y_in, in_splits, out_splits, shard.group)
-    y_slots = y_out.new_zeros(T * S, y_out.shape[-1]).index_copy(0, kept, y_out)
-    return weighted_sum(y_slots, routing.weight)
+    return combine_sorted(_exchange(y_in, in_splits, out_splits, shard.group), order, dropped, routing.weight)

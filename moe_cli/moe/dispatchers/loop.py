@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_cli.moe.dispatch import Dispatcher, expert_counts, inverse_permutation, per_expert, weighted_sum
+from moe_cli.moe.dispatch import Dispatcher, combine_sorted, gather_sorted, per_expert, sort_dropped_first
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,6 @@ class LoopPlan:
     group_sizes: list[int]  # rows of each expert, host side
     order: torch.Tensor  # (T*S,) slot index of each sorted position, dropped slots first
     dropped: int
-    slots: int  # T * S
 
     def apply(self, ffn, x_RD, params):
         """``ffn`` on each expert's rows with that expert's weights; the outputs concatenated."""
@@ -46,16 +45,10 @@ class LoopDispatcher(Dispatcher):
     name = "loop"
 
     def dispatch(self, x_TD, expert_TS, experts):
-        T, S = expert_TS.shape
-        order = torch.argsort(expert_TS.reshape(-1), stable=True)  # dropped slots (-1) sort first
-        counts = expert_counts(expert_TS, experts.num_experts)
+        counts, order = sort_dropped_first(expert_TS, experts.num_experts)
         sizes = counts.tolist()
-        x_RD = x_TD.index_select(0, torch.div(order[sizes[0]:], S, rounding_mode="floor"))
-        return x_RD, LoopPlan(counts, sizes[1:], order, sizes[0], T * S)
+        x_RD = gather_sorted(x_TD, order, sizes[0], expert_TS.shape[1])
+        return x_RD, LoopPlan(counts, sizes[1:], order, sizes[0])
 
     def combine(self, y_RO, plan: LoopPlan, weight_TS):
-        if plan.dropped:
-            y_slots = y_RO.new_zeros(plan.slots, y_RO.shape[-1]).index_copy(0, plan.order[plan.dropped:], y_RO)
-        else:
-            y_slots = y_RO.index_select(0, inverse_permutation(plan.order))
-        return weighted_sum(y_slots, weight_TS)
+        return combine_sorted(y_RO, plan.order, plan.dropped, weight_TS)
