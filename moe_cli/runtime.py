@@ -77,27 +77,24 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPU, gloo on CPU)."""
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: take the GPU of this process's local rank (``cuda`` ->
+    ``cuda:LOCAL_RANK``, made the current device, as NCCL and FSDP expect) and join the group (NCCL on GPU, gloo
+    on CPU). Returns this process's place and its device. One torchrun process joins a group of one (the NCCL
+    path on one GPU); without torchrun nothing is joined."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # not under torchrun (one torchrun process joins a
-        return Dist()                                             # group of one: the NCCL path on one GPU)
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return Dist(), device
     d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", d.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=d.rank, world_size=world)
-    return d
-
-
-def rank_device(device: torch.device, d: Dist) -> torch.device:
-    """Under torchrun each process takes the GPU of its local rank (``cuda`` -> ``cuda:LOCAL_RANK``) and makes it
-    the current one (NCCL and FSDP use the current device)."""
-    if device.type == "cuda" and d.world > 1 and device.index is None:
-        device = torch.device("cuda", d.local_rank % torch.cuda.device_count())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+    return d, device
 
 
 def autocast(device: torch.device, precision: str):

@@ -28,7 +28,7 @@ from moe_cli.errors import CheckpointError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
 from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.stats import RoutingHealth, RoutingRecorder
-from moe_cli.runtime import atomic_write, autocast, init_distributed, pick_device, rank_device
+from moe_cli.runtime import atomic_write, autocast, init_distributed, pick_device
 from moe_cli.tasks import Task, recipe_task
 from moe_cli.train.build import build_model
 from moe_cli.train.optim import lr_lambda, make_optimizer
@@ -139,8 +139,7 @@ def train(
     reporter = reporter or Reporter()
     t = recipe.train
     dev = pick_device(device)
-    dd = init_distributed(dev)
-    dev = rank_device(dev, dd)
+    dd, dev = init_distributed(dev)
     par = plan(recipe, dd, dev)
     out = Path(out_dir or recipe.output)
     last, state = start_or_resume(out, recipe, resume, overwrite, can_resume, dd.main, dd.world)
