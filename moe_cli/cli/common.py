@@ -33,12 +33,20 @@ OutputDirOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output f
 OutputAliasOpt = Annotated[Path | None, typer.Option("--output", hidden=True, help="Old name of --out.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace the output if it exists.")]
 
+DisableExpertsOpt = Annotated[str | None, typer.Option(help="Switch experts off: LAYER:EXPERT,... (MoE layer "
+                                                       "index).", show_default=False)]
+PrecisionOpt = Annotated[Precision, typer.Option(help="Autocast precision.")]
+
 
 def writable(out: Path, overwrite: bool, option: str = "--out") -> Path:
     """The one rule for every writing command: an existing output is refused in one line unless --overwrite."""
     if out.exists() and not overwrite:
         raise ConfigError(f"{option} {out} exists; pass --overwrite to replace it")
     return out
-DisableExpertsOpt = Annotated[str | None, typer.Option(help="Switch experts off: LAYER:EXPERT,... (MoE layer "
-                                                       "index).", show_default=False)]
-PrecisionOpt = Annotated[Precision, typer.Option(help="Autocast precision.")]
+
+
+def recipe_overrides(set_: list[str] | None, out: Path | None, alias: Path | None) -> list[str]:
+    """The recipe overrides of a training command: its --set assignments, then --out (or its old name --output) as
+    the recipe's `output`."""
+    folder = out or alias
+    return (set_ or []) + ([f"output={folder}"] if folder else [])

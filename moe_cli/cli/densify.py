@@ -7,7 +7,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moe_cli.cli.common import STATE, OutputAliasOpt, OutputDirOpt, RecipeArg, SetOpt, console, say, user_errors
+from moe_cli.cli.common import (
+    STATE,
+    OutputAliasOpt,
+    OutputDirOpt,
+    RecipeArg,
+    SetOpt,
+    console,
+    recipe_overrides,
+    say,
+    user_errors,
+)
 from moe_cli.cli.progress import RichReporter
 from moe_cli.config import load_recipe
 from moe_cli.train.stages import densify_to_sparse
@@ -24,7 +34,7 @@ def densify(
     output: OutputAliasOpt = None,
 ) -> None:
     """Dense MoE with inverse-CV losses -> sparse gates distilled from the dense gate -> fine-tune."""
-    r = load_recipe(recipe, (set_ or []) + ([f"output={out or output}"] if (out or output) else []))
+    r = load_recipe(recipe, recipe_overrides(set_, out, output))
     report = densify_to_sparse(r, from_stage=from_stage, init=init, device=STATE["device"], overwrite=overwrite,
                                reporter=RichReporter, on_stage=lambda _i, msg: say(msg))
     console.print(report_table(report))

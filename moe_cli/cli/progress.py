@@ -22,7 +22,6 @@ class RichReporter(Reporter):
         self.progress: Progress | None = None
         self.task = None
         self.total = 0
-        self.first_step = 0
         self.images = 0.0  # seen by the run, summed from each log window's speed and length
         self.started = self.last = 0.0
         self.record: dict | None = None
@@ -38,7 +37,7 @@ class RichReporter(Reporter):
                                  console=console, transient=False)
         self.progress.start()
         self.task = self.progress.add_task(self.title, total=total_steps, completed=step, stats="")
-        self.total, self.first_step = total_steps, step
+        self.total = total_steps
         self.started = self.last = time.perf_counter()
 
     def log(self, record: dict) -> None:

@@ -31,13 +31,12 @@ def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: 
     with RoutingRecorder(model, gates=True) as rec:
         for x, y in loader:
             logits = model(x.to(device))
+            take = n_images - len(images)  # images still wanted for the patch maps
             for name, _ in layers:
                 gate = rec.records[name].gate
                 used = (gate > 0).float().cpu()  # (B, N, E)
                 per_class[name].index_add_(0, y, used.sum(1))
-                if len(images) < n_images:
-                    maps[name].extend(gate.argmax(-1).cpu()[: n_images - len(images)])
-            take = n_images - len(images)
+                maps[name].extend(gate.argmax(-1).cpu()[:take])
             labels.extend(y[:take].tolist())
             preds.extend(logits[:take].argmax(-1).cpu().tolist() if logits.dim() == 2 else [-1] * len(y[:take]))
             images.extend(x[:take])

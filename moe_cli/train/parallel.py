@@ -229,16 +229,13 @@ def _one_process_quiet():
         yield
 
 
+@contextlib.contextmanager
 def _fsdp_no_sync(model: nn.Module):
-    @contextlib.contextmanager
-    def ctx():
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-
-    return ctx()
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def plan(recipe: Recipe, dd: Dist, device: torch.device) -> Parallelism:
