@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from moe_cli.config import recipe_from_dict
 from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
-from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.moe.recorder import RoutingRecorder
+from moe_cli.recipe import recipe_from_dict
 from moe_cli.runtime import Precision, autocast
-from moe_cli.tasks import recipe_task
 from moe_cli.train.build import build_model
 from moe_cli.train.loop import prefetch, train
 from moe_cli.train.optim import make_optimizer
@@ -55,7 +54,7 @@ def bare_img_s(args) -> float:
     torch.manual_seed(0)
     ckpt = build_model(r)
     model = ckpt.model.to(dev).train()
-    task = recipe_task(r)
+    task = r.make_task()
     train_ds, _ = build_datasets(r.data, model)
     named = list(model.named_parameters())
     opt = make_optimizer(r, model)

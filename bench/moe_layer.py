@@ -29,9 +29,9 @@ from timm.layers import Mlp
 
 from moe_cli.moe.config import Impl
 from moe_cli.moe.dispatchers import DISPATCHERS
-from moe_cli.moe.init import from_dense
 from moe_cli.moe.layer import MoEMlp
 from moe_cli.moe.routing import Routing
+from moe_cli.moe.upcycling import from_dense
 
 SHAPES = {"vit_s": (384, 1536), "vit_b": (768, 3072), "vit_l": (1024, 4096)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -120,7 +120,7 @@ def bench_one(shape, E, k, kind, T, device, dtype, repeats, impl):
 def bench_model(name: str, E: int, k: int, batch: int, img: int, device, dtype, steps: int, impl: str) -> dict:
     """Images/s of whole training steps (forward, backward, AdamW) of the dense timm model and its upcycled MoE."""
     from moe_cli.models.surgery import upcycle
-    from moe_cli.moe.stats import RoutingRecorder
+    from moe_cli.moe.recorder import RoutingRecorder
 
     torch.manual_seed(0)
     dense = timm.create_model(name, pretrained=False, img_size=img, num_classes=100).to(device)

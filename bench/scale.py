@@ -39,8 +39,8 @@ def _local_bytes(t: torch.Tensor) -> int:
 def _worker(rank: int, world: int, port: int, layout: str, args, out: str) -> None:
     import timm
 
-    from moe_cli.config import recipe_from_dict
     from moe_cli.models.surgery import upcycle
+    from moe_cli.recipe import recipe_from_dict
     from moe_cli.runtime import Dist
     from moe_cli.train.optim import make_optimizer
     from moe_cli.train.parallel import plan

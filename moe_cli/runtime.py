@@ -18,13 +18,25 @@ from moe_cli.errors import ConfigError
 class Choice(str, Enum):
     """A named choice that prints as its value (``f"{Precision.bf16}"`` is ``bf16``) and equals its string. Every
     set of choices (gates, dispatchers, inits, precisions) is one of these, declared once; config fields are
-    typed with it and the CLI lists it."""
+    typed with it and the CLI lists it. A member may carry a help text: ``topk = "topk", "each token its k best
+    experts"`` (:func:`describe` lists them)."""
+
+    def __new__(cls, value: str, help: str = ""):
+        obj = str.__new__(cls, value)
+        obj._value_ = value
+        obj.help = help
+        return obj
 
     def __str__(self) -> str:
         return str(self.value)
 
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
+
+
+def describe(choice: type[Choice]) -> str:
+    """'a: what a does; b: what b does' for the members of ``choice`` that carry a help text."""
+    return "; ".join(f"{m.value}: {m.help}" for m in choice if m.help)
 
 
 class Precision(Choice):

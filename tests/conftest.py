@@ -109,7 +109,7 @@ def seed_alexnet(hub) -> None:
     """Put a seeded, randomly initialised AlexNet where torchvision caches the ImageNet one (no download)."""
     import torchvision
 
-    from moe_cli.tasks.lpips import ALEXNET_FILE
+    from moe_cli.models.lpips import ALEXNET_FILE
 
     (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from moe_cli.cli.common import (
     user_errors,
 )
 from moe_cli.cli.progress import RichReporter
-from moe_cli.config import load_recipe
+from moe_cli.recipe import load_recipe
 from moe_cli.train.stages import densify_to_sparse
 
 

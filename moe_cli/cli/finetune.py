@@ -17,8 +17,8 @@ from moe_cli.cli.common import (
     user_errors,
 )
 from moe_cli.cli.progress import RichReporter
-from moe_cli.config import load_recipe, recipe_chain
 from moe_cli.errors import ConfigError
+from moe_cli.recipe import load_recipe, recipe_chain
 from moe_cli.train.loop import train
 from moe_cli.train.run_folder import FINAL, find_last
 

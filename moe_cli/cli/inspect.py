@@ -18,8 +18,9 @@ from moe_cli.evaluate.inspect import (
 )
 from moe_cli.evaluate.report import data_config
 from moe_cli.io.sources import open_checkpoint
-from moe_cli.models.overrides import apply_overrides
+from moe_cli.moe.config import flag
 from moe_cli.runtime import pick_device
+from moe_cli.tasks import task_class
 
 
 @user_errors
@@ -35,11 +36,11 @@ def inspect_cmd(
     """Expert-load heatmap per layer, routing per class, per-patch expert maps, the load over training (for a
     run's checkpoint), routes.json."""
     writable(out, overwrite)
-    checkpoint = open_checkpoint(ckpt)
-    if checkpoint.task != "classify":
+    checkpoint = open_checkpoint(ckpt, disable_experts=disable_experts, label=flag)
+    if not task_class(checkpoint.task, f"{ckpt}: the task").routing_maps:
         raise ConfigError(f"moe inspect maps routing per class and per image patch of classifiers; {ckpt} is a "
                           f"`{checkpoint.task}` checkpoint (use `moe eval {ckpt} --metric routing`)")
-    model = apply_overrides(checkpoint.model, disable_experts=disable_experts)
+    model = checkpoint.model
     device = pick_device(STATE["device"])
     loader = val_loader(model, data_config(data), batch_size, device, checkpoint.data_config)
     num_classes = getattr(model, "num_classes", 0) or 1

@@ -9,23 +9,15 @@ import typer
 from rich.table import Table
 
 from moe_cli.cli.common import CheckpointArg, OverwriteOpt, console, say, user_errors, writable
-from moe_cli.data.loaders import calibration_batches
-from moe_cli.errors import ConfigError
-from moe_cli.io.checkpoint import Checkpoint, create_timm, save
+from moe_cli.io.checkpoint import Checkpoint, save
 from moe_cli.io.sources import open_checkpoint
 from moe_cli.models.flops import param_counts
-from moe_cli.models.reduce import densify, expert_usage, is_split, merge_layer, prune
-from moe_cli.moe.config import TOKEN_CHOICE
-from moe_cli.moe.layer import moe_layers
+from moe_cli.moe.config import flag
+from moe_cli.train.build import merge_checkpoint, prune_checkpoint
 
 CalibOpt = Annotated[str, typer.Option(help="Calibration images for expert usage: digits or an image folder.")]
 CalibBatchesOpt = Annotated[int, typer.Option(min=1, help="Calibration batches of 64 images.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder.", show_default=False)]
-
-
-def calibration(ckpt: Checkpoint, calib: str, batches: int) -> list:
-    """Calibration images read as the checkpoint's model expects them."""
-    return calibration_batches(ckpt.model, calib, batches, ckpt.data_config)
 
 
 def _report(title: str, before: int, ckpt: Checkpoint, path: Path, rows: dict) -> None:
@@ -53,13 +45,10 @@ def prune_cmd(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Remove experts permanently (a smaller checkpoint), unlike eval's --disable-experts, which only masks."""
-    if (keep is None) == (drop_experts is None):
-        raise ConfigError("give exactly one of --keep N and --drop-experts LAYER:EXPERT,...")
     writable(out, overwrite)
     checkpoint = open_checkpoint(ckpt)
     before = param_counts(checkpoint.model)[0]
-    usage = expert_usage(checkpoint.model, calibration(checkpoint, calib, calib_batches)) if keep is not None else None
-    kept = prune(checkpoint.model, keep, drop_experts, usage)
+    kept = prune_checkpoint(checkpoint, keep, drop_experts, calib, calib_batches, label=flag)
     _report("kept experts per layer", before, checkpoint, save(checkpoint, out), kept)
 
 
@@ -76,26 +65,12 @@ def merge_cmd(
     """Merge similar experts (router-logit similarity, usage-weighted, hidden units aligned) into N per layer."""
     writable(out, overwrite)
     checkpoint = open_checkpoint(ckpt)
-    layers = moe_layers(checkpoint.model)
-    if not layers:
-        raise ConfigError(f"{ckpt} has no MoE layers to merge")
-    for name, layer in layers:
-        if not 1 <= experts <= layer.num_experts:
-            raise ConfigError(f"--experts must be between 1 and {layer.num_experts} (experts in `{name}`), got "
-                              f"{experts}")
-        if experts < layer.k and layer.cfg.gate in TOKEN_CHOICE and not is_split(layer):
-            layer.reconfigure(k=experts)
     before = param_counts(checkpoint.model)[0]
-    usage = expert_usage(checkpoint.model, calibration(checkpoint, calib, calib_batches))
-    groups = {name: merge_layer(layer, usage[name], experts, name) for name, layer in layers}
-    if experts == 1:
-        arch = checkpoint.architecture
-        dense = densify(checkpoint.model, create_timm(arch["name"], arch.get("kwargs", {})))
-        checkpoint = Checkpoint(dense.eval(), arch, checkpoint.source, checkpoint.task, {},
-                                checkpoint.task_config, data_config=checkpoint.data_config)
+    checkpoint, groups = merge_checkpoint(checkpoint, experts, calib, calib_batches, label=flag)
     path = save(checkpoint, out)
     _report("merged expert groups per layer", before, checkpoint, path, groups)
     if experts == 1:
+        arch = checkpoint.architecture
         console.print(f"a plain {arch['name']} checkpoint: timm.create_model({arch['name']!r}, **kwargs)"
                       f".load_state_dict(safetensors.torch.load_file({str(path)!r})) loads it without moe-cli "
                       f"(kwargs: {arch.get('kwargs', {})})", soft_wrap=True)

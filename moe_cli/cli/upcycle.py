@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from moe_cli.checks import labelled
 from moe_cli.cli.common import STATE, OverwriteOpt, console, say, user_errors, writable
 from moe_cli.config import parse_assignments
 from moe_cli.errors import ConfigError
@@ -15,37 +19,51 @@ from moe_cli.io.checkpoint import save
 from moe_cli.io.sources import load_source
 from moe_cli.models.flops import param_counts
 from moe_cli.models.upcycle import TOLERANCE, UpcycleMismatch, Verification
-from moe_cli.moe.config import Balance, Gate, Impl, Init, MoELayout, Priority, RouterInit, Split, UpcycleCfg, flag
+from moe_cli.moe.config import MoELayout, UpcycleCfg, enum_type, flag
+from moe_cli.runtime import describe
 from moe_cli.train.build import upcycle_checkpoint
 
-D = UpcycleCfg()  # the options' defaults are the config's
+
+def config_options(cls) -> list[inspect.Parameter]:
+    """One keyword parameter with a typer option per field of the config dataclass ``cls`` (name ``--field-name``,
+    type and default from the field, help from its ``doc`` and, for a choice, the choice's own help), except the
+    fields marked ``cli=False``."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        kind = enum_type(hints[f.name])
+        help_text = f.metadata.get("doc", "") + (f" {describe(kind)}." if kind is not None and describe(kind) else "")
+        long = f"{flag(f.name)}/--no-{flag(f.name)[2:]}" if hints[f.name] is bool else flag(f.name)
+        names = [long, *([f.metadata["short"]] if "short" in f.metadata else [])]
+        option = typer.Option(*names, help=help_text, show_default=f.default is not None)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=Annotated[hints[f.name], option]))
+    return params
+
+
+def with_config_options(cls):
+    """Decorate a command whose ``**fields`` are the fields of ``cls``: typer sees one option per field."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        first = [p for p in own if p.default is inspect.Parameter.empty]
+        rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not inspect.Parameter.empty]
+        params = [*first, *config_options(cls), *rest]
+        fn.__signature__ = sig.replace(parameters=params)
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+
+    return decorate
 
 
 @user_errors
+@with_config_options(UpcycleCfg)
 def upcycle(
     model: Annotated[str, typer.Argument(help="timm name (vit_small), hf-hub:org/name, .safetensors file or "
                                          "folder.", show_default=False)],
-    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer.")] = D.experts,
-    k: Annotated[int, typer.Option("--k", "-k", help="Experts each token is routed to (top-k).")] = D.k,
-    layers: Annotated[str, typer.Option(help="Which FFNs: all, every-N, last-N or a list like 0,3,5.")] = D.layers,
-    gate: Annotated[Gate, typer.Option(help="topk: each token its k best experts (softmax); sigmoid_topk: the "
-                                       "same on sigmoid scores (DeepSeek-V3); top_p: the fewest experts "
-                                       "reaching --top-p; soft: all experts; expert_choice: each expert "
-                                       "its best tokens.")] = D.gate,
-    capacity_factor: Annotated[float | None, typer.Option(help="Token choice: capacity C = cf*k*T/N, overflow "
-                                                          "dropped. Expert choice: C = cf*T/N (default 1).",
-                                                          show_default=False)] = None,
-    eval_capacity_factor: Annotated[float | None, typer.Option(help="Capacity factor in eval mode (default: "
-                                                               "same).", show_default=False)] = None,
-    priority: Annotated[Priority, typer.Option(help="Who keeps its place on overflow: slot (token order) or "
-                                               "score (BPR).")] = D.priority,
-    impl: Annotated[Impl, typer.Option(help="Expert dispatch: loop (F.linear per expert), grouped "
-                                       "(grouped_mm), triton (fused kernels); auto picks.")] = D.impl,
-    normalize: Annotated[bool, typer.Option(help="Softmax over the k kept logits (else top-k of the full "
-                                            "softmax).")] = D.normalize,
-    noise_std: Annotated[float, typer.Option(help="Std of Gaussian noise added to each expert copy.")] = D.noise_std,
-    target: Annotated[str | None, typer.Option(help="Glob over module names for non-timm FFNs, e.g. "
-                                               "'blocks.*.ffn'.", show_default=False)] = None,
     arch: Annotated[str | None, typer.Option(help="timm architecture of a plain .safetensors file.",
                                              show_default=False)] = None,
     model_arg: Annotated[list[str] | None, typer.Option("--model-arg", "-m", metavar="KEY=VALUE", help="timm kwarg "
@@ -55,40 +73,12 @@ def upcycle(
                                              "out/<model>-moe<E>k<K>).", show_default=False)] = None,
     tolerance: Annotated[float, typer.Option(help="Max allowed |dense - MoE| relative to max |dense|.")] =
         TOLERANCE,
-    init: Annotated[Init, typer.Option(help="How experts start: copy (the dense FFN), drop (Drop-Upcycling: "
-                                       "re-initialise a share of units), split (MoEfication: slices).")] =
-        D.init,
-    drop_ratio: Annotated[float, typer.Option(help="--init drop: share of hidden units re-initialised per expert.")]
-        = D.drop_ratio,
-    split: Annotated[Split, typer.Option(help="--init split: group units by balanced k-means (cluster) or at "
-                                         "random.")] = D.split,
-    router_init: Annotated[RouterInit, typer.Option(help="random; kmeans (centres of each layer's inputs on "
-                                                    "--calib); activation (split: predict the most active "
-                                                    "slice).")] = D.router_init,
-    calib: Annotated[str | None, typer.Option(help="Calibration images for --router-init: digits or an image "
-                                              "folder.", show_default=False)] = None,
-    calib_batches: Annotated[int, typer.Option(help="Calibration batches of 64 images.")] = D.calib_batches,
-    top_p: Annotated[float, typer.Option(help="--gate top_p: probability mass each token's experts reach "
-                                         "(1 to k experts).")] = D.top_p,
-    shared_experts: Annotated[int, typer.Option(help="Always-on experts added to the routed ones (DeepSeek-MoE, "
-                                                "Qwen2-MoE).")] = D.shared_experts,
-    shared_gate: Annotated[bool, typer.Option(help="Scale the shared experts per token by a sigmoid gate "
-                                              "(Qwen2-MoE).")] = D.shared_gate,
-    balance: Annotated[Balance, typer.Option(help="aux: load-balance loss; aux_free: a per-expert selection "
-                                             "bias nudged after each step (DeepSeek-V3).")] = D.balance,
-    bias_update: Annotated[float, typer.Option(help="--balance aux_free: bias step u per optimizer step.")] =
-        D.bias_update,
-    route_scale: Annotated[float, typer.Option(help="--gate sigmoid_topk: scale of the combine weights.")] =
-        D.route_scale,
     overwrite: OverwriteOpt = False,
+    **fields,
 ) -> None:
     """Upcycle a dense model into a Mixture-of-Experts and check it computes what the dense one did."""
-    cfg = UpcycleCfg(experts=experts, k=k, gate=gate, normalize=normalize, capacity_factor=capacity_factor,
-                     eval_capacity_factor=eval_capacity_factor, priority=priority, impl=impl, layers=layers,
-                     target=target, noise_std=noise_std, init=init, drop_ratio=drop_ratio, split=split,
-                     router_init=router_init, calib=calib, calib_batches=calib_batches, top_p=top_p,
-                     shared_experts=shared_experts, shared_gate=shared_gate, balance=balance, bias_update=bias_update,
-                     route_scale=route_scale).validate(flag)
+    with labelled(flag):
+        cfg = UpcycleCfg(**fields)
     if out is not None:
         writable(out, overwrite)
         if out.exists() and not out.is_dir():
@@ -96,7 +86,7 @@ def upcycle(
     source = load_source(model, pretrained=pretrained, arch=arch,
                          model_kwargs=parse_assignments(model_arg, "--model-arg"))
     name = source.architecture["name"]
-    out = out or writable(Path("out") / f"{name}-moe{experts}k{k}", overwrite)
+    out = out or writable(Path("out") / f"{name}-moe{cfg.experts}k{cfg.k}", overwrite)
     dense_total, _ = param_counts(source.model)
     try:
         up = upcycle_checkpoint(source, cfg, seed=STATE["seed"], verify=True, tolerance=tolerance)

@@ -15,6 +15,7 @@ from moe_cli.data.genie import genie_dataset
 from moe_cli.data.tokens import synthetic_tokens, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
 from moe_cli.models.probe import input_size, model_data_config
+from moe_cli.models.protocols import is_token_model
 
 
 def preprocessing(cfg: DataCfg, model: torch.nn.Module, stored: dict | None = None) -> dict:
@@ -32,13 +33,13 @@ def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module, stored: 
     if cfg.name == "tokens":
         return _token_split(cfg, split, model)
     if cfg.name == "genie":
-        if not hasattr(model, "token_shape"):
+        if not is_token_model(model):
             raise ConfigError(f"1X token data (`data.name: genie`) needs a token model such as genie, not "
                               f"{type(model).__name__}")
         if cfg.root is None:
             raise ConfigError("`data.root` is required for data genie (the folder with train_v1.1/ and val_v1.1/)")
         return genie_dataset(Path(cfg.root) / split, model.token_shape, model.vocab_size, training, cfg.stride)
-    if hasattr(model, "token_shape"):
+    if is_token_model(model):
         raise ConfigError(f"{type(model).__name__} reads discrete tokens: use `data.name: tokens` with a token "
                           f"folder, not the image dataset `{cfg.name or 'ImageFolder'}`")
     chans, h, _ = input_size(model)
@@ -100,7 +101,7 @@ def val_loader(model: torch.nn.Module, cfg: DataCfg, batch_size: int, device: to
 
 
 def _token_split(cfg: DataCfg, split: str, model: torch.nn.Module) -> Dataset:
-    if not hasattr(model, "token_shape"):
+    if not is_token_model(model):
         raise ConfigError(f"token data (`data.name: tokens`) needs a token model such as maskgit_video, "
                           f"not {type(model).__name__}")
     if cfg.root is None:

@@ -5,18 +5,14 @@ A split ``S`` in folder ``root`` is ``root/S.json``::
     {"file": "S.bin", "shape": [N, F, H, W], "dtype": "uint16", "vocab_size": 1024}
 
 with ``file`` relative to the folder and the array stored C-order, no header (``ndarray.tofile``).
-Also here: a synthetic generator (moving token patterns) and `palette_decoder`, a token -> image decoder for it.
+Also here: a synthetic generator (moving token patterns); its decoder is moe_cli.models.decoders.palette_decoder.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from moe_cli.errors import ConfigError
+from moe_cli.models.decoders import palette_decoder  # noqa: F401  (recipes name it moe_cli.data.tokens:palette_decoder)
 from moe_cli.runtime import atomic_write
 
 DTYPES = ("uint8", "uint16", "int16", "int32", "int64")
@@ -148,48 +145,3 @@ def synthetic_tokens(sequences: int, frames: int, height: int, width: int, vocab
         for t in range(frames):
             out[i, t] = torch.roll(base[i], shifts=(t * int(vel[i, 0]), t * int(vel[i, 1])), dims=(0, 1))
     return out.numpy()
-
-
-def palette_decoder(tokens: torch.Tensor, patch: int = 8) -> torch.Tensor:
-    """A token -> image decoder for synthetic data: each token paints a ``patch`` x ``patch`` block in a fixed
-    colour of its own. (B, F, H, W) int -> (B, F, 3, H*patch, W*patch) in [-1, 1]."""
-    t = tokens.long()
-    primes = torch.tensor([37, 101, 173], device=t.device)
-    rgb = ((t[..., None] * primes + 59) % 256).float() / 127.5 - 1  # (B, F, H, W, 3)
-    img = rgb.permute(0, 1, 4, 2, 3)
-    return img.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
-
-
-def load_decoder(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module:function`` or ``path/to/file.py:function`` -> the function (tokens -> images in [-1, 1])."""
-    module_name, sep, func = spec.rpartition(":")
-    if not sep or not module_name or not func:
-        raise ConfigError(f"decoder must be given as module:function (e.g. mypkg.vq:decode), got {spec!r}")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise ConfigError(f"decoder file not found: {path}")
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ConfigError:
-        raise
-    except Exception as e:  # a SyntaxError, or anything the user's module raises while it is imported
-        raise ConfigError(f"decoder {spec!r}: cannot import `{module_name}` ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    fn = getattr(module, func, None)
-    if not callable(fn):
-        raise ConfigError(f"decoder {spec!r}: `{module_name}` has no function `{func}`")
-
-    @functools.wraps(fn)
-    def decoder(tokens: torch.Tensor) -> torch.Tensor:
-        try:
-            return fn(tokens)
-        except Exception as e:  # the user's code: its failure is one line naming it, not our traceback
-            raise ConfigError(f"decoder {spec!r} raised {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else '(no message)'}") from None
-
-    return decoder

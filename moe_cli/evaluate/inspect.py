@@ -11,7 +11,7 @@ from torch import nn
 
 from moe_cli.errors import MoeError
 from moe_cli.moe.layer import moe_layers
-from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.moe.recorder import RoutingRecorder, load_share
 from moe_cli.runtime import atomic_write
 
 
@@ -49,8 +49,8 @@ def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: 
     for name, _ in layers:
         counts = per_class[name]
         out["layers"][name] = {
-            "load": (counts.sum(0) / counts.sum().clamp_min(1)).tolist(),
-            "per_class": (counts / counts.sum(1, keepdim=True).clamp_min(1)).tolist(),
+            "load": load_share(counts.sum(0)).tolist(),
+            "per_class": load_share(counts).tolist(),
             "patch_experts": [m[prefix:].reshape(*grid).tolist() if grid else m.tolist() for m in maps[name]],
         }
     out["_images"] = images

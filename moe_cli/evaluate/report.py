@@ -4,51 +4,38 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from moe_cli.config import DataCfg, section_from
+from moe_cli.config import DataCfg
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, create_timm
 from moe_cli.models.flops import compute_report
-from moe_cli.moe.stats import routing_stats
+from moe_cli.models.lpips import lpips_model
+from moe_cli.moe.recorder import routing_stats
 from moe_cli.runtime import autocast
-from moe_cli.tasks import TASK_TYPES, make_task
-from moe_cli.tasks.lpips import lpips_model
-
-METRICS = ("accuracy", "ce", "mse", "lpips", "routing", "flops", "throughput")
-DEFAULT_METRICS = {name: t.default_metrics for name, t in TASK_TYPES.items()}
+from moe_cli.tasks import EVAL_METRICS, make_task, metric_names, reporting
 
 
 def parse_metrics(spec: str) -> list[str]:
     names = [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in names if m not in METRICS]
+    known = metric_names()
+    bad = [m for m in names if m not in known]
     if bad or not names:
-        raise ConfigError(f"--metric must be a comma list of {', '.join(METRICS)}; got {spec!r}")
+        raise ConfigError(f"--metric must be a comma list of {', '.join(known)}; got {spec!r}")
     return names
 
 
-# token tasks: the data they read, their default validation split, and what --data must hold
-TOKEN_DATA = {"masked-tokens": ("tokens", "validation", "a folder with validation.json"),
-              "genie": ("genie", "val_v1.1", "the folder holding val_v1.1/")}
-
-
 def data_config(data: str | None, ckpt: Checkpoint | None = None) -> DataCfg:
-    """'digits', a token folder (<split>.json), or an image folder (ImageFolder; its `validation`/`val` split if
-    present). None: the token folder a masked-tokens checkpoint was trained on, else digits."""
+    """What `moe eval` / `moe inspect` read: 'digits', an image folder (ImageFolder; its `validation`/`val` split if
+    present), or what the checkpoint's task says (token tasks: the token folder it was trained on, or --data)."""
     if data == "digits":
         return DataCfg(name="digits")
-    if ckpt is not None and ckpt.task in TOKEN_DATA:
-        name, split, what = TOKEN_DATA[ckpt.task]
-        tc = ckpt.task_config
-        root = data or tc.get("data_root")
-        if data is None and (not root or not Path(root).is_dir()):
-            raise ConfigError(f"this {ckpt.task} checkpoint was trained on token data at {root}, which is not here; "
-                              f"pass --data FOLDER ({what})")
-        stored = {"val_split": tc.get("val_split", split), "stride": tc.get("stride", DataCfg.stride)}
-        return section_from(DataCfg, {"name": name, "root": root, **stored}, "task_config", "the checkpoint metadata")
+    if ckpt is not None:
+        chosen = make_task(ckpt.task, ckpt.task_config).eval_data(data, ckpt.task_config)
+        if chosen is not None:
+            return chosen
     return DataCfg(name="digits") if data is None else DataCfg(name="", root=data)
 
 
@@ -68,6 +55,13 @@ def throughput(model: torch.nn.Module, images: torch.Tensor, device: torch.devic
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return images.shape[0] / statistics.median(times)
+
+
+def place(out: dict, path: tuple[str, ...], value) -> None:
+    """out[a][b] = value for path (a, b)."""
+    for key in path[:-1]:
+        out = out.setdefault(key, {})
+    out[path[-1]] = value
 
 
 def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batch_size: int = 64,
@@ -93,15 +87,15 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
     if bad:
         out["warnings"].append(f"{len(bad)} parameter tensor(s) hold NaN or inf (first: {bad[0]}); the metrics "
                                "below are not meaningful")
-    quality = [m for m in metrics if m in ("accuracy", "ce", "mse", "lpips")]
-    for m in quality:
-        if m not in task.quality:
+    asked = {m.name for m in task.metrics}
+    for m in metrics:
+        if m not in (*asked, *EVAL_METRICS):
             out[m] = {"skipped": f"{m} does not apply: this `{ckpt.task}` checkpoint outputs {task.produces}"
-                                 + (" (use an image-producing task: mae or masked-tokens)" if m == "lpips" else "")}
-    wanted = [m for m in quality if m in task.quality]
+                                 + (f" (tasks that report it: {', '.join(reporting(m))})" if reporting(m) else "")}
+    wanted = [m for m in metrics if m in asked]
     lp = None
     if "lpips" in wanted:
-        if ckpt.task in ("masked-tokens", "genie") and not config.get("decoder"):
+        if task.decoder and not config.get("decoder"):
             named = f"the checkpoint names the decoder {stored!r}, which is not run unless you pass --decoder " \
                     f"{stored} or --trust-checkpoint-code (both execute its code)" if stored else \
                 "lpips needs a token decoder: pass --decoder module:function (tokens (B,F,H,W) -> images " \
@@ -118,13 +112,9 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
                 wanted.remove("lpips")
     if wanted:
         q = task.evaluate(model, loader, device, precision, lpips=lp)
-        if "accuracy" in wanted:
-            out["accuracy"] = {"top1": q["accuracy"], **({"top5": q["top5"]} if "top5" in q else {})}
-        for m in ("ce", "mse", "lpips"):
-            if m in wanted:
-                out[m] = q[m]
-        if "loss" in q:
-            out["mae_loss"] = q["loss"]
+        for metric in task.metrics:
+            if metric.name in wanted and metric.key in q:
+                place(out, metric.path, q[metric.key])
     if "routing" in metrics:
         out["routing"] = routing_stats(model, loader, device, lambda: autocast(device, precision))
     if "flops" in metrics:
@@ -133,7 +123,6 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
             dense = create_timm(ckpt.architecture["name"], ckpt.architecture.get("kwargs", {})).to(device)
             out["flops"]["dense"] = compute_report(dense, samples)
     if "throughput" in metrics:
-        unit = "sequences_per_s" if hasattr(model, "token_shape") else "images_per_s"
-        out["throughput"] = {unit: throughput(model, samples, device, precision),
+        out["throughput"] = {f"{task.unit}s_per_s": throughput(model, samples, device, precision), "unit": task.unit,
                              "batch_size": samples.shape[0], "device": str(device), "precision": precision}
     return out

@@ -14,7 +14,7 @@ from torch import nn
 
 from moe_cli.config import PREPROCESS_FIELDS, check_preprocessing
 from moe_cli.errors import CheckpointError, ConfigError, ModelSourceError
-from moe_cli.models.surgery import apply_moe, layout_of
+from moe_cli.models.surgery import apply_moe, layout_of_model
 from moe_cli.moe.config import MoELayout
 from moe_cli.runtime import Precision, atomic_write
 
@@ -45,7 +45,7 @@ class Checkpoint:
 
     @property
     def moe(self) -> MoELayout | None:
-        return layout_of(self.model, self.init)
+        return layout_of_model(self.model, self.init)
 
     def metadata(self) -> dict[str, str]:
         from moe_cli import __version__

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from moe_cli.errors import ConfigError, ModelSourceError
+from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import WEIGHTS_NAME, Checkpoint, load_checkpoint, weights_path
 from moe_cli.runtime import atomic_write
 
@@ -141,18 +141,3 @@ def push(ckpt_dir: str | Path, repo_id: str, private: bool = False, token: str |
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message="Upload moe-cli checkpoint")
     return str(url)
-
-
-def download(repo_id: str) -> Path:
-    """The local path of a pushed checkpoint's ``model.safetensors`` (from the cache when offline)."""
-    from huggingface_hub import hf_hub_download
-
-    from moe_cli.io.sources import DOWNLOAD_ERRORS, download_hint, quiet_hub
-
-    try:
-        with quiet_hub():
-            return Path(hf_hub_download(repo_id, WEIGHTS_NAME))
-    except DOWNLOAD_ERRORS as e:
-        raise download_hint(f"`{repo_id}` from the Hugging Face Hub", e) from None
-    except ValueError as e:
-        raise ModelSourceError(f"`{repo_id}` is not a Hub id ({e})") from None

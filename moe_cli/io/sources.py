@@ -18,6 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Offl
 from timm.models import load_model_config_from_hf
 from torch import nn
 
+from moe_cli.checks import Label, argument
 from moe_cli.errors import ModelSourceError
 from moe_cli.io.checkpoint import (
     WEIGHTS_NAME,
@@ -30,7 +31,7 @@ from moe_cli.io.checkpoint import (
     read_metadata,
     weights_path,
 )
-from moe_cli.io.hub import download, is_moe_cli_repo, is_repo_id
+from moe_cli.io.hub import is_moe_cli_repo, is_repo_id
 from moe_cli.models.genie import GenieConfig, is_genie_config
 from moe_cli.models.overrides import apply_overrides
 from moe_cli.models.probe import model_data_config
@@ -266,20 +267,38 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
     return _from_timm(spec, pretrained, kwargs)
 
 
-def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
+def download(repo_id: str) -> Path:
+    """The local path of a pushed checkpoint's ``model.safetensors`` (from the cache when offline)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        with quiet_hub():
+            return Path(hf_hub_download(repo_id, WEIGHTS_NAME))
+    except DOWNLOAD_ERRORS as e:
+        raise download_hint(f"`{repo_id}` from the Hugging Face Hub", e) from None
+    except ValueError as e:
+        raise ModelSourceError(f"`{repo_id}` is not a Hub id ({e})") from None
+
+
+def open_checkpoint(spec: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,
+                    disable_experts: str | None = None, label: Label = argument) -> Checkpoint:
     """A moe-cli checkpoint: a folder, a ``.safetensors`` file, or ``hf-hub:org/name`` (a repository written by
-    `moe push`, read through the local cache offline)."""
+    `moe push`, read through the local cache offline), with optional inference-time routing overrides
+    (``disable_experts`` as 'layer:expert,...'; errors name them through ``label``)."""
     spec = str(spec)
     if spec.startswith("hf-hub:"):
         hub_id = spec.split(":", 1)[1]
         if not is_repo_id(hub_id):
             raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
-        return load_checkpoint(download(hub_id))
-    return load_checkpoint(spec)
+        ckpt = load_checkpoint(download(hub_id))
+    else:
+        ckpt = load_checkpoint(spec)
+    apply_overrides(ckpt.model, top_k, capacity_factor, disable_experts, label)
+    return ckpt
 
 
 def load(path: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,
          disable_experts: str | None = None) -> nn.Module:
     """Load a moe-cli checkpoint (folder, ``.safetensors`` file or ``hf-hub:org/name``) as a ready model in eval
     mode, optionally with inference-time routing overrides (``disable_experts`` as 'layer:expert,...')."""
-    return apply_overrides(open_checkpoint(path).model, top_k, capacity_factor, disable_experts)
+    return open_checkpoint(path, top_k, capacity_factor, disable_experts).model

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_cli.moe.init import activation_router, kmeans_router
+from moe_cli.checks import Label, argument
+from moe_cli.moe.dispatch import expert_counts
+from moe_cli.moe.ffn import token_view
 from moe_cli.moe.layer import moe_layers
+from moe_cli.moe.recorder import load_share
+from moe_cli.moe.upcycling import activation_router, kmeans_router
 
 
 @torch.no_grad()
@@ -14,14 +18,16 @@ def capture_inputs(model: nn.Module, names: tuple[str, ...], batches, max_tokens
     """The input tokens (N, D) of each named module over ``batches`` (forward pre-hooks), up to ``max_tokens``."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
-    def hook(name):
+    def hook(name, view):
         def fn(_module, args):
-            x = args[0]
-            x = x.movedim(1, -1) if x.dim() == 4 and isinstance(getattr(_module, "fc2", None), nn.Conv2d) else x
+            x = view(args[0])
             seen[name].append(x.reshape(-1, x.shape[-1]).detach().float().cpu())
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    handles = []
+    for n in names:
+        module = model.get_submodule(n)
+        handles.append(module.register_forward_pre_hook(hook(n, token_view(module))))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -38,7 +44,8 @@ def capture_inputs(model: nn.Module, names: tuple[str, ...], batches, max_tokens
 
 
 @torch.no_grad()
-def init_routers(model: nn.Module, tokens: dict, method: str, seed: int = 0) -> dict[str, list[float]]:
+def init_routers(model: nn.Module, tokens: dict, method: str, seed: int = 0,
+                 label: Label = argument) -> dict[str, list[float]]:
     """Set each MoE layer's router from its input ``tokens`` (kmeans centres, or fitted to the most active split
     slice) and return the initial expert load per layer on those tokens."""
     gen = torch.Generator().manual_seed(seed)
@@ -46,12 +53,11 @@ def init_routers(model: nn.Module, tokens: dict, method: str, seed: int = 0) -> 
     for name, layer in moe_layers(model):
         x = tokens[name]
         if method == "kmeans":
-            rows = kmeans_router(x, layer.num_experts, gen)
+            rows = kmeans_router(x, layer.num_experts, gen, label=label)
         else:
             with torch.enable_grad():
                 rows = activation_router(x, layer)
         layer.router.weight.copy_(rows.to(layer.router.weight))
         routing = layer.router.eval()(x.to(layer.router.weight.device))
-        counts = torch.bincount(routing.expert[routing.expert >= 0].flatten(), minlength=layer.num_experts).float()
-        load[name] = (counts / counts.sum().clamp_min(1)).tolist()
+        load[name] = load_share(expert_counts(routing.expert, layer.num_experts)[1:].float()).tolist()
     return load

@@ -13,12 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_cli.checks import Label, argument
 from moe_cli.errors import ConfigError
-from moe_cli.moe.config import Combine
+from moe_cli.models.overrides import check_layer_indices, parse_disabled
+from moe_cli.moe.config import TOKEN_CHOICE, Combine
 from moe_cli.moe.experts import PARAMS as EXPERT_PARAMS
-from moe_cli.moe.init import dense_spec
+from moe_cli.moe.ffn import write_ffn
 from moe_cli.moe.layer import MoEMlp, moe_layers
-from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.moe.recorder import RoutingRecorder, load_share
+from moe_cli.moe.upcycling import balanced_assign
 
 
 @torch.no_grad()
@@ -45,7 +48,7 @@ def expert_usage(model: nn.Module, batches) -> dict[str, dict]:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    out = {n: {"share": (shares[n] / shares[n].sum().clamp_min(1)).float(), "logits": torch.cat(logits[n])}
+    out = {n: {"share": load_share(shares[n]).float(), "logits": torch.cat(logits[n])}
            for n, _ in layers}
     for name, u in out.items():
         if not torch.isfinite(u["logits"]).all():
@@ -54,38 +57,34 @@ def expert_usage(model: nn.Module, batches) -> dict[str, dict]:
     return out
 
 
-def parse_drop(spec: str) -> dict[int, set[int]]:
-    from moe_cli.models.overrides import parse_disabled
-
-    if not spec.strip():
-        raise ConfigError("--drop-experts expects LAYER:EXPERT pairs like 0:1,1:3; got an empty list")
-    return parse_disabled(spec)
-
-
-def prune(model: nn.Module, keep: int | None = None, drop: str | None = None,
-          usage: dict[str, dict] | None = None) -> dict[str, list[int]]:
-    """Remove experts for good: all but the ``keep`` most used per layer (needs ``usage``), or those named in
-    ``drop`` ('layer:expert,...'). Returns the kept expert indices per layer."""
+def prune(model: nn.Module, keep: int | None = None, drop: str | None = None, usage_of=None,
+          label: Label = argument) -> dict[str, list[int]]:
+    """Remove experts for good: all but the ``keep`` most used per layer (``usage_of(model)`` measures usage:
+    :func:`expert_usage` on calibration batches), or those named in ``drop`` ('layer:expert,...'). Returns the kept
+    expert indices per layer; errors name the arguments through ``label``."""
     layers = moe_layers(model)
     if not layers:
         raise ConfigError("this checkpoint has no MoE layers to prune")
-    dropped = parse_drop(drop) if drop is not None else {}
-    for index in dropped:
-        if not 0 <= index < len(layers):
-            raise ConfigError(f"--drop-experts: MoE layer {index} does not exist (0..{len(layers) - 1})")
+    if (keep is None) == (drop is None):
+        raise ConfigError(f"give exactly one of {label('keep')} N and {label('drop_experts')} LAYER:EXPERT,...")
+    if drop is not None and not drop.strip():
+        raise ConfigError(f"{label('drop_experts')} expects LAYER:EXPERT pairs like 0:1,1:3; got an empty list")
+    dropped = parse_disabled(drop, label, "drop_experts") if drop is not None else {}
+    check_layer_indices(dropped, len(layers), label("drop_experts"))
+    usage = usage_of(model) if keep is not None else None
     kept = {}
     for i, (name, layer) in enumerate(layers):
         E = layer.num_experts
         if keep is not None:
             if not 1 <= keep <= E:
-                raise ConfigError(f"--keep must be between 1 and {E} (experts in `{name}`), got {keep}")
+                raise ConfigError(f"{label('keep')} must be between 1 and {E} (experts in `{name}`), got {keep}")
             share = usage[name]["share"]
             order = sorted(range(E), key=lambda e: (-float(share[e]), e))
             chosen = sorted(order[:keep])
         else:
             bad = [e for e in dropped.get(i, ()) if not 0 <= e < E]
             if bad:
-                raise ConfigError(f"--drop-experts: expert {bad[0]} does not exist in `{name}` (0..{E - 1})")
+                raise ConfigError(f"{label('drop_experts')}: expert {bad[0]} does not exist in `{name}` (0..{E - 1})")
             chosen = [e for e in range(E) if e not in dropped.get(i, set())]
         try:
             layer.select_experts(chosen)
@@ -95,19 +94,27 @@ def prune(model: nn.Module, keep: int | None = None, drop: str | None = None,
     return kept
 
 
+def merge(model: nn.Module, experts: int, usage_of, label: Label = argument) -> dict[str, list[list[int]]]:
+    """Merge every MoE layer of ``model`` down to ``experts`` (in place; a top-k above it is lowered to it).
+    ``usage_of(model)`` measures expert usage (:func:`expert_usage` on calibration batches) once k is lowered.
+    Returns the groups per layer (dominant expert first); a model merged to 1 goes on to :func:`densify`."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ConfigError("this checkpoint has no MoE layers to merge")
+    for name, layer in layers:
+        if not 1 <= experts <= layer.num_experts:
+            raise ConfigError(f"{label('experts')} must be between 1 and {layer.num_experts} (experts in `{name}`), "
+                              f"got {experts}")
+        if experts < layer.k and layer.cfg.gate in TOKEN_CHOICE and not is_split(layer):
+            layer.reconfigure(k=experts)
+    usage = usage_of(model)
+    return {name: merge_layer(layer, usage[name], experts, name) for name, layer in layers}
+
+
 def _align(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """A permutation of ``other``'s hidden units (rows) that matches ``reference``'s, greedily by cosine."""
     sim = F.normalize(reference.float(), dim=-1) @ F.normalize(other.float(), dim=-1).T
-    perm = torch.full((sim.shape[0],), -1, dtype=torch.long)
-    used = [False] * sim.shape[1]
-    rows, done = perm.tolist(), 0
-    for flat in sim.flatten().argsort(descending=True).tolist():
-        r, c = divmod(flat, sim.shape[1])
-        if rows[r] < 0 and not used[c]:
-            rows[r], used[c], done = c, True, done + 1
-            if done == len(rows):
-                break
-    return torch.tensor(rows)
+    return balanced_assign(sim, 1)
 
 
 def is_split(layer: MoEMlp) -> bool:
@@ -155,29 +162,6 @@ def merge_layer(layer: MoEMlp, usage: dict, n: int, name: str = "") -> list[list
     return [groups[d] for d in dominant]
 
 
-def write_dense(mlp: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """The inverse of dense_spec: put one expert's weights into a timm Mlp / GluMlp / SwiGLU."""
-
-    def put(layer, w, b):
-        layer.weight.data.copy_(w.view_as(layer.weight))
-        if b is not None:
-            layer.bias.data.copy_(b)
-
-    if hasattr(mlp, "fc1_g"):
-        put(mlp.fc1_x, weights["w1"], weights.get("b1"))
-        put(mlp.fc1_g, weights["wg"], weights.get("bg"))
-    elif hasattr(mlp, "gate_last"):
-        a, g = (weights["w1"], weights["wg"]) if mlp.gate_last else (weights["wg"], weights["w1"])
-        ba, bg = (weights.get("b1"), weights.get("bg")) if mlp.gate_last else (weights.get("bg"), weights.get("b1"))
-        put(mlp.fc1, torch.cat([a, g]), torch.cat([ba, bg]) if ba is not None else None)
-    else:
-        put(mlp.fc1, weights["w1"], weights.get("b1"))
-    if "norm_w" in weights:
-        mlp.norm.weight.data.copy_(weights["norm_w"])
-        mlp.norm.bias.data.copy_(weights["norm_b"])
-    put(mlp.fc2, weights["w2"], weights.get("b2"))
-
-
 def dense_weights(layer: MoEMlp, name: str = "") -> dict[str, torch.Tensor]:
     """The one FFN a layer of one expert, or of split slices (concatenated along the hidden units), stands for."""
     ex = layer.experts
@@ -203,9 +187,7 @@ def densify(moe_model: nn.Module, dense_model: nn.Module) -> nn.Module:
     state = {k: v for k, v in moe_model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
     missing, unexpected = dense_model.load_state_dict(state, strict=False)
     for name, layer in layers.items():
-        ffn = dense_model.get_submodule(name)
-        dense_spec(ffn)  # a supported FFN
-        write_dense(ffn, dense_weights(layer, name))
+        write_ffn(dense_model.get_submodule(name), dense_weights(layer, name))
     left = [k for k in missing if not any(k.startswith(n + ".") for n in layers)]
     if left or unexpected:
         raise ConfigError(f"the dense architecture does not match the MoE model outside its MoE layers "

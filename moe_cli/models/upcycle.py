@@ -95,7 +95,6 @@ def upcycle_verified(model: nn.Module, cfg: UpcycleCfg, *, seed: int = 0, verify
     ``verify``, prove on a probe batch that the MoE computes what the dense model did; where it must
     (:func:`must_match`), a mismatch raises :class:`UpcycleMismatch` (the caller's dense model is then lost:
     pass a copy if it is still needed)."""
-    cfg = cfg.validate()
     if moe_layers(model):
         raise ConfigError("the model is already an MoE")
     if verify and (why := cfg.cannot_reproduce()):
@@ -103,7 +102,7 @@ def upcycle_verified(model: nn.Module, cfg: UpcycleCfg, *, seed: int = 0, verify
     tokens = None
     if cfg.router_init != "random":
         if calibration is None:
-            raise ConfigError(f"router_init {cfg.router_init} needs calibration batches (calibration=)")
+            raise ConfigError(f"{cfg.label('router_init')} {cfg.router_init} needs calibration batches (calibration=)")
         tokens = capture_inputs(model, upcycle_targets(model, cfg), calibration)
     dense_params = sum(p.numel() for p in model.parameters())
     dense = copy.deepcopy(model).eval() if verify else None
@@ -112,13 +111,13 @@ def upcycle_verified(model: nn.Module, cfg: UpcycleCfg, *, seed: int = 0, verify
         sparse, layout = upcycle(model, cfg, seed=seed)
     except (MemoryError, torch.OutOfMemoryError) as e:
         raise ConfigError(f"out of memory while building {cfg.experts} experts per layer ({type(e).__name__}); use "
-                          "fewer experts or layers") from None
+                          f"fewer {cfg.label('experts')} or {cfg.label('layers')}") from None
     except RuntimeError as e:
         if "alloc" not in str(e):
             raise
-        raise ConfigError(f"out of memory while building {cfg.experts} experts per layer; use fewer experts or "
-                          "layers") from None
-    initial_load = init_routers(sparse, tokens, cfg.router_init, seed) if tokens is not None else None
+        raise ConfigError(f"out of memory while building {cfg.experts} experts per layer; use fewer "
+                          f"{cfg.label('experts')} or {cfg.label('layers')}") from None
+    initial_load = init_routers(sparse, tokens, cfg.router_init, seed, cfg.words()) if tokens is not None else None
     result = verify_upcycle(dense, sparse, probe, layout, tolerance) if verify else None
     if result is not None and not result.ok and must_match(cfg):
         raise UpcycleMismatch(f"the upcycled model does not reproduce the dense model: max |dense - moe| = "

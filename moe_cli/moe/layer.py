@@ -9,13 +9,12 @@ The layer is the one owner of its state: one frozen :class:`~moe_cli.moe.config.
 changed only through :meth:`MoEMlp.reconfigure` (routing, switched-off experts) and :meth:`MoEMlp.select_experts`
 (fewer experts for good), each validated and keeping router and experts consistent. It takes timm's
 ``mlp_layer`` keywords, so ``timm.create_model('vit_small_patch16_224', mlp_layer=partial(MoEMlp,
-num_experts=8, k=2))`` builds an MoE ViT from scratch; :func:`moe_cli.moe.init.from_dense` upcycles a trained FFN.
-Aux losses and routing statistics are collected from outside with :class:`moe_cli.moe.stats.RoutingRecorder`.
+num_experts=8, k=2))`` builds an MoE ViT from scratch; :func:`moe_cli.moe.upcycling.from_dense` upcycles a trained FFN.
+Aux losses and routing statistics are collected from outside with :class:`moe_cli.moe.recorder.RoutingRecorder`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -24,17 +23,20 @@ from torch import nn
 from moe_cli.errors import ConfigError
 from moe_cli.moe.config import ROUTER_STD, MoEConfig
 from moe_cli.moe.dispatch import Dispatcher
-from moe_cli.moe.dispatchers import DISPATCHERS
+from moe_cli.moe.dispatchers import dispatchers
 from moe_cli.moe.expert_parallel import ExpertShard, expert_parallel
 from moe_cli.moe.experts import Experts
 from moe_cli.moe.router import Router, make_router
 
+DISPATCHERS = dispatchers()
+
 
 def layer_config(config: MoEConfig | None, num_experts: int | None = None, k: int | None = None,
                  moe: dict | None = None) -> MoEConfig:
-    """``config`` (default MoEConfig()) with the keywords given, validated."""
+    """``config`` (default MoEConfig()) with the keywords given (checked when made)."""
     given = {n: v for n, v in {"experts": num_experts, "k": k}.items() if v is not None}
-    return dataclasses.replace((config or MoEConfig()).routing(), **given, **(moe or {})).validate(lambda name: name)
+    cfg = (config or MoEConfig()).routing()
+    return cfg.replace(**given, **(moe or {})) if given or moe else cfg
 
 
 def _norm_eps(norm_layer, hidden: int) -> float | None:
@@ -90,7 +92,7 @@ class MoEMlp(nn.Module):
     @property
     def active_experts(self) -> float:
         """Experts a token runs through on average (expert choice: with the capacity of the current mode)."""
-        return dataclasses.replace(self.cfg, capacity_factor=self.router.capacity_factor).active_experts
+        return self.cfg.replace(capacity_factor=self.router.capacity_factor).active_experts
 
     def reconfigure(self, cfg: MoEConfig | None = None, **changes) -> MoEMlp:
         """Switch to ``cfg`` (or the current config with ``changes``: gate, k, capacity, switched-off experts, ...),
@@ -115,9 +117,8 @@ class MoEMlp(nn.Module):
                               "checkpoint on one process")
         if not keep or len(set(keep)) != len(keep) or not all(0 <= e < self.num_experts for e in keep):
             raise ConfigError(f"experts to keep must be distinct, between 0 and {self.num_experts - 1}, got {keep}")
-        new = dataclasses.replace(self.cfg, experts=len(keep), disabled=())
         try:
-            new.validate(lambda name: name)
+            new = self.cfg.replace(experts=len(keep), disabled=())
         except ConfigError:
             raise ConfigError(f"keeping {len(keep)} expert(s) leaves fewer than k={self.k}") from None
         index = torch.tensor(keep, dtype=torch.long)

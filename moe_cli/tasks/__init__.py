@@ -1,4 +1,5 @@
-"""Tasks: each owns how the recipe's model is prepared (head / wrapper), its loss and its metrics.
+"""Tasks: each is one module whose :class:`~moe_cli.tasks.base.Task` subclass owns its recipe section, the data it
+trains on, how it prepares, trains and evaluates a model, and what `moe eval` reports of it.
 
 - `classify` (:mod:`.classify`): cross-entropy; top-1/top-5 accuracy and CE. Starts from an MAE checkpoint's
   encoder when given one.
@@ -10,37 +11,69 @@
 - `genie` (:mod:`.genie`): the 1X GENIE objective (corruption + MaskGIT masking, factored CE) and its evaluation
   protocol (frame-by-frame greedy MaskGIT generation; CE, token accuracy, LPIPS).
 
-A task is built from its recipe section (or a checkpoint's stored ``task_config``) by ``TASK_TYPES[name]``.
+A new task is one module and one line in :data:`TASKS` below (or :func:`register` from outside the package).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from moe_cli.config import TASKS, Recipe
 from moe_cli.errors import ConfigError
-from moe_cli.tasks.base import Task, unwrap
+from moe_cli.tasks.base import Metric, Task, TokenTask, unwrap
 from moe_cli.tasks.classify import ClassifyTask
 from moe_cli.tasks.genie import GenieTask
 from moe_cli.tasks.mae import MAETask
 from moe_cli.tasks.masked_tokens import MaskedTokensTask, fill_masked, token_mask
 
-TASK_TYPES: dict[str, type[Task]] = {t.name: t for t in (ClassifyTask, MAETask, MaskedTokensTask, GenieTask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (
+    ClassifyTask,
+    MAETask,
+    MaskedTokensTask,
+    GenieTask,
+)}
+EVAL_METRICS = ("routing", "flops", "throughput")  # what `moe eval` measures of every task's model
+
+
+def register(task: type[Task]) -> type[Task]:
+    """Add a task to the registry (usable as a class decorator); its name must be new."""
+    if task.name in TASKS and TASKS[task.name] is not task:
+        raise ValueError(f"a task named {task.name!r} is already registered ({TASKS[task.name].__name__})")
+    TASKS[task.name] = task
+    return task
+
+
+def task_class(name: str, where: str = "task") -> type[Task]:
+    """The registered task called ``name``; ``where`` names the field in the caller's words."""
+    if name not in TASKS:
+        raise ConfigError(f"{where} must be one of {', '.join(TASKS)}, got {name!r}")
+    return TASKS[name]
 
 
 def make_task(name: str, config: dict | None = None, label_smoothing: float = 0.0) -> Task:
-    """The task called ``name``; ``config`` is its recipe section (`mae` / `masked_tokens`) or a checkpoint's
-    stored task_config (keys the task does not know are ignored)."""
-    if name not in TASK_TYPES:
-        raise ConfigError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
-    return TASK_TYPES[name].from_config(config or {}, label_smoothing)
+    """The task called ``name``; ``config`` is its recipe section or a checkpoint's stored task_config (keys the
+    task does not know are ignored)."""
+    return task_class(name).from_config(config, label_smoothing)
 
 
-def recipe_task(recipe: Recipe) -> Task:
-    cls = TASK_TYPES[recipe.task]
-    section = getattr(recipe, cls.section) if cls.section else None
-    return make_task(recipe.task, dataclasses.asdict(section) if section else None, recipe.train.label_smoothing)
+def sections() -> dict[str, type]:
+    """Recipe key -> config dataclass of every registered task's section."""
+    return {t.section: t.Config for t in TASKS.values() if t.section and t.Config is not None}
 
 
-__all__ = ["TASK_TYPES", "ClassifyTask", "GenieTask", "MAETask", "MaskedTokensTask", "Task", "fill_masked", "make_task",
-           "recipe_task", "token_mask", "unwrap"]
+def data_owner(data_name: str) -> type[Task] | None:
+    """The task that alone trains on `data.name: data_name` (token formats), if any."""
+    return next((t for t in TASKS.values() if data_name in t.data_names), None)
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every `moe eval --metric` name: the registered tasks' quality metrics, then routing, flops, throughput."""
+    names = dict.fromkeys(m.name for t in TASKS.values() for m in t.metrics)
+    return (*names, *EVAL_METRICS)
+
+
+def reporting(metric: str) -> list[str]:
+    """The registered tasks whose evaluation reports ``metric``."""
+    return [name for name, t in TASKS.items() if any(m.name == metric for m in t.metrics)]
+
+
+__all__ = ["EVAL_METRICS", "TASKS", "ClassifyTask", "GenieTask", "MAETask", "MaskedTokensTask", "Metric", "Task",
+           "TokenTask", "data_owner", "fill_masked", "make_task", "metric_names", "register", "reporting", "sections",
+           "task_class", "token_mask", "unwrap"]

@@ -1,20 +1,23 @@
-"""What the loop and `moe eval` need of an objective."""
+"""What a task is: everything the loop, `moe eval`, `moe inspect` and the recipe need of an objective, declared on
+its class so that nothing outside the task's module compares task names."""
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from moe_cli.config import Recipe, section_from
+from moe_cli.config import DataCfg, ModelCfg, section_from
+from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint
+from moe_cli.models.protocols import is_token_model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def is_token_model(model: nn.Module) -> bool:
-    return hasattr(model, "token_shape")
 
 
 def section(cls, config: dict):
@@ -23,21 +26,69 @@ def section(cls, config: dict):
     return section_from(cls, config, "task_config", "the checkpoint metadata")
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One figure a task's ``evaluate`` returns, and how `moe eval` shows it."""
+
+    key: str  # the key in what Task.evaluate returns
+    label: str  # its row in `moe eval`'s table
+    percent: bool = False  # shown as a percentage
+    asked_by: str = ""  # the `moe eval --metric` name that asks for it (default: key)
+    json: tuple[str, ...] = ()  # where `moe eval --json` puts it (default: (asked_by,))
+
+    @property
+    def name(self) -> str:
+        return self.asked_by or self.key
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return self.json or (self.name,)
+
+
 class Task:
-    """What the loop and `moe eval` need of an objective."""
+    """An objective: its recipe section, the data it trains on, how it prepares, trains and evaluates a model, and
+    what `moe eval` reports of it. A new task is one module with a subclass of this and one line in the registry
+    (:mod:`moe_cli.tasks`)."""
 
     name = ""
-    section = ""  # the recipe section that configures it (`mae`, `masked_tokens`), if any
-    quality: frozenset[str] = frozenset()  # the `moe eval` quality metrics (accuracy, ce, mse, lpips) it reports
-    produces = ""  # what the model outputs, for the note when a metric does not apply
+    Config: type | None = None  # its recipe section's dataclass (a Checked), if it has one
+    section = ""  # the recipe key of that section (`mae`, `masked_tokens`, ...)
+    data_names: tuple[str, ...] = ()  # the `data.name` values it trains on, and only it; () = image data
+    data_help = "images: digits, an ImageFolder or a timm dataset"  # what its data is, for messages
+    val_split = DataCfg.val_split  # the validation split when the recipe names none
+    metrics: tuple[Metric, ...] = ()  # what `evaluate` returns that `moe eval` shows, in table order
     default_metrics = ""  # `moe eval` without --metric
+    unit = "image"  # what one model input is (GFLOPs per image / clip, images or clips per second)
+    produces = ""  # what the model outputs, for the note when a metric does not apply
+    decoder = False  # lpips runs through a token decoder (user code, imported only when the user names it)
+    distillable = False  # `moe densify-to-sparse` applies (its stage reports are this task's quality)
+    routing_maps = False  # `moe inspect` maps its routing per class and per image patch
+
+    def __init__(self, cfg=None, label_smoothing: float = 0.0):
+        self.cfg = cfg if cfg is not None else (self.Config() if self.Config is not None else None)
+        self.label_smoothing = label_smoothing
 
     @classmethod
-    def from_config(cls, config: dict, label_smoothing: float = 0.0) -> Task:
-        """Built from its recipe section or a checkpoint's task_config."""
-        return cls()
+    def from_config(cls, config: dict | None = None, label_smoothing: float = 0.0) -> Task:
+        """Built from its recipe section or a checkpoint's task_config (keys it does not know are ignored)."""
+        cfg = section(cls.Config, config or {}) if cls.Config is not None else None
+        return cls(cfg, label_smoothing)
 
-    def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
+    def stored_config(self, data: DataCfg) -> dict:
+        """What a checkpoint of this task keeps as its task_config (its section, and for token tasks the data it
+        was trained on)."""
+        return dataclasses.asdict(self.cfg) if self.cfg is not None else {}
+
+    @classmethod
+    def check_data(cls, data: DataCfg, label) -> None:
+        """Rules on the recipe's `data` section that only this task has (``label``: the recipe's words)."""
+
+    def eval_data(self, data: str | None, task_config: dict) -> DataCfg | None:
+        """The data `moe eval` reads for a checkpoint of this task: ``data`` (--data) or what the checkpoint was
+        trained on; None: the image data rule (digits, or an image folder)."""
+        return None
+
+    def prepare(self, ckpt: Checkpoint, model: ModelCfg, data: DataCfg) -> Checkpoint:
         """Turn the recipe's loaded source into the model this task trains (wrap it, swap its head, check it)."""
         return ckpt
 
@@ -51,8 +102,37 @@ class Task:
 
 
 class TokenTask(Task):
-    """Objectives whose model predicts masked video tokens (masked-tokens, genie): what `moe eval` reports."""
+    """Objectives whose model predicts video tokens (masked-tokens, genie): token data, kept in the checkpoint so
+    that `moe eval` finds it again, figures per clip, LPIPS through a token decoder."""
 
-    quality = frozenset({"ce", "accuracy", "lpips"})
     produces = "token predictions"
     default_metrics = "ce,accuracy,routing,flops"
+    unit = "clip"
+    decoder = True
+    data_folder = "a token folder"  # what --data must hold
+
+    @classmethod
+    def check_data(cls, data: DataCfg, label) -> None:
+        if not data.root:
+            raise ConfigError(f"{label('root')} is required for {cls.data_help} ({cls.data_folder})")
+
+    def stored_config(self, data: DataCfg) -> dict:
+        return {**super().stored_config(data), "data_root": data.root, "val_split": data.val_split,
+                "stride": data.stride}
+
+    def prepare(self, ckpt: Checkpoint, model: ModelCfg, data: DataCfg) -> Checkpoint:
+        if not is_token_model(ckpt.model):
+            raise ConfigError(f"task {self.name} needs a token model such as maskgit_video; {model.source} is a "
+                              f"{type(ckpt.model).__name__}")
+        ckpt.task_config = self.stored_config(data)
+        return ckpt
+
+    def eval_data(self, data: str | None, task_config: dict) -> DataCfg:
+        root = data or task_config.get("data_root")
+        if data is None and (not root or not Path(root).is_dir()):
+            raise ConfigError(f"this {self.name} checkpoint was trained on token data at {root}, which is not here; "
+                              f"pass --data FOLDER ({self.data_folder})")
+        stored = {"val_split": task_config.get("val_split", self.val_split),
+                  "stride": task_config.get("stride", DataCfg.stride)}
+        return section_from(DataCfg, {"name": self.data_names[0], "root": root, **stored}, "task_config",
+                            "the checkpoint metadata")

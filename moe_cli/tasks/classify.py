@@ -8,34 +8,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_cli.config import Recipe
+from moe_cli.config import DataCfg, ModelCfg
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint
 from moe_cli.models.mae import MaskedAutoencoder
+from moe_cli.models.protocols import is_token_model
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Task, is_token_model
+from moe_cli.tasks.base import Metric, Task
 
 
 class ClassifyTask(Task):
     name = "classify"
-    quality = frozenset({"accuracy", "ce"})
+    metrics = (Metric("accuracy", "accuracy top-1", percent=True, json=("accuracy", "top1")),
+               Metric("top5", "accuracy top-5", percent=True, asked_by="accuracy", json=("accuracy", "top5")),
+               Metric("ce", "cross-entropy"))
     produces = "class scores"
     default_metrics = "accuracy,ce,routing,flops"
+    distillable = True
+    routing_maps = True
 
-    def __init__(self, label_smoothing: float = 0.0):
-        self.label_smoothing = label_smoothing
-
-    @classmethod
-    def from_config(cls, config: dict, label_smoothing: float = 0.0) -> ClassifyTask:
-        return cls(label_smoothing)
-
-    def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
+    def prepare(self, ckpt: Checkpoint, model: ModelCfg, data: DataCfg) -> Checkpoint:
         if is_token_model(ckpt.model):
-            raise ConfigError(f"{recipe.model.source} is a token model; train it with `task: masked-tokens`")
+            raise ConfigError(f"{model.source} is a token model; train it with `task: masked-tokens`")
         if isinstance(ckpt.model, MaskedAutoencoder):
-            num_classes = recipe.model.kwargs.get("num_classes")
+            num_classes = model.kwargs.get("num_classes")
             if not isinstance(num_classes, int) or num_classes < 1:
-                raise ConfigError(f"{recipe.model.source} is an MAE; set `model.kwargs.num_classes` to give its "
+                raise ConfigError(f"{model.source} is an MAE; set `model.kwargs.num_classes` to give its "
                                   "encoder a classifier head")
             return mae_encoder(ckpt, num_classes)
         return ckpt

@@ -15,22 +15,38 @@ generated and true frames through a user decoder ``module:function`` (tokens -> 
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_cli.config import GenieTaskCfg, Recipe
-from moe_cli.data.tokens import load_decoder
+from moe_cli.checks import Checked, Label, check
+from moe_cli.config import DataCfg, ModelCfg
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint
+from moe_cli.models.decoders import decoded_frames, load_decoder
 from moe_cli.models.genie import Genie, factorize, unfactorize
+from moe_cli.models.lpips import lpips_distance
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import TokenTask, section, unwrap
-from moe_cli.tasks.lpips import lpips_distance
-from moe_cli.tasks.masked_tokens import decoded_frames
+from moe_cli.tasks.base import Metric, TokenTask, unwrap
+
+
+@dataclass(frozen=True)
+class GenieTaskCfg(Checked):
+    """The GENIE objective and evaluation protocol (1X world-model challenge; recipe section `genie`)."""
+
+    maskgit_steps: int = 2  # eval: MaskGIT steps per generated frame
+    decoder: str | None = None  # module:function, tokens (B,F,H,W) -> images (B,F,C,h,w) in [-1, 1], for LPIPS
+    eval_max_batches: int | None = None  # eval: stop after this many validation batches (None: all)
+    seed: int = 42  # eval: the re-masking order of MaskGIT decoding
+
+    def validate(self, label: Label) -> GenieTaskCfg:
+        check(self.maskgit_steps >= 1, label("maskgit_steps"), "an integer >= 1", self.maskgit_steps)
+        check(self.eval_max_batches is None or self.eval_max_batches >= 1, label("eval_max_batches"),
+              "an integer >= 1 or null (all batches)", self.eval_max_batches)
+        return self
 
 
 def _u(*shape, device, generator=None) -> torch.Tensor:
@@ -100,22 +116,21 @@ def maskgit_generate(model: nn.Module, prompt: torch.Tensor, t: int, steps: int 
 
 class GenieTask(TokenTask):
     name = "genie"
+    Config = GenieTaskCfg
     section = "genie"
+    data_names = ("genie",)
+    data_help = "1X token data (`data.name: genie`)"
+    data_folder = "the folder holding val_v1.1/"
+    val_split = "val_v1.1"
+    metrics = (Metric("accuracy", "token accuracy (generated frames)", percent=True, json=("accuracy", "top1")),
+               Metric("ce", "cross-entropy (summed over factors)"),
+               Metric("lpips", "LPIPS (AlexNet, generated frames)"))
 
-    def __init__(self, cfg: GenieTaskCfg | None = None):
-        self.cfg = cfg or GenieTaskCfg()
-
-    @classmethod
-    def from_config(cls, config: dict, label_smoothing: float = 0.0) -> GenieTask:
-        return cls(section(GenieTaskCfg, config))
-
-    def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
+    def prepare(self, ckpt: Checkpoint, model: ModelCfg, data: DataCfg) -> Checkpoint:
         if not isinstance(ckpt.model, Genie):
             raise ConfigError(f"task genie trains GENIE models (hf-hub:1x-technologies/GENIE_35M, a GENIE folder, or "
-                              f"the `genie` architecture); {recipe.model.source} is a {type(ckpt.model).__name__}")
-        ckpt.task_config = {**dataclasses.asdict(self.cfg), "data_root": recipe.data.root,
-                            "val_split": recipe.data.val_split, "stride": recipe.data.stride}
-        return ckpt
+                              f"the `genie` architecture); {model.source} is a {type(ckpt.model).__name__}")
+        return super().prepare(ckpt, model, data)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         tokens = batch[0]

@@ -3,48 +3,66 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from moe_cli.config import MAECfg, Recipe
+from moe_cli.checks import Checked, Label, check
+from moe_cli.config import DataCfg, ModelCfg
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint
+from moe_cli.models.lpips import lpips_distance
 from moe_cli.models.mae import EVAL_MASK_SEED, MaskedAutoencoder, mae_kwargs
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Task, section, unwrap
-from moe_cli.tasks.lpips import lpips_distance
+from moe_cli.tasks.base import Metric, Task, unwrap
+
+
+@dataclass(frozen=True)
+class MAECfg(Checked):
+    """Masked-autoencoder pretraining of the model (a timm ViT) as encoder (recipe section `mae`)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True  # regress per-patch normalised pixels
+
+    def validate(self, label: Label) -> MAECfg:
+        check(0 < self.mask_ratio < 1, label("mask_ratio"), "a number in (0, 1)", self.mask_ratio)
+        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            check(getattr(self, name) >= 1, label(name), "an integer >= 1", getattr(self, name))
+        check(self.decoder_dim % self.decoder_heads == 0, label("decoder_dim"),
+              f"divisible by decoder_heads ({self.decoder_heads})", self.decoder_dim)
+        return self
 
 
 class MAETask(Task):
     name = "mae"
+    Config = MAECfg
     section = "mae"
-    quality = frozenset({"mse", "lpips"})
+    metrics = (Metric("mse", "reconstruction MSE (masked patches)"),
+               Metric("loss", "MAE loss", asked_by="mse", json=("mae_loss",)),
+               Metric("lpips", "LPIPS (AlexNet)"))
     produces = "reconstructed images"
     default_metrics = "mse,routing,flops"
 
-    def __init__(self, cfg: MAECfg | None = None):
-        self.cfg = dataclasses.asdict(cfg or MAECfg())
-
-    @classmethod
-    def from_config(cls, config: dict, label_smoothing: float = 0.0) -> MAETask:
-        return cls(section(MAECfg, config))
-
-    def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
+    def prepare(self, ckpt: Checkpoint, model: ModelCfg, data: DataCfg) -> Checkpoint:
         """Wrap the source ViT (dense or MoE) in an MAE, or continue an MAE checkpoint with the recipe's masking."""
-        model = ckpt.model
-        if isinstance(model, MaskedAutoencoder):
-            model.mask_ratio, model.norm_pix_loss = self.cfg["mask_ratio"], self.cfg["norm_pix_loss"]
-            kw = {**ckpt.architecture["kwargs"], "mask_ratio": model.mask_ratio, "norm_pix_loss": model.norm_pix_loss}
+        net = ckpt.model
+        cfg = dataclasses.asdict(self.cfg)
+        if isinstance(net, MaskedAutoencoder):
+            net.mask_ratio, net.norm_pix_loss = cfg["mask_ratio"], cfg["norm_pix_loss"]
+            kw = {**ckpt.architecture["kwargs"], "mask_ratio": net.mask_ratio, "norm_pix_loss": net.norm_pix_loss}
             ckpt.architecture = {**ckpt.architecture, "kwargs": kw}
             return ckpt
         try:
-            mae = MaskedAutoencoder(model, **self.cfg)
+            mae = MaskedAutoencoder(net, **cfg)
         except ValueError as e:
-            raise ConfigError(f"task mae with model {recipe.model.source}: {e}") from None
+            raise ConfigError(f"task mae with model {model.source}: {e}") from None
         ckpt.model = mae
         ckpt.architecture = {"name": "mae_vit", "kwargs": mae_kwargs(ckpt.architecture["name"],
-                                                                     ckpt.architecture.get("kwargs", {}), **self.cfg)}
+                                                                     ckpt.architecture.get("kwargs", {}), **cfg)}
         return ckpt
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:

@@ -3,20 +3,39 @@ schedule, CE / accuracy on masked tokens, LPIPS of decoded frames through a user
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_cli.config import MaskedTokensCfg, Recipe
-from moe_cli.data.tokens import load_decoder
+from moe_cli.checks import Checked, Label, check
+from moe_cli.config import DataCfg, ModelCfg
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint
+from moe_cli.models.decoders import decoded_frames, load_decoder
+from moe_cli.models.genie import Genie
+from moe_cli.models.lpips import lpips_distance
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import TokenTask, is_token_model, section, unwrap
-from moe_cli.tasks.lpips import lpips_distance
+from moe_cli.tasks.base import Metric, TokenTask, unwrap
+
+
+@dataclass(frozen=True)
+class MaskedTokensCfg(Checked):
+    """MaskGIT-style training: cosine mask schedule, cross-entropy on the masked tokens (section `masked_tokens`)."""
+
+    eval_mask_ratio: float | None = None  # eval masks: None = cosine-schedule ratios from a fixed seed
+    predict_frames: int = 0  # eval: mask the last N frames entirely (future-frame prediction) instead
+    decoder: str | None = None  # module:function, tokens (B,F,H,W) -> images (B,F,C,h,w) in [-1, 1], for LPIPS
+    sample_steps: int = 8  # iterative decoding steps when filling masked tokens for LPIPS
+
+    def validate(self, label: Label) -> MaskedTokensCfg:
+        check(self.eval_mask_ratio is None or 0 < self.eval_mask_ratio <= 1, label("eval_mask_ratio"),
+              "a number in (0, 1] or null", self.eval_mask_ratio)
+        check(self.predict_frames >= 0, label("predict_frames"), "an integer >= 0", self.predict_frames)
+        check(self.sample_steps >= 1, label("sample_steps"), "an integer >= 1", self.sample_steps)
+        return self
 
 
 def token_mask(batch: int, n: int, device: torch.device, generator: torch.Generator | None = None,
@@ -60,29 +79,23 @@ def fill_masked(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, step
 
 class MaskedTokensTask(TokenTask):
     name = "masked-tokens"
+    Config = MaskedTokensCfg
     section = "masked_tokens"
+    data_names = ("tokens",)
+    data_help = "token data (`data.name: tokens`)"
+    data_folder = "a folder with validation.json"
+    metrics = (Metric("accuracy", "masked-token accuracy", percent=True, json=("accuracy", "top1")),
+               Metric("ce", "masked-token cross-entropy"),
+               Metric("lpips", "LPIPS (AlexNet, decoded frames)"))
 
-    def __init__(self, cfg: MaskedTokensCfg | None = None, label_smoothing: float = 0.0):
-        self.cfg = cfg or MaskedTokensCfg()
-        self.label_smoothing = label_smoothing
-
-    @classmethod
-    def from_config(cls, config: dict, label_smoothing: float = 0.0) -> MaskedTokensTask:
-        return cls(section(MaskedTokensCfg, config), label_smoothing)
-
-    def prepare(self, ckpt: Checkpoint, recipe: Recipe) -> Checkpoint:
-        if type(ckpt.model).__name__ == "Genie":
-            raise ConfigError(f"{recipe.model.source} is a GENIE model: train it with `task: genie` and `data.name: "
-                              "genie`")
-        if not is_token_model(ckpt.model):
-            raise ConfigError(f"task masked-tokens needs a token model such as maskgit_video; "
-                              f"{recipe.model.source} is a {type(ckpt.model).__name__}")
+    def prepare(self, ckpt: Checkpoint, model: ModelCfg, data: DataCfg) -> Checkpoint:
+        if isinstance(ckpt.model, Genie):
+            raise ConfigError(f"{model.source} is a GENIE model: train it with `task: genie` and `data.name: genie`")
+        ckpt = super().prepare(ckpt, model, data)
         frames = ckpt.model.token_shape[0]
         if self.cfg.predict_frames >= frames:
-            raise ConfigError(f"`masked_tokens.predict_frames` ({self.cfg.predict_frames}) must be smaller than the "
-                              f"model's frames ({frames})")
-        ckpt.task_config = {**dataclasses.asdict(self.cfg), "data_root": recipe.data.root,
-                            "val_split": recipe.data.val_split}
+            raise ConfigError(f"{self.cfg.label('predict_frames')} ({self.cfg.predict_frames}) must be smaller than "
+                              f"the model's frames ({frames})")
         return ckpt
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
@@ -135,18 +148,3 @@ class MaskedTokensTask(TokenTask):
         if decoder is not None:
             out["lpips"] = lp_sum / max(frames, 1)
         return out
-
-
-def decoded_frames(decoder, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Run the user decoder and check its output: (B, F, C, h, w) in [-1, 1] -> (B*F, C, h, w)."""
-    images = decoder(tokens)
-    b, f = tokens.shape[:2]
-    if not isinstance(images, torch.Tensor) or images.dim() != 5 or tuple(images.shape[:2]) != (b, f):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ConfigError(f"the token decoder must return images (batch, frames, C, H, W) = ({b}, {f}, C, H, W), "
-                          f"got {shape}")
-    lo, hi = float(images.min()), float(images.max())
-    if not (-1.0 - 1e-3 <= lo and hi <= 1.0 + 1e-3):  # LPIPS expects [-1, 1]: 0-255 images give silent nonsense
-        raise ConfigError(f"the token decoder must return images in [-1, 1] (LPIPS' range), got values in "
-                          f"[{lo:.3g}, {hi:.3g}]")
-    return images.to(device).float().flatten(0, 1)

@@ -1,15 +1,19 @@
-"""The model a run trains: the recipe's source, prepared by its task, upcycled when the recipe says so."""
+"""Checkpoints made from checkpoints: the model a run trains (the recipe's source, prepared by its task, upcycled
+when the recipe says so), and a checkpoint with fewer experts (merged, pruned) — what `moe upcycle`, `moe merge`
+and `moe prune` call."""
 
 from __future__ import annotations
 
-from moe_cli.config import Recipe
+from moe_cli.checks import Label, argument
 from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
-from moe_cli.io.checkpoint import Checkpoint
+from moe_cli.io.checkpoint import Checkpoint, create_timm
 from moe_cli.io.sources import load_source
+from moe_cli.models.reduce import densify, expert_usage, merge, prune
 from moe_cli.models.upcycle import TOLERANCE, Upcycled, upcycle_verified
 from moe_cli.moe.config import UpcycleCfg
-from moe_cli.tasks import Task, recipe_task
+from moe_cli.recipe import Recipe
+from moe_cli.tasks import Task
 
 
 def upcycle_checkpoint(ckpt: Checkpoint, cfg: UpcycleCfg, *, seed: int = 0, verify: bool = False,
@@ -31,10 +35,38 @@ def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:
     then upcycled when `model.upcycle` is set (for an MAE: the encoder's FFNs)."""
     m = recipe.model
     ckpt = load_source(m.source, pretrained=m.pretrained, arch=m.arch, model_kwargs=m.kwargs)
-    ckpt = (task or recipe_task(recipe)).prepare(ckpt, recipe)
+    ckpt = (task or recipe.make_task()).prepare(ckpt, m, recipe.data)
     if m.upcycle is not None:
         if ckpt.moe is not None:
             raise ConfigError(f"`model.upcycle` is set but {m.source} is already an MoE checkpoint")
         upcycle_checkpoint(ckpt, m.upcycle, seed=recipe.train.seed)
     ckpt.task = recipe.task
     return ckpt
+
+
+def calibration(ckpt: Checkpoint, calib: str, batches: int) -> list:
+    """Calibration images (digits or an image folder) read as the checkpoint's model expects them."""
+    return calibration_batches(ckpt.model, calib, batches, ckpt.data_config)
+
+
+def merge_checkpoint(ckpt: Checkpoint, experts: int, calib: str = "digits", calib_batches: int = 4,
+                     label: Label = argument) -> tuple[Checkpoint, dict[str, list[list[int]]]]:
+    """``ckpt`` with every MoE layer merged down to ``experts`` (usage on the calibration data; see
+    :func:`moe_cli.models.reduce.merge`); merged to 1, a checkpoint of the dense architecture (plain timm loads
+    it). Returns it and the expert groups per layer."""
+    groups = merge(ckpt.model, experts, lambda model: expert_usage(model, calibration(ckpt, calib, calib_batches)),
+                   label)
+    if experts == 1:
+        arch = ckpt.architecture
+        dense = densify(ckpt.model, create_timm(arch["name"], arch.get("kwargs", {})))
+        ckpt = Checkpoint(dense.eval(), arch, ckpt.source, ckpt.task, {}, ckpt.task_config,
+                          data_config=ckpt.data_config)
+    return ckpt, groups
+
+
+def prune_checkpoint(ckpt: Checkpoint, keep: int | None = None, drop_experts: str | None = None,
+                     calib: str = "digits", calib_batches: int = 4, label: Label = argument) -> dict[str, list[int]]:
+    """Remove experts from ``ckpt`` for good (in place): all but the ``keep`` most used per layer (usage on the
+    calibration data), or those ``drop_experts`` names ('layer:expert,...'). Returns the kept experts per layer."""
+    return prune(ckpt.model, keep, drop_experts, lambda model: expert_usage(model, calibration(ckpt, calib,
+                                                                                            calib_batches)), label)

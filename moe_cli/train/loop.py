@@ -3,7 +3,7 @@
 Set-up (device, torchrun, the run folder, model, data, optimizer) comes from the modules around it:
 :mod:`~moe_cli.train.run_folder` (lock, resume, atomic checkpoints), :mod:`~moe_cli.train.optim`,
 :mod:`~moe_cli.train.build` and :mod:`moe_cli.runtime`. The step itself: autocast, gradient accumulation, MoE aux
-losses from a :class:`~moe_cli.moe.stats.RoutingRecorder`, clipping, schedule. The host reads losses only at
+losses from a :class:`~moe_cli.moe.recorder.RoutingRecorder`, clipping, schedule. The host reads losses only at
 log / eval / checkpoint steps (divergence is tracked on the device in between).
 """
 
@@ -22,14 +22,14 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from moe_cli.config import Recipe
 from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
 from moe_cli.errors import CheckpointError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
 from moe_cli.moe.layer import moe_layers
-from moe_cli.moe.stats import RoutingHealth, RoutingRecorder
+from moe_cli.moe.recorder import RoutingHealth, RoutingRecorder
+from moe_cli.recipe import Recipe
 from moe_cli.runtime import atomic_write, autocast, init_distributed, pick_device
-from moe_cli.tasks import Task, recipe_task
+from moe_cli.tasks import Task
 from moe_cli.train.build import build_model
 from moe_cli.train.optim import lr_lambda, make_optimizer
 from moe_cli.train.parallel import Parallelism, plan
@@ -145,7 +145,7 @@ def train(
     last, state = start_or_resume(out, recipe, resume, overwrite, can_resume, dd.main, dd.world)
 
     # ---- model, data, optimizer
-    task = task or recipe_task(recipe)
+    task = task or recipe.make_task()
     torch.manual_seed(t.seed)  # same initial model on every rank
     ckpt = load_checkpoint(last) if last is not None else ckpt or build_model(recipe, task)
     torch.manual_seed(t.seed + dd.rank)  # per-rank dropout / noise

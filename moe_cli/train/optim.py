@@ -9,7 +9,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from moe_cli.config import Recipe
+from moe_cli.recipe import Recipe
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:

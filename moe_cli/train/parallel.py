@@ -35,10 +35,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from moe_cli.config import Recipe
 from moe_cli.errors import ConfigError
 from moe_cli.moe.experts import PARAMS
 from moe_cli.moe.layer import moe_layers
+from moe_cli.recipe import Recipe
 from moe_cli.runtime import Dist, Parallel, Precision
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from moe_cli.config import Recipe
 from moe_cli.errors import CheckpointError, ConfigError
 from moe_cli.io.checkpoint import Checkpoint, save
+from moe_cli.recipe import Recipe
 from moe_cli.runtime import atomic_write
 
 LAST, FINAL, STATE_FILE, OPTIMIZER_DIR = "last", "final", "train_state.pt", "optimizer"
@@ -141,6 +141,17 @@ def _may_change(key: str) -> bool:
     return any(key == f or key.startswith(f + ".") for f in MAY_CHANGE_ON_RESUME)
 
 
+def _differs(key: str, old: dict, new: dict) -> bool:
+    """Whether flat key ``key`` of the new recipe changed. A key the old run did not write at all (a field or task
+    section an earlier version did not have) does not count; keys only the old run wrote (a task section this
+    recipe has no use for) are never looked at."""
+    if key in old:
+        return old[key] != new[key]
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in old for i in range(1, len(parts))) or \
+        any(k.startswith(key + ".") for k in old)
+
+
 def read_state(last: Path, recipe: Recipe, world: int = 1) -> dict:
     """The training state in ``last``, checked to belong to a run of this recipe; one-line errors otherwise."""
     path = last / STATE_FILE
@@ -162,8 +173,8 @@ def read_state(last: Path, recipe: Recipe, world: int = 1) -> dict:
         raise ConfigError(f"--resume: the global batch (train.batch_size x processes) must stay "
                           f"{old_batch} x {old_world} = {old_batch * old_world} to continue the run in "
                           f"{last.parent}; got {new_batch} x {world}")
-    for key in sorted(set(old) | set(new)):
-        if key != "train.batch_size" and not _may_change(key) and old.get(key) != new.get(key):
+    for key in sorted(new):
+        if key != "train.batch_size" and not _may_change(key) and _differs(key, old, new):
             raise ConfigError(f"--resume: `{key}` differs from the run being resumed ({last.parent}); a resumed run "
                               f"keeps its recipe except {', '.join(MAY_CHANGE_ON_RESUME)} — start a new run for that "
                               "change")

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from moe_cli.config import DensifyCfg, Recipe
+from moe_cli.config import DensifyCfg
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint
@@ -24,9 +25,10 @@ from moe_cli.models.flops import compute_report
 from moe_cli.moe.config import ROUTER_STD, MoEConfig
 from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.losses import expert_cv_loss, token_cv_loss
-from moe_cli.moe.stats import RoutingRecorder, routing_stats
+from moe_cli.moe.recorder import RoutingRecorder, routing_stats
+from moe_cli.recipe import Recipe
 from moe_cli.runtime import atomic_write, autocast, pick_device
-from moe_cli.tasks import ClassifyTask, recipe_task
+from moe_cli.tasks import ClassifyTask
 from moe_cli.train.build import upcycle_checkpoint
 from moe_cli.train.loop import Reporter, train
 
@@ -124,7 +126,7 @@ def densify_to_sparse(recipe: Recipe, *, from_stage: int = 1, init: str | Path |
     if from_stage > 1 and init is None:
         raise ConfigError(f"--from-stage {from_stage} needs --init, the stage-{from_stage - 1} checkpoint folder")
     dev = pick_device(device)
-    task = recipe_task(recipe)
+    task = recipe.make_task()
     make_reporter = reporter or (lambda _name: Reporter())
     notify = on_stage or (lambda _i, _msg: None)
     out = Path(recipe.output)
@@ -171,5 +173,6 @@ def densify_to_sparse(recipe: Recipe, *, from_stage: int = 1, init: str | Path |
         p.requires_grad_(True)
     finish(3, res.ckpt, trainable_count(res.ckpt.model, None))
     report["final"] = str(res.final)
-    atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    if not dist.is_initialized() or dist.get_rank() == 0:  # one writer: two ranks renaming onto it race
+        atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     return report

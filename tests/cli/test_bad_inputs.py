@@ -212,8 +212,8 @@ def test_decoder_named_by_a_checkpoint_is_never_run(cli, tmp_path, torch_hub):
     """A downloaded checkpoint must not run code: the decoder in its metadata is imported only on request."""
     from conftest import seed_alexnet
 
-    from moe_cli.config import load_recipe
     from moe_cli.data.tokens import synthetic_tokens, write_tokens
+    from moe_cli.recipe import load_recipe
     from moe_cli.train.loop import train
 
     marker = tmp_path / "ran"

@@ -13,10 +13,10 @@ from moe_cli.data.digits import digits
 from moe_cli.errors import MoeError
 from moe_cli.io.checkpoint import Checkpoint, save
 from moe_cli.models.flops import gflops_per_image, param_counts
+from moe_cli.models.lpips import ALEXNET_FILE, lpips_distance, lpips_model
 from moe_cli.models.surgery import upcycle
 from moe_cli.moe.layer import MoEMlp
-from moe_cli.moe.stats import routing_stats
-from moe_cli.tasks.lpips import ALEXNET_FILE, lpips_distance, lpips_model
+from moe_cli.moe.recorder import routing_stats
 
 NAME, KWARGS = TINY["vit"]
 

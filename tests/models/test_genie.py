@@ -177,7 +177,7 @@ def test_data_format_errors_are_one_line(tmp_path):
 
 
 def test_training_lowers_the_masked_ce_and_eval_reports_ce_accuracy_lpips(tmp_path, cli, torch_hub):
-    from moe_cli.config import load_recipe
+    from moe_cli.recipe import load_recipe
     from moe_cli.tasks.genie import GenieTask
     from moe_cli.train.loop import train
 

@@ -14,9 +14,9 @@ from tolerance import assert_close_scaled
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import load_checkpoint, read_metadata
 from moe_cli.models.reduce import merge_layer
-from moe_cli.moe.init import from_dense
 from moe_cli.moe.layer import moe_layers
-from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.moe.recorder import RoutingRecorder
+from moe_cli.moe.upcycling import from_dense
 
 VIT = ["vit_tiny_patch16_224", "--no-pretrained", *model_args("vit")]
 

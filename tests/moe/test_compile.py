@@ -7,7 +7,7 @@ from conftest import write_recipe
 from timm.layers import Mlp
 
 from moe_cli.moe import RoutingRecorder
-from moe_cli.moe.init import from_dense
+from moe_cli.moe.upcycling import from_dense
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def test_fp32_layer_compiles_fullgraph():
 
 def test_recipe_compile_trains_like_eager(tmp_path):
     """train.compile changes how the step runs, not what it computes: the same losses as the eager run."""
-    from moe_cli.config import load_recipe
+    from moe_cli.recipe import load_recipe
     from moe_cli.train.loop import train
 
     losses = {}

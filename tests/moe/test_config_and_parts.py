@@ -9,12 +9,13 @@ import torch
 from timm.layers import Mlp
 from tolerance import assert_close_scaled
 
-from moe_cli.config import Recipe, recipe_from_dict
+from moe_cli.checks import labelled
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import load_checkpoint
 from moe_cli.moe import DISPATCHERS, ExpertChoiceRouter, MoEConfig, MoEMlp, RoutingRecorder, SoftRouter, TopKRouter
 from moe_cli.moe.config import MoELayout, UpcycleCfg, flag
-from moe_cli.moe.init import from_dense
+from moe_cli.moe.upcycling import from_dense
+from moe_cli.recipe import Recipe, recipe_from_dict
 from moe_cli.train.optim import make_optimizer, no_weight_decay_names
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -124,8 +125,10 @@ def test_one_validation_speaks_each_callers_language(fields, needle):
     with pytest.raises(ConfigError) as e:
         recipe_from_dict({"model": {"upcycle": fields}, "train": {"steps": 1}}, "r.yaml")
     assert needle in str(e.value)
-    with pytest.raises(ConfigError, match="^--"):
-        UpcycleCfg(**fields).validate(flag)
+    with pytest.raises(ConfigError, match="^--"), labelled(flag):
+        UpcycleCfg(**fields)
+    with pytest.raises(ConfigError, match="^[a-z_]+ must"):  # the library's words: the argument name
+        UpcycleCfg(**fields)
 
 
 @pytest.mark.parametrize("moe,needle", [

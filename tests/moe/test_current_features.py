@@ -10,8 +10,8 @@ from timm.layers import Mlp, SwiGLU
 
 from moe_cli.errors import ConfigError
 from moe_cli.moe.dispatchers import TritonDispatcher
-from moe_cli.moe.init import from_dense
-from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.moe.recorder import RoutingRecorder
+from moe_cli.moe.upcycling import from_dense
 
 IMPLS = ["loop", "grouped", pytest.param("triton", marks=pytest.mark.skipif(
     not TritonDispatcher().supports(torch.empty(0)), reason="Triton not importable"))]
@@ -201,7 +201,7 @@ def test_upcycle_cli_proves_the_new_layers_reproduce_the_dense_model(cli, tmp_pa
         r = cli("upcycle", *base, *extra, "--out", str(out))
         assert r.exit_code == 0 and "ok" in r.output, (extra, r.output)
     r = cli("upcycle", *base, "--gate", "sigmoid_topk", "--route-scale", "2", "--out", str(tmp_path / "x"))
-    assert r.exit_code == 2 and "route_scale 2.0" in r.stderr
+    assert r.exit_code == 2 and "--route-scale 2.0" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------ 5. routing health

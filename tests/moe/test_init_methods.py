@@ -15,8 +15,10 @@ from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
 from moe_cli.models.surgery import upcycled_copy
 from moe_cli.moe import RoutingRecorder
-from moe_cli.moe.init import dense_spec, expert_weights, from_dense
+from moe_cli.moe.config import UpcycleCfg
+from moe_cli.moe.ffn import read_ffn
 from moe_cli.moe.routing import top_p
+from moe_cli.moe.upcycling import expert_weights, from_dense
 
 VIT = ["vit_tiny_patch16_224", "--no-pretrained", *model_args("vit")]
 
@@ -38,14 +40,14 @@ def test_split_at_k_equal_e_is_the_dense_ffn(dense, split):
 def test_drop_reinitialises_the_asked_share_of_units_per_expert():
     torch.manual_seed(0)
     dense = Mlp(16, 40)
-    w = expert_weights(dense_spec(dense), 4, "drop", drop_ratio=0.5, generator=torch.Generator().manual_seed(1))
+    w = expert_weights(read_ffn(dense), 4, "drop", drop_ratio=0.5, generator=torch.Generator().manual_seed(1))
     changed = [set(torch.nonzero((w["w1"][e] != dense.fc1.weight).any(-1)).flatten().tolist()) for e in range(4)]
     assert all(len(c) == 20 for c in changed)  # round(0.5 * 40) rows of fc1 per expert
     cols = [set(torch.nonzero((w["w2"][e] != dense.fc2.weight).any(0)).flatten().tolist()) for e in range(4)]
     assert cols == changed and len(set(map(frozenset, changed))) == 4  # fc2 columns follow; experts differ
     assert torch.equal(w["b2"][0], dense.fc2.bias)
-    with pytest.raises(ConfigError, match="drop-ratio"):
-        expert_weights(dense_spec(dense), 4, "drop", drop_ratio=1.0)
+    with pytest.raises(ConfigError, match=r"drop_ratio must be in \[0, 1\)"):  # checked once, in the config
+        UpcycleCfg(init="drop", drop_ratio=1.0)
 
 
 def test_split_checkpoint_round_trips(tmp_path):

@@ -7,9 +7,9 @@ from timm.layers import Mlp, SwiGLU
 from tolerance import assert_close_scaled
 
 from moe_cli.errors import ConfigError
-from moe_cli.moe.init import from_dense
 from moe_cli.moe.layer import MoEMlp
-from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.moe.recorder import RoutingRecorder
+from moe_cli.moe.upcycling import from_dense
 
 
 def reference(moe: MoEMlp, x: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from moe_cli.moe.dispatchers import TritonDispatcher
-from moe_cli.moe.init import from_dense
 from moe_cli.moe.layer import MoEMlp
-from moe_cli.moe.stats import RoutingRecorder
+from moe_cli.moe.recorder import RoutingRecorder
+from moe_cli.moe.upcycling import from_dense
 
 
 def reference_weights(logits: torch.Tensor, gate: str, k: int, normalize: bool, cf, priority: str) -> torch.Tensor:

@@ -6,8 +6,8 @@ import torch
 from timm.layers import Mlp, SwiGLU
 
 from moe_cli.moe.dispatchers import TritonDispatcher
-from moe_cli.moe.init import from_dense
 from moe_cli.moe.triton_gemm import block_table
+from moe_cli.moe.upcycling import from_dense
 
 # conftest.py turns on Triton's interpreter (CPU tensors) on machines without an NVIDIA GPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import write_recipe
 
-from moe_cli.config import load_recipe
+from moe_cli.recipe import load_recipe
 from moe_cli.train.build import build_model
 from moe_cli.train.loop import train
 

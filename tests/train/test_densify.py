@@ -8,9 +8,9 @@ import torch
 from conftest import write_recipe
 
 import moe_cli
-from moe_cli.config import load_recipe
 from moe_cli.data.digits import digits
 from moe_cli.models.surgery import moe_layers
+from moe_cli.recipe import load_recipe
 from moe_cli.train.stages import densify_to_sparse
 
 DENSIFY = {"experts": 4, "k": 1,

@@ -14,7 +14,7 @@ from conftest import write_recipe
 from PIL import Image
 
 import moe_cli
-from moe_cli.config import load_recipe
+from moe_cli.recipe import load_recipe
 from moe_cli.train.loop import Reporter, train
 
 

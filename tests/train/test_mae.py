@@ -9,13 +9,14 @@ import torch
 from conftest import seed_alexnet, write_recipe
 from torch.utils.data import DataLoader, TensorDataset
 
-from moe_cli.config import MAECfg, load_recipe, recipe_chain
 from moe_cli.data.digits import digits
 from moe_cli.io.checkpoint import load_checkpoint
+from moe_cli.models.lpips import lpips_model
 from moe_cli.models.mae import MaskedAutoencoder
 from moe_cli.models.surgery import find_ffns, moe_layers
+from moe_cli.recipe import load_recipe, recipe_chain
 from moe_cli.tasks import MAETask
-from moe_cli.tasks.lpips import lpips_model
+from moe_cli.tasks.mae import MAECfg
 from moe_cli.train.build import build_model
 from moe_cli.train.loop import train
 

@@ -12,12 +12,13 @@ import torch
 import yaml
 from conftest import seed_alexnet
 
-from moe_cli.config import load_recipe, recipe_chain
-from moe_cli.data.tokens import TokenDataset, load_decoder, palette_decoder, read_spec, token_dataset, write_tokens
+from moe_cli.data.tokens import TokenDataset, read_spec, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import load_checkpoint
+from moe_cli.models.decoders import load_decoder, palette_decoder
 from moe_cli.models.surgery import moe_layers, upcycled_copy
 from moe_cli.models.upcycle import max_output_diff
+from moe_cli.recipe import load_recipe, recipe_chain
 from moe_cli.tasks import fill_masked, token_mask
 from moe_cli.train.build import build_model
 from moe_cli.train.loop import train
@@ -140,9 +141,8 @@ def test_training_lowers_ce_and_upcycled_model_starts_where_dense_ended(tmp_path
 
 def recipe_task_eval(recipe):
     from moe_cli.data.loaders import val_loader
-    from moe_cli.tasks import recipe_task
 
-    task = recipe_task(recipe)
+    task = recipe.make_task()
 
     def run(model):
         return task.evaluate(model, val_loader(model, recipe.data, 64, torch.device("cpu")), torch.device("cpu"))
@@ -166,7 +166,7 @@ def test_palette_decoder_and_decoder_specs(tmp_path):
     assert imgs.shape == (1, 1, 3, 16, 16) and imgs.min() >= -1 and imgs.max() <= 1
     assert torch.equal(imgs[0, 0, :, 0, 0], imgs[0, 0, :, 8, 8]) and not torch.equal(imgs[0, 0, :, 0, 0],
                                                                                        imgs[0, 0, :, 0, 8])
-    assert load_decoder("moe_cli.data.tokens:palette_decoder").__wrapped__ is palette_decoder
+    assert load_decoder("moe_cli.data.tokens:palette_decoder").__wrapped__ is palette_decoder  # the name recipes use
     (tmp_path / "dec.py").write_text("def decode(t):\n    return t\n")
     assert load_decoder(f"{tmp_path / 'dec.py'}:decode")(5) == 5
     for spec, needle in (("nope", "module:function"), ("no_such_mod:f", "cannot import"),

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import write_recipe
 
-from moe_cli.config import load_recipe
+from moe_cli.recipe import load_recipe
 from moe_cli.train.loop import Reporter, train
 
 GLOBAL_BATCH, STEPS = 8, 4

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import write_recipe
 
-from moe_cli.config import load_recipe
 from moe_cli.errors import ConfigError
+from moe_cli.recipe import load_recipe
 
 
 def test_unknown_key_suggests(tmp_path):
@@ -58,8 +58,8 @@ def test_cli_exit_code_and_one_line(cli, tmp_path):
 def test_then_chain_runs_resumes_and_refuses_to_overwrite(tmp_path, cli):
     from conftest import write_recipe
 
-    from moe_cli.config import load_recipe, recipe_chain
     from moe_cli.io.checkpoint import load_checkpoint
+    from moe_cli.recipe import load_recipe, recipe_chain
     from moe_cli.train.build import build_model
 
     path = write_recipe(tmp_path / "r.yaml", tmp_path / "a", train={"steps": 3},

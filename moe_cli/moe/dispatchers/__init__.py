@@ -1,17 +1,41 @@
 """The dispatcher registry: ``impl`` names a dispatcher here; ``auto`` takes the first, in this order, whose
 ``preferred(x, experts)`` holds. A new dispatcher is one module (a Dispatcher and its Plan type) and one line
-here."""
+here. The modules are imported when a layer first dispatches, so naming the choices (the MoE config does) costs
+nothing."""
 
-from moe_cli.moe.dispatch import Dispatcher
-from moe_cli.moe.dispatchers.grouped import GroupedDispatcher
-from moe_cli.moe.dispatchers.loop import LoopDispatcher
-from moe_cli.moe.dispatchers.triton import TritonDispatcher
+from __future__ import annotations
 
-DISPATCHERS: dict[str, Dispatcher] = {d.name: d for d in (
-    TritonDispatcher(),
-    GroupedDispatcher(),
-    LoopDispatcher(),  # runs anywhere: auto's last resort
-)}
-DISPATCHER_NAMES = tuple(DISPATCHERS)
+import functools
+import importlib
 
-__all__ = ["DISPATCHERS", "DISPATCHER_NAMES", "GroupedDispatcher", "LoopDispatcher", "TritonDispatcher"]
+REGISTRY = {  # name -> (module:class, help), in auto's order of preference
+    "triton": ("triton:TritonDispatcher", "fused Triton kernels (CUDA)"),
+    "grouped": ("grouped:GroupedDispatcher", "one grouped GEMM over the experts (grouped_mm)"),
+    "loop": ("loop:LoopDispatcher", "F.linear per expert; runs anywhere, auto's last resort"),
+}
+DISPATCHER_NAMES = tuple(REGISTRY)
+DISPATCHER_HELP = {name: help for name, (_, help) in REGISTRY.items()}
+
+
+def _class(name: str):
+    module, cls = REGISTRY[name][0].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+@functools.cache
+def dispatchers() -> dict:
+    """Name -> Dispatcher instance, in auto's order."""
+    return {name: _class(name)() for name in REGISTRY}
+
+
+def __getattr__(attr: str):
+    if attr == "DISPATCHERS":
+        return dispatchers()
+    for name, target in REGISTRY.items():
+        if target[0].endswith(":" + attr):
+            return _class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["DISPATCHERS", "DISPATCHER_HELP", "DISPATCHER_NAMES", "GroupedDispatcher", "LoopDispatcher",
+           "TritonDispatcher", "dispatchers"]

@@ -24,70 +24,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_cli.checks import Label, argument
 from moe_cli.errors import ConfigError
 from moe_cli.moe.config import ROUTER_STD, Init, MoEConfig, for_init
+from moe_cli.moe.ffn import DenseFFN, read_ffn
 from moe_cli.moe.layer import MoEMlp, layer_config
-
-
-def _linear_weight(layer: nn.Module) -> torch.Tensor:
-    w = layer.weight
-    return w.flatten(1) if w.dim() == 4 else w  # 1x1 conv -> linear
-
-
-def dense_spec(mlp: nn.Module) -> dict:
-    """Read the shapes and weights of a timm Mlp / GluMlp / SwiGLU (or any fc1-act-fc2 module)."""
-    kind = type(mlp).__name__
-    fc2 = mlp.fc2
-    channels_first = isinstance(fc2, nn.Conv2d)
-    if hasattr(mlp, "fc1_g"):  # SwiGLU: act(fc1_g x) * fc1_x x
-        w1, b1 = _linear_weight(mlp.fc1_x), mlp.fc1_x.bias
-        wg, bg = _linear_weight(mlp.fc1_g), mlp.fc1_g.bias
-    elif hasattr(mlp, "gate_last"):  # GluMlp: fc1 output chunked in two halves, one is the gate
-        w, b = _linear_weight(mlp.fc1), mlp.fc1.bias
-        (wa, wb), (ba, bb) = w.chunk(2, 0), (b.chunk(2, 0) if b is not None else (None, None))
-        (w1, b1, wg, bg) = (wa, ba, wb, bb) if mlp.gate_last else (wb, bb, wa, ba)
-    else:
-        w1, b1, wg, bg = _linear_weight(mlp.fc1), mlp.fc1.bias, None, None
-    norm = getattr(mlp, "norm", None)
-    if norm is None or isinstance(norm, nn.Identity):
-        norm_eps, norm_w, norm_b = None, None, None
-    elif isinstance(norm, nn.LayerNorm) and norm.elementwise_affine:
-        norm_eps, norm_w, norm_b = norm.eps, norm.weight, norm.bias
-    else:
-        raise ValueError(f"{kind}: hidden norm {type(norm).__name__} is not supported (LayerNorm or none)")
-    weights = {"w1": w1, "b1": b1, "wg": wg, "bg": bg, "norm_w": norm_w, "norm_b": norm_b,
-               "w2": _linear_weight(fc2), "b2": fc2.bias}
-    drop1, drop2 = getattr(mlp, "drop1", None), getattr(mlp, "drop2", None)
-    return {
-        "in_features": w1.shape[1], "hidden_features": w1.shape[0], "out_features": fc2.weight.shape[0],
-        "glu": wg is not None, "bias": (b1 is not None, fc2.bias is not None), "norm_eps": norm_eps,
-        "drop": (getattr(drop1, "p", 0.0), getattr(drop2, "p", 0.0)), "channels_first": channels_first,
-        "device": w1.device, "act": mlp.act,
-        "weights": {k: v.detach() for k, v in weights.items() if v is not None},
-    }
 
 
 def from_dense(mlp: nn.Module, num_experts: int | None = None, k: int | None = None, noise_std: float = 0.0,
                generator: torch.Generator | None = None, config: MoEConfig | None = None, init: str = "copy",
                drop_ratio: float = 0.5, split: str = "cluster", hidden: int | None = None, shapes_only: bool = False,
                **moe) -> MoEMlp:
-    """Upcycle a dense timm FFN into an :class:`MoEMlp`: experts made by ``init`` (copy: copies of it, plus optional
-    N(0, noise_std) noise; drop; split — see above), the router from ``generator`` (random, std 0.02).
-    ``shapes_only``: build the layer for loading saved weights (``hidden``: the experts' hidden size when it is
-    not the one ``init`` gives, e.g. a pruned split layer), without computing expert weights."""
-    spec = dense_spec(mlp)
+    """Upcycle a dense FFN (any layout of :mod:`moe_cli.moe.ffn`) into an :class:`MoEMlp`: experts made by ``init``
+    (copy: copies of it, plus optional N(0, noise_std) noise; drop; split — see above), the router from
+    ``generator`` (random, std 0.02). ``shapes_only``: build the layer for loading saved weights (``hidden``: the
+    experts' hidden size when it is not the one ``init`` gives, e.g. a pruned split layer), without computing
+    expert weights."""
+    dense = read_ffn(mlp)
     cfg = for_init(layer_config(config, num_experts, k, moe), init)
     slices = cfg.experts + cfg.shared_experts  # split: the shared experts hold slices of their own
     if hidden is None:
-        hidden = spec["hidden_features"] // slices if init == Init.split else spec["hidden_features"]
-    eps, act = spec["norm_eps"], spec["act"]
-    layer = MoEMlp(spec["in_features"], hidden, spec["out_features"], act_layer=lambda: copy.deepcopy(act),
-                   glu=spec["glu"], bias=spec["bias"], drop=spec["drop"],
+        hidden = dense.hidden_features // slices if init == Init.split else dense.hidden_features
+    eps, act = dense.norm_eps, dense.act
+    layer = MoEMlp(dense.in_features, hidden, dense.out_features, act_layer=lambda: copy.deepcopy(act),
+                   glu=dense.glu, bias=dense.bias, drop=dense.drop,
                    norm_layer=None if eps is None else (lambda h: nn.LayerNorm(h, eps=eps)),
-                   use_conv=spec["channels_first"], config=cfg)
+                   use_conv=dense.channels_first, config=cfg)
     if shapes_only:
-        return layer.to(device=spec["device"])
-    routed, shared = upcycled_weights(spec, cfg, init, noise_std, drop_ratio, split, generator)
+        return layer.to(device=dense.device)
+    routed, shared = upcycled_weights(dense, cfg, init, noise_std, drop_ratio, split, generator)
     with torch.no_grad():
         if generator is not None:
             weight = layer.router.weight
@@ -98,10 +63,10 @@ def from_dense(mlp: nn.Module, num_experts: int | None = None, k: int | None = N
                 param.copy_(tensor.to(param.dtype))
         if layer.shared_gate is not None:
             layer.shared_gate.weight.zero_()  # sigmoid(0) = 1/2 for every token at the start
-    return layer.to(device=spec["device"])
+    return layer.to(device=dense.device)
 
 
-def upcycled_weights(spec: dict, cfg: MoEConfig, init: str, noise_std: float = 0.0, drop_ratio: float = 0.5,
+def upcycled_weights(spec: DenseFFN, cfg: MoEConfig, init: str, noise_std: float = 0.0, drop_ratio: float = 0.5,
                      split: str = "cluster", generator: torch.Generator | None = None) -> tuple[dict, dict]:
     """(routed, shared) stacked expert tensors so that the layer starts as the dense FFN.
 
@@ -112,10 +77,10 @@ def upcycled_weights(spec: dict, cfg: MoEConfig, init: str, noise_std: float = 0
     b2 shared out), scaled by 1 / g, exact when every routed slice is chosen (k = E)."""
     E, S = cfg.experts, cfg.shared_experts
     if init == Init.split:
-        slices = expert_weights(spec, E + S, init, noise_std, drop_ratio, split, generator)
+        slices = expert_weights(spec, E + S, init, noise_std, drop_ratio, split, generator, cfg.words())
         routed, shared = {n: t[:E] for n, t in slices.items()}, {n: t[E:].clone() for n, t in slices.items()}
     else:
-        routed = expert_weights(spec, E, init, noise_std, drop_ratio, split, generator)
+        routed = expert_weights(spec, E, init, noise_std, drop_ratio, split, generator, cfg.words())
         shared = expert_weights(spec, S, Init.copy) if S else {}
     if S:
         g = 0.5 if cfg.shared_gate else 1.0
@@ -127,7 +92,8 @@ def upcycled_weights(spec: dict, cfg: MoEConfig, init: str, noise_std: float = 0
 
 
 def balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Assign each row of ``sim`` (N, E) to a column, at most ``capacity`` rows per column, greedily by similarity."""
+    """Assign each row of ``sim`` (N, E) to a column, at most ``capacity`` rows per column, greedily by similarity
+    (capacity 1 with N = E: a permutation, the hidden-unit alignment of merging)."""
     n, e = sim.shape
     order = sim.flatten().argsort(descending=True).tolist()
     assign = [-1] * n
@@ -154,30 +120,34 @@ def balanced_kmeans(x: torch.Tensor, groups: int, generator: torch.Generator, it
     return assign
 
 
-def hidden_partition(spec: dict, experts: int, method: str, generator: torch.Generator) -> list[torch.Tensor]:
+def hidden_partition(spec: DenseFFN, experts: int, method: str, generator: torch.Generator,
+                     label: Label = argument) -> list[torch.Tensor]:
     """The hidden-unit indices of each expert for ``split``."""
-    h = spec["hidden_features"]
+    h = spec.hidden_features
     if h % experts:
-        raise ConfigError(f"--init split needs the hidden size ({h}) to be a multiple of --experts ({experts})")
+        raise ConfigError(f"{label('init')} split needs the hidden size ({h}) to be a multiple of {label('experts')} "
+                          f"({experts}, shared experts included)")
     if method == "random":
         perm = torch.randperm(h, generator=generator)
         return [perm[e * (h // experts):(e + 1) * (h // experts)].sort().values for e in range(experts)]
-    w = spec["weights"]
+    w = spec.weights
     rows = torch.cat([w["w1"], w["wg"]], dim=1) if "wg" in w else w["w1"]
     assign = balanced_kmeans(rows.cpu(), experts, generator)
     return [torch.nonzero(assign == e).flatten() for e in range(experts)]
 
 
-def expert_weights(spec: dict, experts: int, init: str = "copy", noise_std: float = 0.0, drop_ratio: float = 0.5,
-                   split: str = "cluster", generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Stacked (E, ...) expert tensors for the dense FFN described by ``spec`` (:func:`dense_spec`)."""
+def expert_weights(spec: DenseFFN, experts: int, init: str = "copy", noise_std: float = 0.0, drop_ratio: float = 0.5,
+                   split: str = "cluster", generator: torch.Generator | None = None,
+                   label: Label = argument) -> dict[str, torch.Tensor]:
+    """Stacked (E, ...) expert tensors for the dense FFN ``spec`` (:func:`moe_cli.moe.ffn.read_ffn`); ``drop_ratio``
+    is a checked config value (UpcycleCfg), ``label`` names the fields in the caller's words."""
     gen = generator or torch.Generator().manual_seed(0)
-    w = {k: v.detach().cpu() for k, v in spec["weights"].items()}
+    w = {k: v.detach().cpu() for k, v in spec.weights.items()}
     if init == "split":
         if "norm_w" in w:
-            raise ConfigError("--init split needs FFNs without a hidden LayerNorm (it normalises over all hidden "
-                              "units, which split experts do not see together)")
-        parts = hidden_partition(spec, experts, split, gen)
+            raise ConfigError(f"{label('init')} split needs FFNs without a hidden LayerNorm (it normalises over all "
+                              "hidden units, which split experts do not see together)")
+        parts = hidden_partition(spec, experts, split, gen, label)
         out = {}
         for name in ("w1", "wg", "b1", "bg"):
             if name in w:
@@ -188,9 +158,7 @@ def expert_weights(spec: dict, experts: int, init: str = "copy", noise_std: floa
         return out
     out = {name: t.unsqueeze(0).expand(experts, *t.shape).clone() for name, t in w.items()}
     if init == "drop":
-        if not 0 <= drop_ratio < 1:
-            raise ConfigError(f"--drop-ratio must be in [0, 1), got {drop_ratio}")
-        h = spec["hidden_features"]
+        h = spec.hidden_features
         n_drop = round(drop_ratio * h)
         stats = {name: (w[name].float().mean(), w[name].float().std()) for name in ("w1", "wg", "w2", "b1", "bg")
                  if name in w and w[name].numel() > 1}
@@ -212,11 +180,13 @@ def expert_weights(spec: dict, experts: int, init: str = "copy", noise_std: floa
 
 
 @torch.no_grad()
-def kmeans_router(tokens: torch.Tensor, experts: int, generator: torch.Generator, iters: int = 20) -> torch.Tensor:
+def kmeans_router(tokens: torch.Tensor, experts: int, generator: torch.Generator, iters: int = 20,
+                  label: Label = argument) -> torch.Tensor:
     """(E, D) router rows: the normalised k-means centres of ``tokens`` (N, D) (cosine k-means, spherical)."""
     if tokens.shape[0] < experts:
         raise ConfigError(f"the calibration data gives {tokens.shape[0]} tokens, fewer than the {experts} experts "
-                          "k-means needs; give more calibration images (--calib, --calib-batches)")
+                          f"k-means needs; give more calibration images ({label('calib')}, "
+                          f"{label('calib_batches')})")
     x = F.normalize(tokens.float(), dim=-1)
     centers = x[torch.randperm(x.shape[0], generator=generator)[:experts]].clone()
     for _ in range(iters):

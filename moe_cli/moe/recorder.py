@@ -41,6 +41,11 @@ class LayerRecord:
     entropy: torch.Tensor | None = None  # mean router entropy over tokens, nats (with aux=True), detached
 
 
+def load_share(counts: torch.Tensor) -> torch.Tensor:
+    """Each expert's share of the routed (token, slot) pairs, from counts per expert (the last dimension)."""
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
 def dropped_fraction(routing: Routing) -> torch.Tensor:
     """Share of tokens left without any expert."""
     return (routing.expert < 0).all(dim=-1).float().mean().detach()
@@ -168,7 +173,7 @@ def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
             tokens += rec.records[layers[0][0]].gate[..., 0].numel() if layers else 0
             batches += 1
     model.train(was_training)
-    out = {name: {"load": (counts[name] / counts[name].sum().clamp_min(1)).tolist(),
+    out = {name: {"load": load_share(counts[name]).tolist(),
                   "experts_per_token": float(counts[name].sum()) / max(tokens, 1),
                   "entropy": entropy[name] / max(tokens, 1),
                   "variation": variation[name] / max(batches, 1),
