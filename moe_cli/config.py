@@ -39,13 +39,13 @@ class ModelCfg(Checked):
 class SyntheticTokensCfg(Checked):
     """Moving token patterns written to `data.root` when it holds no data yet (see moe_cli.data.tokens)."""
 
-    train_sequences: int = 512
-    val_sequences: int = 128
-    frames: int = 4
+    train_sequences: int = 512  # clips written for data.train_split
+    val_sequences: int = 128  # and for data.val_split
+    frames: int = 4  # each clip: frames x height x width token ids
     height: int = 4
     width: int = 4
-    vocab_size: int = 32
-    seed: int = 0
+    vocab_size: int = 32  # ids in [0, vocab_size)
+    seed: int = 0  # the validation split is drawn from seed + 1
 
     def validate(self, label: Label) -> SyntheticTokensCfg:
         for name in ("train_sequences", "val_sequences", "frames", "height", "width", "vocab_size"):

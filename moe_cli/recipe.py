@@ -84,9 +84,9 @@ def check_recipe(r: Recipe, src: str) -> Recipe:
         raise ConfigError(f"`densify` in {src} trains classifiers; `task` must be one densify-to-sparse applies to "
                           f"({', '.join(n for n, t in TASKS.items() if t.distillable)}), got {r.task!r}")
     owner = data_owner(r.data.name)
-    if task.data_names and r.data.name not in task.data_names or owner is not None and owner is not task:
-        trainer = task if task.data_names else owner
-        raise ConfigError(f"{src}: task `{trainer.name}` trains on {trainer.data_help} and only it does "
+    if task.data.names and r.data.name not in task.data.names or owner is not None and owner is not task:
+        trainer = task if task.data.names else owner
+        raise ConfigError(f"{src}: task `{trainer.name}` trains on {trainer.data.help} and only it does "
                           f"(task {r.task!r}, data {r.data.name!r})")
     task.check_data(r.data, in_recipe("data", src))
     return r

@@ -4,6 +4,7 @@ atomic file writes."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ class Choice(str, Enum):
 
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
+
+    @classmethod
+    def of(cls, name: str, **members: str) -> type[Choice]:
+        """A Choice called ``name`` whose members are the keywords, each with its help text:
+        ``Choice.of("Split", cluster="balanced k-means", random="a random partition")``."""
+        module = sys._getframe(1).f_globals.get("__name__", __name__)  # where it is defined: pickling finds it
+        return cls(name, [(key, (key, help)) for key, help in members.items()], module=module)
 
 
 def describe(choice: type[Choice]) -> str:

@@ -45,8 +45,10 @@ def writable(out: Path, overwrite: bool, option: str = "--out") -> Path:
     return out
 
 
-def recipe_overrides(set_: list[str] | None, out: Path | None, alias: Path | None) -> list[str]:
-    """The recipe overrides of a training command: its --set assignments, then --out (or its old name --output) as
-    the recipe's `output`."""
+def read_recipe(path: Path, set_: list[str] | None, out: Path | None, alias: Path | None):
+    """The recipe of a training command: the YAML file with its --set assignments, then --out (or its old name
+    --output) as the recipe's `output`."""
+    from moe_cli.recipe import load_recipe
+
     folder = out or alias
-    return (set_ or []) + ([f"output={folder}"] if folder else [])
+    return load_recipe(path, (set_ or []) + ([f"output={folder}"] if folder else []))

@@ -14,12 +14,11 @@ from moe_cli.cli.common import (
     RecipeArg,
     SetOpt,
     console,
-    recipe_overrides,
+    read_recipe,
     say,
     user_errors,
 )
 from moe_cli.cli.progress import RichReporter
-from moe_cli.recipe import load_recipe
 from moe_cli.train.stages import densify_to_sparse
 
 
@@ -34,7 +33,7 @@ def densify(
     output: OutputAliasOpt = None,
 ) -> None:
     """Dense MoE with inverse-CV losses -> sparse gates distilled from the dense gate -> fine-tune."""
-    r = load_recipe(recipe, recipe_overrides(set_, out, output))
+    r = read_recipe(recipe, set_, out, output)
     report = densify_to_sparse(r, from_stage=from_stage, init=init, device=STATE["device"], overwrite=overwrite,
                                reporter=RichReporter, on_stage=lambda _i, msg: say(msg))
     console.print(report_table(report))

@@ -6,19 +6,10 @@ from pathlib import Path
 
 import typer
 
-from moe_cli.cli.common import (
-    STATE,
-    OutputAliasOpt,
-    OutputDirOpt,
-    RecipeArg,
-    SetOpt,
-    console,
-    recipe_overrides,
-    user_errors,
-)
+from moe_cli.cli.common import STATE, OutputAliasOpt, OutputDirOpt, RecipeArg, SetOpt, console, read_recipe, user_errors
 from moe_cli.cli.progress import RichReporter
 from moe_cli.errors import ConfigError
-from moe_cli.recipe import load_recipe, recipe_chain
+from moe_cli.recipe import recipe_chain
 from moe_cli.train.loop import train
 from moe_cli.train.run_folder import FINAL, find_last
 
@@ -34,7 +25,7 @@ def finetune(
 ) -> None:
     """Train (fine-tune, or from scratch) the recipe's model, then its `then:` runs; each writes last/, final/,
     metrics.jsonl and summary.json in its output folder."""
-    r = load_recipe(recipe, recipe_overrides(set_, out, output))
+    r = read_recipe(recipe, set_, out, output)
     chain = recipe_chain(r, recipe.name)
     if not resume and not overwrite:
         for run in chain[1:]:

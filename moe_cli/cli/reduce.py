@@ -20,7 +20,13 @@ CalibBatchesOpt = Annotated[int, typer.Option(min=1, help="Calibration batches o
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder.", show_default=False)]
 
 
-def _report(title: str, before: int, ckpt: Checkpoint, path: Path, rows: dict) -> None:
+def _reduce(spec: Path, out: Path, overwrite: bool, title: str, reduce) -> tuple[Checkpoint, Path]:
+    """Open the checkpoint, ``reduce(ckpt) -> (ckpt, rows per layer)``, save it to ``out`` and print the report."""
+    writable(out, overwrite)
+    ckpt = open_checkpoint(spec)
+    before = param_counts(ckpt.model)[0]
+    ckpt, rows = reduce(ckpt)
+    path = save(ckpt, out)
     table = Table(title=title)
     table.add_column("layer")
     table.add_column("kept / groups")
@@ -30,6 +36,7 @@ def _report(title: str, before: int, ckpt: Checkpoint, path: Path, rows: dict) -
     total, active = param_counts(ckpt.model)
     console.print(f"params {before / 1e6:.2f}M -> {total / 1e6:.2f}M (active / token {active / 1e6:.2f}M); "
                   f"saved {path} ({path.stat().st_size / 1e6:.1f} MB)", soft_wrap=True)
+    return ckpt, path
 
 
 @user_errors
@@ -45,11 +52,8 @@ def prune_cmd(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Remove experts permanently (a smaller checkpoint), unlike eval's --disable-experts, which only masks."""
-    writable(out, overwrite)
-    checkpoint = open_checkpoint(ckpt)
-    before = param_counts(checkpoint.model)[0]
-    kept = prune_checkpoint(checkpoint, keep, drop_experts, calib, calib_batches, label=flag)
-    _report("kept experts per layer", before, checkpoint, save(checkpoint, out), kept)
+    _reduce(ckpt, out, overwrite, "kept experts per layer",
+            lambda c: (c, prune_checkpoint(c, keep, drop_experts, calib, calib_batches, label=flag)))
 
 
 @user_errors
@@ -63,14 +67,10 @@ def merge_cmd(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Merge similar experts (router-logit similarity, usage-weighted, hidden units aligned) into N per layer."""
-    writable(out, overwrite)
-    checkpoint = open_checkpoint(ckpt)
-    before = param_counts(checkpoint.model)[0]
-    checkpoint, groups = merge_checkpoint(checkpoint, experts, calib, calib_batches, label=flag)
-    path = save(checkpoint, out)
-    _report("merged expert groups per layer", before, checkpoint, path, groups)
+    merged, path = _reduce(ckpt, out, overwrite, "merged expert groups per layer",
+                           lambda c: merge_checkpoint(c, experts, calib, calib_batches, label=flag))
     if experts == 1:
-        arch = checkpoint.architecture
+        arch = merged.architecture
         console.print(f"a plain {arch['name']} checkpoint: timm.create_model({arch['name']!r}, **kwargs)"
                       f".load_state_dict(safetensors.torch.load_file({str(path)!r})) loads it without moe-cli "
                       f"(kwargs: {arch.get('kwargs', {})})", soft_wrap=True)

@@ -1,4 +1,5 @@
-"""The MoE layer, usable without the CLI: config, Router / Dispatcher / Experts, routing statistics."""
+"""The MoE layer, usable without the CLI: its config, Router / Dispatcher / Experts, the routing recorder (aux losses
+and statistics), dense FFN layouts (:mod:`.ffn`) and the upcycling constructors (:mod:`.upcycling`)."""
 
 from moe_cli.moe.config import MoEConfig, MoELayout, UpcycleCfg
 from moe_cli.moe.dispatch import Dispatcher

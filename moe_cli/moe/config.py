@@ -33,50 +33,25 @@ def doc(default: Any, text: str, **more) -> Any:
     return field(default=default, metadata={"doc": text, **more})
 
 
-class Gate(Choice):
-    topk = "topk", "each token its k best experts (softmax)"
-    sigmoid_topk = "sigmoid_topk", "the same on sigmoid scores (DeepSeek-V3)"
-    top_p = "top_p", "the fewest experts whose probabilities reach top_p (1..k)"
-    soft = "soft", "every expert, softmax weights (dense)"
-    expert_choice = "expert_choice", "each expert picks its best tokens"
-
-
-class Balance(Choice):
-    aux = "aux", "the load-balance loss (moe.load_balance in recipes)"
-    aux_free = "aux_free", "a per-expert selection bias nudged after each step (DeepSeek-V3)"
-
-
-class Priority(Choice):
-    slot = "slot", "first choices before second choices, then token order"
-    score = "score", "by top gate weight (Batch Prioritized Routing)"
-
-
-class Combine(Choice):
-    weighted = "weighted", "the chosen experts' outputs weighted by the gate"
-    sum = "sum", "added with weight exactly 1 (split experts: slices of one FFN)"
-
-
+Gate = Choice.of("Gate", topk="each token its k best experts (softmax)",
+                 sigmoid_topk="the same on sigmoid scores (DeepSeek-V3)",
+                 top_p="the fewest experts whose probabilities reach top_p (1..k)",
+                 soft="every expert, softmax weights (dense)", expert_choice="each expert picks its best tokens")
+Balance = Choice.of("Balance", aux="the load-balance loss (moe.load_balance in recipes)",
+                    aux_free="a per-expert selection bias nudged after each step (DeepSeek-V3)")
+Priority = Choice.of("Priority", slot="first choices before second choices, then token order",
+                     score="by top gate weight (Batch Prioritized Routing)")
+Combine = Choice.of("Combine", weighted="the chosen experts' outputs weighted by the gate",
+                    sum="added with weight exactly 1 (split experts: slices of one FFN)")
 # expert dispatch: `auto` or a dispatcher of the registry (moe_cli.moe.dispatchers), in its order of preference
-Impl = Choice("Impl", [("auto", ("auto", "picks by device and shape")),
-                       *((name, (name, help)) for name, help in DISPATCHER_HELP.items())])
-
-
-class Init(Choice):
-    copy = "copy", "every expert is the dense FFN"
-    drop = "drop", "Drop-Upcycling: a share of each expert's hidden units re-initialised"
-    split = "split", "MoEfication: each expert a slice of the hidden units (combine: sum)"
-
-
-class Split(Choice):
-    cluster = "cluster", "balanced k-means over the first projection's rows"
-    random = "random", "a random partition"
-
-
-class RouterInit(Choice):
-    random = "random", "N(0, 0.02)"
-    kmeans = "kmeans", "the centres of each layer's inputs on the calibration data"
-    activation = "activation", "split experts: predict the most active slice"
-
+Impl = Choice.of("Impl", auto="picks by device and shape", **DISPATCHER_HELP)
+Init = Choice.of("Init", copy="every expert is the dense FFN",
+                 drop="Drop-Upcycling: a share of each expert's hidden units re-initialised",
+                 split="MoEfication: each expert a slice of the hidden units (combine: sum)")
+Split = Choice.of("Split", cluster="balanced k-means over the first projection's rows", random="a random partition")
+RouterInit = Choice.of("RouterInit", random="N(0, 0.02)",
+                       kmeans="the centres of each layer's inputs on the calibration data",
+                       activation="split experts: predict the most active slice")
 
 TOKEN_CHOICE = (Gate.topk, Gate.sigmoid_topk, Gate.top_p)  # each token picks k experts (k bounded by the experts)
 ROUTER_STD = 0.02

@@ -17,7 +17,7 @@ A new task is one module and one line in :data:`TASKS` below (or :func:`register
 from __future__ import annotations
 
 from moe_cli.errors import ConfigError
-from moe_cli.tasks.base import Metric, Task, TokenTask, unwrap
+from moe_cli.tasks.base import Metric, Task, TaskData, TokenTask, unwrap
 from moe_cli.tasks.classify import ClassifyTask
 from moe_cli.tasks.genie import GenieTask
 from moe_cli.tasks.mae import MAETask
@@ -60,7 +60,7 @@ def sections() -> dict[str, type]:
 
 def data_owner(data_name: str) -> type[Task] | None:
     """The task that alone trains on `data.name: data_name` (token formats), if any."""
-    return next((t for t in TASKS.values() if data_name in t.data_names), None)
+    return next((t for t in TASKS.values() if data_name in t.data.names), None)
 
 
 def metric_names() -> tuple[str, ...]:
@@ -75,5 +75,5 @@ def reporting(metric: str) -> list[str]:
 
 
 __all__ = ["EVAL_METRICS", "TASKS", "ClassifyTask", "GenieTask", "MAETask", "MaskedTokensTask", "Metric", "Task",
-           "TokenTask", "data_owner", "fill_masked", "make_task", "metric_names", "register", "reporting", "sections",
-           "task_class", "token_mask", "unwrap"]
+           "TaskData", "TokenTask", "data_owner", "fill_masked", "make_task", "metric_names", "register", "reporting",
+           "sections", "task_class", "token_mask", "unwrap"]

@@ -45,6 +45,16 @@ class Metric:
         return self.json or (self.name,)
 
 
+@dataclass(frozen=True)
+class TaskData:
+    """The data a task trains on."""
+
+    names: tuple[str, ...] = ()  # the `data.name` values it trains on, and only it; () = image data
+    help: str = "images: digits, an ImageFolder or a timm dataset"  # what that data is, for messages
+    folder: str = "an image folder"  # what `moe eval --data` must hold
+    val_split: str = DataCfg.val_split  # the validation split when the recipe names none
+
+
 class Task:
     """An objective: its recipe section, the data it trains on, how it prepares, trains and evaluates a model, and
     what `moe eval` reports of it. A new task is one module with a subclass of this and one line in the registry
@@ -53,9 +63,7 @@ class Task:
     name = ""
     Config: type | None = None  # its recipe section's dataclass (a Checked), if it has one
     section = ""  # the recipe key of that section (`mae`, `masked_tokens`, ...)
-    data_names: tuple[str, ...] = ()  # the `data.name` values it trains on, and only it; () = image data
-    data_help = "images: digits, an ImageFolder or a timm dataset"  # what its data is, for messages
-    val_split = DataCfg.val_split  # the validation split when the recipe names none
+    data = TaskData()  # the data it trains on
     metrics: tuple[Metric, ...] = ()  # what `evaluate` returns that `moe eval` shows, in table order
     default_metrics = ""  # `moe eval` without --metric
     unit = "image"  # what one model input is (GFLOPs per image / clip, images or clips per second)
@@ -105,16 +113,21 @@ class TokenTask(Task):
     """Objectives whose model predicts video tokens (masked-tokens, genie): token data, kept in the checkpoint so
     that `moe eval` finds it again, figures per clip, LPIPS through a token decoder."""
 
+    @staticmethod
+    def figures(accuracy: str, ce: str, lpips: str) -> tuple[Metric, ...]:
+        """The three figures of a token task (token accuracy, CE, LPIPS of decoded frames), with its labels."""
+        return (Metric("accuracy", accuracy, percent=True, json=("accuracy", "top1")), Metric("ce", ce),
+                Metric("lpips", lpips))
+
     produces = "token predictions"
     default_metrics = "ce,accuracy,routing,flops"
     unit = "clip"
     decoder = True
-    data_folder = "a token folder"  # what --data must hold
 
     @classmethod
     def check_data(cls, data: DataCfg, label) -> None:
         if not data.root:
-            raise ConfigError(f"{label('root')} is required for {cls.data_help} ({cls.data_folder})")
+            raise ConfigError(f"{label('root')} is required for {cls.data.help} ({cls.data.folder})")
 
     def stored_config(self, data: DataCfg) -> dict:
         return {**super().stored_config(data), "data_root": data.root, "val_split": data.val_split,
@@ -131,8 +144,8 @@ class TokenTask(Task):
         root = data or task_config.get("data_root")
         if data is None and (not root or not Path(root).is_dir()):
             raise ConfigError(f"this {self.name} checkpoint was trained on token data at {root}, which is not here; "
-                              f"pass --data FOLDER ({self.data_folder})")
-        stored = {"val_split": task_config.get("val_split", self.val_split),
+                              f"pass --data FOLDER ({self.data.folder})")
+        stored = {"val_split": task_config.get("val_split", self.data.val_split),
                   "stride": task_config.get("stride", DataCfg.stride)}
-        return section_from(DataCfg, {"name": self.data_names[0], "root": root, **stored}, "task_config",
+        return section_from(DataCfg, {"name": self.data.names[0], "root": root, **stored}, "task_config",
                             "the checkpoint metadata")

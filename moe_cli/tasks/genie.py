@@ -30,7 +30,7 @@ from moe_cli.models.decoders import decoded_frames, load_decoder
 from moe_cli.models.genie import Genie, factorize, unfactorize
 from moe_cli.models.lpips import lpips_distance
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Metric, TokenTask, unwrap
+from moe_cli.tasks.base import TaskData, TokenTask, unwrap
 
 
 @dataclass(frozen=True)
@@ -116,15 +116,10 @@ def maskgit_generate(model: nn.Module, prompt: torch.Tensor, t: int, steps: int 
 
 class GenieTask(TokenTask):
     name = "genie"
-    Config = GenieTaskCfg
-    section = "genie"
-    data_names = ("genie",)
-    data_help = "1X token data (`data.name: genie`)"
-    data_folder = "the folder holding val_v1.1/"
-    val_split = "val_v1.1"
-    metrics = (Metric("accuracy", "token accuracy (generated frames)", percent=True, json=("accuracy", "top1")),
-               Metric("ce", "cross-entropy (summed over factors)"),
-               Metric("lpips", "LPIPS (AlexNet, generated frames)"))
+    Config, section = GenieTaskCfg, "genie"
+    data = TaskData(("genie",), "1X token data (`data.name: genie`)", "the folder holding val_v1.1/", "val_v1.1")
+    metrics = TokenTask.figures("token accuracy (generated frames)", "cross-entropy (summed over factors)",
+                                "LPIPS (AlexNet, generated frames)")
 
     def prepare(self, ckpt: Checkpoint, model: ModelCfg, data: DataCfg) -> Checkpoint:
         if not isinstance(ckpt.model, Genie):

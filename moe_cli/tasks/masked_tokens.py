@@ -18,7 +18,7 @@ from moe_cli.models.decoders import decoded_frames, load_decoder
 from moe_cli.models.genie import Genie
 from moe_cli.models.lpips import lpips_distance
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Metric, TokenTask, unwrap
+from moe_cli.tasks.base import TaskData, TokenTask, unwrap
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,10 @@ def fill_masked(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, step
 
 class MaskedTokensTask(TokenTask):
     name = "masked-tokens"
-    Config = MaskedTokensCfg
-    section = "masked_tokens"
-    data_names = ("tokens",)
-    data_help = "token data (`data.name: tokens`)"
-    data_folder = "a folder with validation.json"
-    metrics = (Metric("accuracy", "masked-token accuracy", percent=True, json=("accuracy", "top1")),
-               Metric("ce", "masked-token cross-entropy"),
-               Metric("lpips", "LPIPS (AlexNet, decoded frames)"))
+    Config, section = MaskedTokensCfg, "masked_tokens"
+    data = TaskData(("tokens",), "token data (`data.name: tokens`)", "a folder with validation.json")
+    metrics = TokenTask.figures("masked-token accuracy", "masked-token cross-entropy",
+                                "LPIPS (AlexNet, decoded frames)")
 
     def prepare(self, ckpt: Checkpoint, model: ModelCfg, data: DataCfg) -> Checkpoint:
         if isinstance(ckpt.model, Genie):

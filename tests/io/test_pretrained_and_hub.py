@@ -83,7 +83,7 @@ def test_digits_follow_the_model_and_the_recipe_can_override(tmp_path):
 
 
 # the recipe's preprocessing overrides are range-checked with the other recipe fields:
-# tests/cli/test_bad_inputs_round2.py::test_recipe_ranges
+# tests/cli/test_refusals.py::test_recipe_ranges
 
 
 def test_a_checkpoint_with_a_bad_data_config_is_one_line(cli, tmp_path):

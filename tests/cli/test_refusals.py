@@ -1,5 +1,6 @@
-"""The second adversarial round (reliability issue): each case ends as one `error:` line with exit 2 and nothing
-written, or, where the input is fine, works. Table-driven where the cases share a shape."""
+"""Refusals and edge inputs by area: 16-bit exports, upcycle options checked up front, devices and recipe ranges,
+checkpoint metadata, GENIE inputs, user decoders, divergence. Each case ends as one `error:` line with exit 2 and
+nothing written, or, where the input is fine, works. Table-driven where the cases share a shape."""
 
 import json
 import math
@@ -212,6 +213,19 @@ def test_genie_checkpoint_evaluates(cli, genie_ckpt):
     r = cli("eval", str(genie_ckpt), "--metric", "ce,accuracy", "--json")
     assert r.exit_code == 0, r.output
     assert math.isfinite(json.loads(r.stdout)["ce"])
+
+
+def test_genie_eval_table_speaks_per_clip_and_of_generated_frames(cli, genie_ckpt):
+    """The task labels its rows (before: "accuracy top-1", "cross-entropy", "GFLOPs / image" for GENIE)."""
+    r = cli("eval", str(genie_ckpt), "--metric", "ce,accuracy,flops,throughput")
+    assert r.exit_code == 0, r.output
+    for label in ("token accuracy (generated frames)", "cross-entropy (summed over factors)", "GFLOPs / clip",
+                  "clips/s"):
+        assert label in r.stdout, r.stdout
+    for wrong in ("accuracy top-1", "GFLOPs / image", "img/s"):
+        assert wrong not in r.stdout, r.stdout
+    assert "clips_per_s" in json.loads(cli("eval", str(genie_ckpt), "--metric", "throughput", "--json").stdout)[
+        "throughput"]
 
 
 @pytest.mark.parametrize("change,needle", [

@@ -5,17 +5,13 @@ user decoder."""
 import json
 import math
 
-import numpy as np
 import pytest
 import timm
 import torch
 import yaml
 from conftest import seed_alexnet
 
-from moe_cli.data.tokens import TokenDataset, read_spec, token_dataset, write_tokens
-from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import load_checkpoint
-from moe_cli.models.decoders import load_decoder, palette_decoder
 from moe_cli.models.surgery import moe_layers, upcycled_copy
 from moe_cli.models.upcycle import max_output_diff
 from moe_cli.recipe import load_recipe, recipe_chain
@@ -50,40 +46,6 @@ def token_recipe(tmp_path, steps=40, then=None, **extra) -> str:
     path = tmp_path / "tokens.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
-
-
-def test_token_files_roundtrip(tmp_path):
-    tokens = np.random.default_rng(0).integers(0, 300, size=(5, 2, 3, 4))
-    write_tokens(tmp_path, "train", tokens, vocab_size=300)
-    spec = read_spec(tmp_path, "train")
-    assert spec.shape == (5, 2, 3, 4) and spec.dtype == "uint16" and spec.vocab_size == 300
-    ds = TokenDataset(spec)
-    assert len(ds) == 5 and ds[3][0].dtype == torch.int64
-    assert torch.equal(ds[3][0], torch.from_numpy(tokens[3]))
-    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
-
-
-def test_token_data_errors(tmp_path):
-    write_tokens(tmp_path, "train", np.zeros((4, 3, 3, 3), dtype=np.int64) + 15, vocab_size=16)
-    with pytest.raises(ConfigError, match=r"split `val` not found.*found splits: train"):
-        read_spec(tmp_path, "val")
-    with pytest.raises(ConfigError, match=r"sequences are \[3, 3, 3\].*expects \[2, 3, 3\]"):
-        token_dataset(tmp_path, "train", (2, 3, 3), 16)
-    with pytest.raises(ConfigError, match="larger than the model's 8"):
-        token_dataset(tmp_path, "train", (3, 3, 3), 8)
-    meta = json.loads((tmp_path / "train.json").read_text())
-    cases = [({**meta, "shape": [5, 3, 3, 3]}, "needs"), ({**meta, "dtype": "float32"}, "`dtype`"),
-             ({k: v for k, v in meta.items() if k != "vocab_size"}, "missing `vocab_size`"),
-             ({**meta, "shape": [4, 3, 3]}, "`shape`"), ({**meta, "file": "nope.bin"}, "does not exist"),
-             ({**meta, "vocab_size": 10}, "token id 15")]
-    for bad, needle in cases:
-        (tmp_path / "bad.json").write_text(json.dumps(bad))
-        with pytest.raises(ConfigError) as e:
-            token_dataset(tmp_path, "bad", (3, 3, 3), 16)
-        assert needle in str(e.value) and "bad.json" in str(e.value) and "\n" not in str(e.value)
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        read_spec(tmp_path, "bad")
 
 
 def test_cosine_mask_schedule():
@@ -159,20 +121,6 @@ def test_fill_masked_keeps_visible_tokens():
     assert (filled < model.vocab_size).all()  # every [MASK] was replaced
     one_step = model(tokens.masked_fill(mask, model.mask_id)).argmax(-1)
     assert torch.equal(fill_masked(model, tokens, mask, steps=1)[mask], one_step[mask])
-
-
-def test_palette_decoder_and_decoder_specs(tmp_path):
-    imgs = palette_decoder(torch.tensor([[[[0, 1], [1, 0]]]]))
-    assert imgs.shape == (1, 1, 3, 16, 16) and imgs.min() >= -1 and imgs.max() <= 1
-    assert torch.equal(imgs[0, 0, :, 0, 0], imgs[0, 0, :, 8, 8]) and not torch.equal(imgs[0, 0, :, 0, 0],
-                                                                                       imgs[0, 0, :, 0, 8])
-    assert load_decoder("moe_cli.data.tokens:palette_decoder").__wrapped__ is palette_decoder  # the name recipes use
-    (tmp_path / "dec.py").write_text("def decode(t):\n    return t\n")
-    assert load_decoder(f"{tmp_path / 'dec.py'}:decode")(5) == 5
-    for spec, needle in (("nope", "module:function"), ("no_such_mod:f", "cannot import"),
-                         ("moe_cli.data.tokens:nothing", "no function"), ("missing.py:f", "not found")):
-        with pytest.raises(ConfigError, match=needle):
-            load_decoder(spec)
 
 
 def test_eval_cli_ce_and_lpips(tmp_path, cli, torch_hub):

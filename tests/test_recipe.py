@@ -92,7 +92,7 @@ def test_paper_recipes_run_two_steps_on_a_tiny_stand_in(cli, tmp_path, recipe, o
     """The recipes as shipped, with the model, data and length swapped for a tiny stand-in through --set."""
     from pathlib import Path
 
-    root = Path(__file__).parents[2]
+    root = Path(__file__).parents[1]
     command = "densify-to-sparse" if "densify" in recipe else "finetune"
     stand_in = [TINY_VIT, "data.name=digits", "data.root=null", "data.download=false", "data.num_workers=0",
                 "train.precision=fp32", f"output={tmp_path / 'run'}", *overrides]
@@ -108,7 +108,7 @@ def test_readme_figures_read_what_the_command_prints(cli, tmp_path):
     import re
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("readme_figures", Path(__file__).parents[2] / "bench" /
+    spec = importlib.util.spec_from_file_location("readme_figures", Path(__file__).parents[1] / "bench" /
                                                   "readme_figures.py")
     figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(figures)
