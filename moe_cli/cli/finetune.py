@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from moe_cli.cli.common import STATE, OutputAliasOpt, OutputDirOpt, RecipeArg, SetOpt, console, read_recipe, user_errors
 from moe_cli.cli.progress import RichReporter
-from moe_cli.errors import ConfigError
-from moe_cli.recipe import recipe_chain
-from moe_cli.train.loop import train
-from moe_cli.train.run_folder import FINAL, find_last
+from moe_cli.train.chain import train_chain
 
 
 @user_errors
@@ -26,22 +21,11 @@ def finetune(
     """Train (fine-tune, or from scratch) the recipe's model, then its `then:` runs; each writes last/, final/,
     metrics.jsonl and summary.json in its output folder."""
     r = read_recipe(recipe, set_, out, output)
-    chain = recipe_chain(r, recipe.name)
-    if not resume and not overwrite:
-        for run in chain[1:]:
-            if find_last(Path(run.output)) is not None:
-                raise ConfigError(f"{run.output} (a `then` run) already holds a run; pass --resume to continue the "
-                                  "chain or --overwrite to start over")
-    for i, run in enumerate(chain):
-        out = Path(run.output)
-        title = run.task if len(chain) == 1 else f"{i + 1}/{len(chain)} {run.task}"
-        if resume and (out / "summary.json").is_file() and (out / FINAL).is_dir() and i < len(chain) - 1:
-            console.print(f"{title}: {out} is complete, skipping", soft_wrap=True)
-            continue
-        again = resume and (i == 0 or find_last(out) is not None)
-        result = train(run, device=STATE["device"], resume=again, overwrite=overwrite or (resume and not again),
-                       reporter=RichReporter(title))
-        if result.final is not None:
+    for title, run, result in train_chain(r, recipe.name, device=STATE["device"], resume=resume, overwrite=overwrite,
+                                          reporter=RichReporter):
+        if result is None:
+            console.print(f"{title}: {run.output} is complete, skipping", soft_wrap=True)
+        elif result.final is not None:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in result.eval.items()
                               if k not in ("step", "split") and isinstance(v, float))
             console.print(f"{title} final: step {result.step}  {shown}")
