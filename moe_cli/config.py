@@ -92,23 +92,36 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 CROP_MODES = ("center", "squash", "border")
 
 
+MIN_CROP_PCT = 0.05  # eval resizes to size / crop_pct: below this the resized image outgrows PIL and memory
+MAX_NORMALISED = 1e4  # |(x - mean) / std| for pixels x in [0, 1]: beyond it fp32 activations overflow
+
+
 def check_preprocessing(d: dict, label: Label) -> dict:
     """Image preprocessing (a recipe's `data` overrides, or a checkpoint's stored data config): mean / std three
-    finite numbers (std > 0), a known interpolation and crop mode, crop_pct in (0, 1]. Returns ``d``."""
+    finite numbers (std > 0) that keep normalised pixels within +-MAX_NORMALISED, a known interpolation and crop
+    mode, crop_pct in [MIN_CROP_PCT, 1]. Returns ``d``."""
     for key in ("mean", "std"):
         if key in d:
             v = d[key]
             ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(finite(x) for x in v) and \
                 (key == "mean" or all(x > 0 for x in v))
             check(ok, label(key), "three finite numbers" + (" > 0" if key == "std" else ""), v)
+    mean, std = d.get("mean", (0.5,) * 3), d.get("std", (0.5,) * 3)
+    worst = max(max(abs(0 - m), abs(1 - m)) / s for m, s in zip(mean, std, strict=True))
+    if worst > MAX_NORMALISED:
+        names = [label(k) for k in ("mean", "std") if k in d]
+        assumed = "".join(f", {k} taken as 0.5" for k in ("mean", "std") if k not in d)
+        raise ConfigError(f"{' / '.join(names)}: normalised pixels (x - mean) / std reach {worst:.3g} (x in [0, 1]"
+                          f"{assumed}), beyond +-{MAX_NORMALISED:g}, where the model's fp32 activations overflow; "
+                          "mean and std are per-channel statistics of pixels in [0, 1] (e.g. 0.5 and 0.5)")
     if "interpolation" in d:
         check(d["interpolation"] in INTERPOLATIONS, label("interpolation"), f"one of {', '.join(INTERPOLATIONS)}",
               d["interpolation"])
     if "crop_mode" in d:
         check(d["crop_mode"] in CROP_MODES, label("crop_mode"), f"one of {', '.join(CROP_MODES)}", d["crop_mode"])
     if "crop_pct" in d:
-        check(finite(d["crop_pct"]) and 0 < d["crop_pct"] <= 1, label("crop_pct"), "a number in (0, 1]",
-              d["crop_pct"])
+        check(finite(d["crop_pct"]) and MIN_CROP_PCT <= d["crop_pct"] <= 1, label("crop_pct"),
+              f"a number in [{MIN_CROP_PCT}, 1] (images are resized to size / crop_pct)", d["crop_pct"])
     return d
 
 

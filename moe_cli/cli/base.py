@@ -33,8 +33,19 @@ def error_line(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # user text is not markup
 
 
+def _silent_rank() -> bool:
+    """A torchrun rank other than 0 before the processes have joined their group: every rank reads the same recipe
+    and options then, so the same error would be printed once per rank; rank 0 says it for all. Errors after the
+    group exists may be a rank's own and are printed wherever they happen."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        return False
+    dist = sys.modules.get("torch.distributed")
+    return not (dist is not None and dist.is_available() and dist.is_initialized())
+
+
 def fail(message: str, code: int = 2):
-    error_line(message)
+    if not _silent_rank():
+        error_line(message)
     raise typer.Exit(code)
 
 

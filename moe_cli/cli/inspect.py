@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from moe_cli.cli.common import STATE, CheckpointArg, DisableExpertsOpt, OverwriteOpt, console, user_errors, writable
+from moe_cli.cli.common import (
+    STATE,
+    CheckpointArg,
+    DisableExpertsOpt,
+    OverwriteOpt,
+    console,
+    say,
+    user_errors,
+    writable,
+)
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError
 from moe_cli.evaluate.inspect import (
@@ -42,7 +51,9 @@ def inspect_cmd(
                           f"`{checkpoint.task}` checkpoint (use `moe eval {ckpt} --metric routing`)")
     model = checkpoint.model
     device = pick_device(STATE["device"])
-    loader = val_loader(model, data_config(data), batch_size, device, checkpoint.data_config)
+    cfg = data_config(data)
+    loader = val_loader(model, cfg, batch_size, device, checkpoint.data_config)
+    say(f"reading {len(loader.dataset)} images from {cfg.root or cfg.name}")
     num_classes = getattr(model, "num_classes", 0) or 1
     routes = collect_routes(model.to(device), loader, device, num_classes, images)
     paths = write_figures(routes, out)

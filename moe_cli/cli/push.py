@@ -9,7 +9,7 @@ import typer
 
 from moe_cli.cli.common import CheckpointArg, console, user_errors
 from moe_cli.errors import ConfigError
-from moe_cli.io.hub import push, stage
+from moe_cli.io.hub import check_repo_id, push, stage
 
 
 @user_errors
@@ -24,6 +24,7 @@ def push_cmd(
                                                  "uploaded into DIR instead (no network).", show_default=False)] = None,
 ) -> None:
     """Upload a checkpoint (model, model card, config, eval results, routing figure) to the Hub."""
+    check_repo_id(repo_id, "ORG/NAME")
     if dry_run is not None:
         if dry_run.exists() and any(dry_run.iterdir()):
             raise ConfigError(f"--dry-run {dry_run} exists and is not empty; choose a new folder")

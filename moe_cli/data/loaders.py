@@ -143,9 +143,39 @@ def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int, pre: di
     return StrictImages(ds) if not cfg.name else ds
 
 
+MAX_IMAGE_PIXELS = 40_000_000  # an image folder's images: larger ones are refused (downscale them first)
+DECODE_SIDE = 1024  # larger images are decoded (JPEG) or box-reduced to about this long side before the transform
+
+
+def open_image(file, name: str):
+    """An RGB image from ``file``, refused in one line naming ``name`` if it cannot be decoded or has more than
+    MAX_IMAGE_PIXELS pixels (read from its header, before decoding); images far larger than the model's input are
+    brought down to about DECODE_SIDE on their long side while they are decoded (JPEG draft) or right after (an
+    integer box reduction), so that an 8000 px photo costs what a 1000 px one does."""
+    from PIL import Image
+
+    try:
+        img = Image.open(file)
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ConfigError(f"{name} is {w}x{h} pixels ({w * h / 1e6:.0f} MP), above moe-cli's limit of "
+                              f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP per image; downscale the images (e.g. to "
+                              f"{DECODE_SIDE} px)")
+        if max(w, h) > 2 * DECODE_SIDE:
+            img.draft("RGB", (DECODE_SIDE, DECODE_SIDE))  # JPEG: decode at a reduced scale; others: no-op
+        img = img.convert("RGB")
+        factor = max(img.size) // DECODE_SIDE
+        return img.reduce(factor) if factor >= 2 else img
+    except ConfigError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{name} is not a readable image ({why}); remove or replace it") from None
+
+
 class StrictImages(Dataset):
-    """An image folder read like timm's ImageDataset, except that a file that cannot be decoded is an error
-    naming it (timm logs a warning and silently returns the next image instead)."""
+    """An image folder read like timm's ImageDataset, except that a file that cannot be decoded (or is too large)
+    is an error naming it (timm logs a warning and silently returns the next image instead)."""
 
     def __init__(self, ds: Dataset):
         self.ds = ds
@@ -155,15 +185,8 @@ class StrictImages(Dataset):
         return len(self.ds)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         img, target = self.reader[index][:2]
-        try:
-            img = Image.open(img).convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            name = self.reader.filename(index, absolute=True)
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"{name} is not a readable image ({why}); remove or replace it") from None
+        img = open_image(img, self.reader.filename(index, absolute=True))
         if self.ds.transform is not None:
             img = self.ds.transform(img)
         return img, -1 if target is None else target

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import functools
 import json
-import logging
 import os
-import socket
-import threading
-import urllib.parse
 from pathlib import Path
 
 import timm
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from timm.models import load_model_config_from_hf
 from torch import nn
 
@@ -31,7 +24,7 @@ from moe_cli.io.checkpoint import (
     read_metadata,
     weights_path,
 )
-from moe_cli.io.hub import is_moe_cli_repo, is_repo_id
+from moe_cli.io.hub import DOWNLOAD_ERRORS, download, download_hint, is_moe_cli_repo, is_repo_id, quiet_hub
 from moe_cli.models.genie import GenieConfig, is_genie_config
 from moe_cli.models.overrides import apply_overrides
 from moe_cli.models.probe import model_data_config
@@ -51,9 +44,6 @@ ALIASES = {
     "mixer_base": "mixer_b16_224",
 }
 
-DOWNLOAD_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError)
-
-
 def resolve_timm_name(name: str) -> str:
     """A registered timm name, an alias, or the ``*_224`` default among names starting with ``name_``."""
     base = name.split(".", 1)[0]  # pretrained tag: vit_small_patch16_224.augreg_in21k
@@ -68,68 +58,6 @@ def resolve_timm_name(name: str) -> str:
     close = difflib.get_close_matches(base, timm.list_models() + list(ALIASES), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(f'`{c}`' for c in close)}?" if close else "; see `timm.list_models()`"
     raise ModelSourceError(f"unknown model `{name}`: not a timm model name, hf-hub:org/name or existing file{hint}")
-
-
-HUB_PROBE_SECONDS = 3.0  # how long the Hub may take to accept a connection before we read the cache only
-
-
-def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` (name lookup included; run in
-    a thread, since a lookup without network can hang far longer than its caller's patience). Asked once per
-    endpoint in a process: loading one hf-hub source touches the Hub several times."""
-    from huggingface_hub import constants
-
-    return _reachable(constants.ENDPOINT, timeout)
-
-
-@functools.cache
-def _reachable(endpoint: str, timeout: float) -> bool:
-    url = urllib.parse.urlsplit(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((url.hostname, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(ok)
-
-
-@contextlib.contextmanager
-def quiet_hub():
-    """Hub access that fails fast and in one line: huggingface_hub's per-retry warnings are hidden, and when the
-    endpoint does not answer within a few seconds the Hub is read in offline mode (the local cache only) instead
-    of retrying for a minute; a failed download then ends in one clear line of ours."""
-    from huggingface_hub import constants
-
-    logger = logging.getLogger("huggingface_hub")
-    level, offline = logger.level, constants.HF_HUB_OFFLINE
-    logger.setLevel(logging.ERROR)
-    if not offline and not hub_reachable():
-        constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        constants.HF_HUB_OFFLINE = offline
-
-
-def download_hint(what: str, err: Exception) -> ModelSourceError:
-    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        reason = "the Hub is unreachable or offline, and the files are not in the local cache"
-    else:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        reason = reason if len(reason) <= 160 else reason[:160].rsplit(" ", 1)[0] + " …"
-    return ModelSourceError(
-        f"could not fetch {what}: {reason}; for random weights use --no-pretrained (moe upcycle) or "
-        "`model.pretrained: false` (recipes), or fill the Hugging Face cache (HF_HOME) on a machine with network and "
-        "run with HF_HUB_OFFLINE=1")
 
 
 def built_kwargs(model, kwargs: dict) -> dict:
@@ -169,7 +97,7 @@ def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -
 def _hub_config(hub_id: str) -> dict | None:
     """The repository's config.json (from the local cache when offline), or None if it has none."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         with quiet_hub():
@@ -265,19 +193,6 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
     if path.suffix == ".safetensors" or "/" in spec or spec.startswith("."):
         raise ModelSourceError(f"file not found: {spec}")
     return _from_timm(spec, pretrained, kwargs)
-
-
-def download(repo_id: str) -> Path:
-    """The local path of a pushed checkpoint's ``model.safetensors`` (from the cache when offline)."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        with quiet_hub():
-            return Path(hf_hub_download(repo_id, WEIGHTS_NAME))
-    except DOWNLOAD_ERRORS as e:
-        raise download_hint(f"`{repo_id}` from the Hugging Face Hub", e) from None
-    except ValueError as e:
-        raise ModelSourceError(f"`{repo_id}` is not a Hub id ({e})") from None
 
 
 def open_checkpoint(spec: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,

@@ -28,7 +28,7 @@ from moe_cli.moe.losses import expert_cv_loss, token_cv_loss
 from moe_cli.moe.recorder import RoutingRecorder, routing_stats
 from moe_cli.recipe import Recipe
 from moe_cli.runtime import atomic_write, autocast, pick_device
-from moe_cli.tasks import ClassifyTask
+from moe_cli.tasks import ClassifyTask, unwrap
 from moe_cli.train.build import upcycle_checkpoint
 from moe_cli.train.loop import Reporter, train
 
@@ -45,6 +45,7 @@ def stage_recipe(recipe: Recipe, steps: int, lr: float | None, name: str, **moe_
 def dense_moe(recipe: Recipe) -> Checkpoint:
     """Stage 0: the recipe's source upcycled into a soft-gated MoE, or a soft-gated MoE checkpoint as it is."""
     d, m = recipe.densify, recipe.model
+    torch.manual_seed(recipe.train.seed)  # the same initial weights (a source without pretrained ones) on every rank
     ckpt = load_source(m.source, pretrained=m.pretrained, arch=m.arch, model_kwargs=m.kwargs)
     if ckpt.moe is None:
         upcycle_checkpoint(ckpt, d.upcycle(), seed=recipe.train.seed)
@@ -59,7 +60,7 @@ def cv_loss(task: ClassifyTask, token_w: float, expert_w: float, eps: float) -> 
     """Task loss + weighted per-token and per-expert inverse-CV losses, averaged over MoE layers."""
 
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
-        with RoutingRecorder(model, gates=True) as rec:
+        with RoutingRecorder(unwrap(model), gates=True) as rec:
             loss, logs = task.loss(model, batch)
         gates = [r.gate for r in rec]
         tok = torch.stack([token_cv_loss(g, eps) for g in gates]).mean()
@@ -85,7 +86,7 @@ def sparsify(ckpt: Checkpoint, gate: MoEConfig, seed: int, noise_std: float = 0.
 
 def distill_loss(task: ClassifyTask, teachers: dict[str, torch.Tensor], distill_w: float, task_w: float) -> Callable:
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
-        with RoutingRecorder(model, aux=True, teachers=teachers) as rec:
+        with RoutingRecorder(unwrap(model), aux=True, teachers=teachers) as rec:  # layer names without DDP's
             loss, logs = task.loss(model, batch)
         kl = torch.stack([r.distill for r in rec]).mean()
         return distill_w * kl + task_w * loss, {**logs, "distill_kl": kl.detach()}

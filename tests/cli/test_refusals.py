@@ -119,7 +119,12 @@ def test_unsupported_devices_are_refused(cli, moe_ckpt, tmp_path, monkeypatch):
     ("data.std=[0, 1, 1]", "`data.std` in r.yaml must be three finite numbers > 0"),
     ("data.mean=[0.5, 0.5]", "`data.mean` in `--set data.mean=[0.5, 0.5]` must be list of 3 numbers"),
     ("data.interpolation=cubic", "`data.interpolation` in r.yaml must be one of"),
-    ("data.crop_pct=1.5", "`data.crop_pct` in r.yaml must be a number in (0, 1]"),
+    ("data.crop_pct=1.5", "`data.crop_pct` in r.yaml must be a number in [0.05, 1]"),
+    ("data.crop_pct=1e-9", "`data.crop_pct` in r.yaml must be a number in [0.05, 1] (images are resized to size / "
+                           "crop_pct)"),  # PIL's resize overflowed
+    ("data.mean=[1e30, 0, 0]", "`data.mean` in r.yaml: normalised pixels (x - mean) / std reach 2e+30 (x in [0, 1], "
+                               "std taken as 0.5), beyond +-10000"),  # the run died with a non-finite loss
+    ("data.std=[1e-30, 1, 1]", "`data.std` in r.yaml: normalised pixels (x - mean) / std reach 5e+29"),
     ("train.expert_parallel=0", "`train.expert_parallel` in r.yaml must be an integer >= 1"),
     ("train.parallel=zero3", "`train.parallel` in `--set train.parallel=zero3` must be 'ddp' | 'fsdp'"),
 ])

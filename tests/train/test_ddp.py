@@ -2,7 +2,9 @@
 
 import os
 import socket
+import sys
 
+import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -56,3 +58,20 @@ def test_aux_free_biases_stay_identical_on_both_ranks(tmp_path):
     bias = [k for k in r0 if k.endswith("router.expert_bias")]
     assert len(bias) == 2 and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert all(r0[k].abs().max() > 0 for k in bias)  # the biases moved
+
+
+@pytest.mark.parametrize("override", ["train.parallel=bogus", "train.expert_parallel=0"])
+def test_a_recipe_error_under_torchrun_is_printed_once(tmp_path, override):
+    """Every rank reads the same recipe before the processes join their group: rank 0 says what is wrong, once
+    (before: once per rank). torchrun turns the exit code 2 into its own 1."""
+    import shutil
+    import subprocess
+
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "out")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "moe_cli", "finetune", f, "--set",
+                        override], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "MOE_DEVICE": "cpu"})
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and override.split("=")[0] in errors[0], r.stderr
+    assert not (tmp_path / "out").exists()

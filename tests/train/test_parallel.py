@@ -151,6 +151,35 @@ def test_densify_stages_run_sharded_and_stage2_trains_only_the_gates(tmp_path):
     assert (tmp_path / "d2s" / "stage3" / "final" / "model.safetensors").is_file()
 
 
+def _densify_recipe(tmp, name: str, world: int, **train) -> str:
+    """Densify with the batch-statistic losses off (per-token CV, per-expert CV, load balance: each rank's batch has
+    its own statistics), so that every layout must give the one-process result."""
+    return write_recipe(tmp / f"{name}.yaml", tmp / name, moe={"load_balance": 0.0, "z_loss": 0.001},
+                        train={"batch_size": GLOBAL_BATCH // world, "log_every": 1, **train},
+                        densify={"experts": 4, "k": 2, "stage1": {"steps": 2, "token_cv": 0.0, "expert_cv": 0.0},
+                                 "stage2": {"steps": 2, "lr": 1e-2, "task": 0.5}, "stage3": {"steps": 2}})
+
+
+def test_densify_under_expert_parallel_matches_one_process(tmp_path):
+    """ddp + 2-way EP ran stage 1 and then died in stage 2 (the distillation KL was looked up under DDP's
+    `module.` names and found nothing); now all three stages run and equal the one-process run."""
+    from moe_cli.train.stages import densify_to_sparse
+
+    densify_to_sparse(load_recipe(_densify_recipe(tmp_path, "one", 1)), device="cpu")
+    f = _densify_recipe(tmp_path, "ep2", 2, expert_parallel=2)
+    mp.spawn(_densify_worker, args=(2, _free_port(), f), nprocs=2, join=True)
+    for stage in ("stage1", "stage2", "stage3"):
+        want, got = _losses(tmp_path / "one" / stage), _losses(tmp_path / "ep2" / stage)
+        assert sorted(got) == sorted(want) == [1, 2], stage
+        for step, loss in want.items():
+            assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), f"{stage} step {step}: {got[step]} vs {loss}"
+    want = safetensors.torch.load_file(str(tmp_path / "one" / "stage3" / "final" / "model.safetensors"))
+    got = safetensors.torch.load_file(str(tmp_path / "ep2" / "stage3" / "final" / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=2e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def test_layouts_the_job_cannot_take_are_refused(tmp_path, cli):
     from moe_cli.errors import ConfigError
     from moe_cli.runtime import Dist
