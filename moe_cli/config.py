@@ -23,7 +23,7 @@ import yaml
 from moe_cli.checks import Checked, Label, check, finite, in_recipe, is_int, labelled
 from moe_cli.errors import ConfigError
 from moe_cli.moe.config import Gate, MoEConfig, UpcycleCfg, enum_type
-from moe_cli.runtime import Parallel, Precision
+from moe_cli.runtime import Choice, Parallel, Precision
 
 
 @dataclass(frozen=True)
@@ -195,10 +195,16 @@ class TrainCfg(Checked):
         return self
 
 
+BalanceScope = Choice.of("BalanceScope", **{
+    "global": "f_i over the optimizer step's tokens so far, on all processes (one all-reduce per step and layer)",
+    "micro_batch": "f_i over each forward's own tokens (per process, per micro-batch)"})
+
+
 @dataclass(frozen=True)
 class MoELossCfg(Checked):
     load_balance: float = 0.01
     z_loss: float = 0.001
+    load_balance_scope: BalanceScope = BalanceScope("global")  # which tokens f_i of the load-balance loss counts
 
     def validate(self, label: Label) -> MoELossCfg:
         for name in ("load_balance", "z_loss"):

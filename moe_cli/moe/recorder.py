@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moe_cli.moe.dispatch import expert_counts
@@ -39,6 +40,9 @@ class LayerRecord:
     distill: torch.Tensor | None = None  # KL from the layer's teacher router (RoutingRecorder teachers=)
     gate: torch.Tensor | None = None  # (batch, tokens, E) combine weights (with gates=True)
     entropy: torch.Tensor | None = None  # mean router entropy over tokens, nats (with aux=True), detached
+    probs: torch.Tensor | None = None  # (E,) mean router probability per expert, P_i (with aux=True), differentiable
+    choices: torch.Tensor | None = None  # (E + 1,) the router's choices per expert (before a capacity limit drops
+    # any), then the number of (token, slot) places, detached: f_i of the load-balance loss (with aux=True)
 
 
 def load_share(counts: torch.Tensor) -> torch.Tensor:
@@ -72,6 +76,7 @@ class RoutingRecorder:
         self.layers = moe_layers(model)
         self.records: dict[str, LayerRecord] = {}
         self.step_counts: dict[str, torch.Tensor] = {}  # training forwards' counts since the last take_counts()
+        self.step_choices: dict[str, torch.Tensor] = {}  # and their choices (LayerRecord.choices), summed
         self._batch: dict[str, int] = {}
         self._handles: list = []
 
@@ -101,6 +106,11 @@ class RoutingRecorder:
         if self.aux:
             choices = counts if routing.chosen is None else expert_counts(routing.chosen, E)[1:]
             rec.load_balance = load_balance_loss(routing, E, choices)
+            rec.probs = routing.probs.mean(dim=0)
+            rec.choices = torch.cat([choices, choices.new_full((1,), routing.choices.numel())])
+            if router.training:
+                prev = self.step_choices.get(name)
+                self.step_choices[name] = rec.choices if prev is None else prev + rec.choices
             rec.z_loss = z_loss(routing.logits)
             p = routing.probs.detach()
             rec.entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
@@ -113,21 +123,39 @@ class RoutingRecorder:
     def take_counts(self) -> dict[str, torch.Tensor]:
         """Each layer's (token, slot) counts per expert over the training forwards since the last call (a step's
         micro-batches: what aux-loss-free balancing updates from), then starts over."""
-        counts, self.step_counts = self.step_counts, {}
+        counts, self.step_counts, self.step_choices = self.step_counts, {}, {}
         return counts
 
     def __iter__(self) -> Iterator[LayerRecord]:
         return iter(self.records.values())
 
-    def aux_loss(self, load_balance: float, z_loss: float) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def aux_loss(self, load_balance: float, z_loss: float, scope: str = "micro_batch",
+                 group=None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Weighted load-balance + z-loss averaged over the MoE layers of the last forward, and the unweighted
-        means as tensors (``load_balance``, ``z_loss``, ``dropped``) for logging (read them at log steps only)."""
-        recs = [r for r in self if r.load_balance is not None]
+        means as tensors (``load_balance``, ``z_loss``, ``dropped``) for logging (read them at log steps only).
+
+        ``scope`` says over which tokens f_i (the share of the router's choices per expert) is counted:
+        ``micro_batch``, this forward's own; ``global``, the optimizer step's so far (the training forwards since
+        the last :meth:`take_counts`, i.e. its micro-batches up to this one) summed over the processes of
+        ``group`` with one all-reduce of E + 1 numbers per layer (Qiu et al. 2025, "Demons in the detail";
+        Megatron-Core's global_aux_loss). P_i, the mean router probability, is always this forward's: its
+        gradient is local, and averaging the processes' gradients gives the one-process gradient of the
+        global-batch loss."""
+        recs = [(name, r) for name, r in self.records.items() if r.load_balance is not None]
         if not recs:
             return None, {}
-        lb = torch.stack([r.load_balance for r in recs]).mean()
-        z = torch.stack([r.z_loss for r in recs]).mean()
-        dropped = torch.stack([r.dropped for r in recs]).mean()
+        if scope == "global":
+            counts = torch.stack([self.step_choices.get(name, r.choices) for name, r in recs]).float()
+            if group is not None:
+                counts = counts.clone()
+                dist.all_reduce(counts, group=group)
+            frac = counts[:, :-1] / counts[:, -1:].clamp_min(1)
+            lb = torch.stack([r.probs.numel() * (f * r.probs).sum() for f, (_, r) in zip(frac, recs, strict=True)])
+            lb = lb.mean()
+        else:
+            lb = torch.stack([r.load_balance for _, r in recs]).mean()
+        z = torch.stack([r.z_loss for _, r in recs]).mean()
+        dropped = torch.stack([r.dropped for _, r in recs]).mean()
         return load_balance * lb + z_loss * z, {"load_balance": lb.detach(), "z_loss": z.detach(), "dropped": dropped}
 
     def imbalance(self) -> torch.Tensor | None:

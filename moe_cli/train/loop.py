@@ -227,6 +227,7 @@ def train(
 
     # ---- the loop
     recorder = RoutingRecorder(model, aux=True)  # aux losses and routing statistics of each training forward
+    lb_group = dist.group.WORLD if dd.world > 1 else None  # every process trains on its own tokens
     health = RoutingHealth()  # per-layer load, dropped share and entropy, read at log steps; warns on collapse
     balancing = [(n, m) for n, m in moe_layers(model) if m.cfg.balance == "aux_free"]
     first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step whose loss was not finite
@@ -244,7 +245,8 @@ def train(
                 sync = micro % t.grad_accum == 0
                 with par.no_sync(train_model, sync), autocast(dev, t.precision):
                     loss, logs = loss_fn(train_model, batch)
-                    aux, aux_logs = recorder.aux_loss(recipe.moe.load_balance, recipe.moe.z_loss)
+                    aux, aux_logs = recorder.aux_loss(recipe.moe.load_balance, recipe.moe.z_loss,
+                                                      recipe.moe.load_balance_scope, lb_group)
                     total_loss = loss + aux if aux is not None else loss
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total_loss.detach()), step + 1, first_bad)
                 scaler.scale(total_loss / t.grad_accum).backward()

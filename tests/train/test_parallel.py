@@ -1,8 +1,9 @@
 """FSDP2, expert parallelism and both, on 2 and 4 gloo processes, against one process with the same global batch.
 
 Every layout (and fsdp + EP under torch.compile) reaches the one-process losses at every step and its final
-weights (fp32; the load-balance loss is off because it is not linear in the batch: each rank's batch has its own
-balance). A run stopped on 4 processes
+weights (fp32), with the load-balance loss on: its f_i is counted over the global batch (all processes, one
+all-reduce), so it is the one-process loss; counted per process (`moe.load_balance_scope: micro_batch`) it is
+not, and that run is shown to differ. A run stopped on 4 processes
 (fsdp, 4-way EP) resumes on 2 (fsdp, 2-way EP) and continues the uninterrupted run. The final checkpoint is one
 whole file every command reads."""
 
@@ -30,9 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _recipe(tmp, name: str, world: int, **train) -> str:
+def _recipe(tmp, name: str, world: int, scope: str = "global", **train) -> str:
     return write_recipe(tmp / f"{name}.yaml", tmp / name, model={"upcycle": {"experts": 4, "k": 2}},
-                        moe={"load_balance": 0.0, "z_loss": 0.001},
+                        moe={"load_balance": 0.1, "z_loss": 0.001, "load_balance_scope": scope},
                         train={"steps": STEPS, "batch_size": GLOBAL_BATCH // world, "log_every": 1, **train})
 
 
@@ -56,6 +57,7 @@ def _recipes(tmp, world: int) -> list[str]:
     if world == 2:
         runs.append(_recipe(tmp, "compiled_w2", world, compile=True, compile_backend="aot_eager",
                             **LAYOUTS["fsdp_ep2"]))
+        runs.append(_recipe(tmp, "per_process_w2", world, scope="micro_batch"))
     return runs + [_recipe(tmp, "resumed", world, parallel="fsdp", expert_parallel=world, ckpt_every=2)]
 
 
@@ -107,6 +109,9 @@ def test_sharded_layouts_match_one_process(tmp_path):
         mp.spawn(_worker, args=(world, _free_port(), _recipes(tmp_path, world)), nprocs=world, join=True)
     # one torchrun process joins a group of one and shards over it (the one-GPU NCCL smoke test's path)
     mp.spawn(_one_torchrun_process, args=(_free_port(), _recipe(tmp_path, "fsdp_w1", 1, parallel="fsdp")), nprocs=1)
+    # the load-balance loss counted on each process's own tokens is another loss: the check can tell
+    per_process = _losses(tmp_path / "per_process_w2")
+    assert max(abs(per_process[s] - want_losses[s]) for s in want_losses) > 1e-4, (per_process, want_losses)
     runs = [f"{name}_w{world}" for world in (2, 4) for name in LAYOUTS] + ["fsdp_w1", "compiled_w2", "resumed"]
     for run in runs:
         losses = _losses(tmp_path / run)
