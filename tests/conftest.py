@@ -114,3 +114,17 @@ def seed_alexnet(hub) -> None:
     (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     torch.save(torchvision.models.alexnet().state_dict(), hub / "checkpoints" / ALEXNET_FILE)
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def seed_hub_cache(cache, repo_id, folder):
+    """Put ``folder``'s files where huggingface_hub keeps a downloaded snapshot of ``repo_id``."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / HUB_COMMIT
+    snap.mkdir(parents=True)
+    for p in folder.iterdir():
+        (snap / p.name).write_bytes(p.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)

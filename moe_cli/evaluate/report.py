@@ -10,7 +10,7 @@ import torch
 from moe_cli.config import DataCfg
 from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError, MoeError
-from moe_cli.io.checkpoint import Checkpoint, create_timm
+from moe_cli.io.checkpoint import Checkpoint, create_model
 from moe_cli.models.flops import compute_report
 from moe_cli.models.lpips import lpips_model
 from moe_cli.moe.recorder import routing_stats
@@ -120,7 +120,7 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
     if "flops" in metrics:
         out["flops"] = compute_report(model, samples)
         if ckpt.moe is not None:
-            dense = create_timm(ckpt.architecture["name"], ckpt.architecture.get("kwargs", {})).to(device)
+            dense = create_model(ckpt.architecture["name"], ckpt.architecture.get("kwargs", {})).to(device)
             out["flops"]["dense"] = compute_report(dense, samples)
     if "throughput" in metrics:
         out["throughput"] = {f"{task.unit}s_per_s": throughput(model, samples, device, precision), "unit": task.unit,

@@ -14,6 +14,7 @@ from torch import nn
 
 from moe_cli.config import PREPROCESS_FIELDS, check_preprocessing
 from moe_cli.errors import CheckpointError, ConfigError, ModelSourceError
+from moe_cli.models import causal_lm
 from moe_cli.models.surgery import apply_moe, layout_of_model
 from moe_cli.moe.config import MoELayout
 from moe_cli.runtime import Precision, atomic_write
@@ -82,8 +83,12 @@ def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None,
     if dtype is not None and dtype not in set(Precision):
         raise ConfigError(f"dtype must be one of {', '.join(Precision)}, got {dtype!r}")
     cast = Precision(dtype).dtype if dtype else None
-    out = {}
+    out, seen = {}, {}
     for name, t in (tensors if tensors is not None else ckpt.model.state_dict()).items():
+        key = (t.device, t.data_ptr(), t.shape)
+        if t.numel() and key in seen:  # a tied weight (an LM's head is its embedding): stored once
+            continue
+        seen[key] = name
         t = t.detach()
         if cast is not None and t.is_floating_point():
             t = t.to(cast)
@@ -130,7 +135,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
     except Exception as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
     own = model.state_dict()
-    missing = [k for k in own if k not in shapes]
+    stored = {(t.data_ptr(), t.shape) for k, t in own.items() if k in shapes}
+    missing = [k for k in own if k not in shapes and (own[k].data_ptr(), own[k].shape) not in stored]  # tied: kept once
     unexpected = [k for k in shapes if k not in own]
     if missing or unexpected:
         what = f"missing `{missing[0]}`" if missing else f"unexpected `{unexpected[0]}`"
@@ -189,6 +195,14 @@ def create_timm(name: str, kwargs: dict) -> nn.Module:
         raise ModelSourceError(f"cannot build timm model `{name}` with {kwargs}: {why}") from None
 
 
+def create_model(name: str, kwargs: dict) -> nn.Module:
+    """The architecture a checkpoint names, without weights: a timm name, or ``transformers:ClassName`` with its
+    config (one of the causal-LM classes moe-cli lists; :mod:`moe_cli.models.causal_lm`)."""
+    if isinstance(name, str) and name.startswith(causal_lm.PREFIX):
+        return causal_lm.build(name, kwargs)
+    return create_timm(name, kwargs)
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Rebuild the exact model saved by :func:`save` from the file alone."""
     target = weights_path(path)
@@ -211,7 +225,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(f"{target}: metadata `data_config` must be a mapping, got {data_config!r}")
         data_config = check_preprocessing({k: v for k, v in data_config.items() if k in PREPROCESS_FIELDS},
                                           lambda key: f"{target}: metadata `data_config.{key}`")
-    model = create_timm(arch["name"], architecture_kwargs(arch.get("kwargs", {}), str(target)))
+    model = create_model(arch["name"], architecture_kwargs(arch.get("kwargs", {}), str(target)))
     if moe_dict is not None:
         def label(name: str) -> str:
             return f"{target}: metadata `moe{'.' + name if name else ''}`"

@@ -25,6 +25,7 @@ from moe_cli.io.checkpoint import (
     weights_path,
 )
 from moe_cli.io.hub import DOWNLOAD_ERRORS, download, download_hint, is_moe_cli_repo, is_repo_id, quiet_hub
+from moe_cli.models import causal_lm
 from moe_cli.models.genie import GenieConfig, is_genie_config
 from moe_cli.models.overrides import apply_overrides
 from moe_cli.models.probe import model_data_config
@@ -94,6 +95,12 @@ def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -
     return Checkpoint(model, arch, source=source, data_config=model_data_config(model))
 
 
+def _from_transformers(where: str, folder: str, config: dict, pretrained: bool) -> Checkpoint:
+    """A transformers causal LM (a local folder, or a Hub repository through the cache), as a dense checkpoint."""
+    model = causal_lm.from_pretrained(folder, config, pretrained)
+    return Checkpoint(model, causal_lm.architecture(model), source=where)
+
+
 def _hub_config(hub_id: str) -> dict | None:
     """The repository's config.json (from the local cache when offline), or None if it has none."""
     from huggingface_hub import hf_hub_download
@@ -126,6 +133,13 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
         raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
     if is_moe_cli_repo(config):  # a checkpoint pushed by `moe push`
         return load_checkpoint(download(hub_id))
+    if causal_lm.is_transformers_config(config):  # a transformers model: its own class reads the repository
+        causal_lm.lm_class(config, f"`{spec}`")
+        try:
+            with quiet_hub():
+                return _from_transformers(spec, hub_id, config, pretrained)
+        except DOWNLOAD_ERRORS as e:
+            raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
     if is_genie_config(config):  # a released 1X GENIE repository: flat config.json + model.safetensors
         from huggingface_hub import hf_hub_download
 
@@ -147,6 +161,17 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
         raise ModelSourceError(f"cannot build `{spec}`: {str(e).splitlines()[0]}") from None
     arch = {"name": arch_name, "kwargs": built_kwargs(model, {**(model_args or {}), **kwargs})}
     return Checkpoint(model, arch, source=spec, data_config=model_data_config(model))
+
+
+def _folder_config(path: Path) -> dict | None:
+    """A folder's config.json, if it has a readable one."""
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # _from_file names the file
 
 
 def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
@@ -189,6 +214,9 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
     if path.exists():
         if is_moe_checkpoint(path):
             return load_checkpoint(path)
+        config = _folder_config(path)
+        if causal_lm.is_transformers_config(config) and arch is None:
+            return _from_transformers(str(path), str(path), config, pretrained=True)
         return _from_file(path, arch, kwargs)
     if path.suffix == ".safetensors" or "/" in spec or spec.startswith("."):
         raise ModelSourceError(f"file not found: {spec}")

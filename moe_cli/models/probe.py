@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moe_cli.config import PREPROCESS_FIELDS
-from moe_cli.models.protocols import is_token_model
+from moe_cli.models.protocols import ProbedModel
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -21,9 +21,10 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def probe_batch(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """Random images shaped like the model's input, or the model's own ``example_input`` (token models)."""
+    """Random images shaped like the model's input, or the model's own ``example_input`` (token and language
+    models)."""
     gen = torch.Generator().manual_seed(seed)
-    if is_token_model(model):
+    if isinstance(model, ProbedModel):
         return model.example_input(batch, gen)
     c, h, w = input_size(model)
     device = next(model.parameters()).device

@@ -10,6 +10,14 @@ from torch import nn
 
 
 @runtime_checkable
+class ProbedModel(Protocol):
+    """A model that makes its own example input (token models, language models): the probe batch of the
+    upcycling check, instead of random images."""
+
+    def example_input(self, batch: int = 2, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class TokenModel(Protocol):
     """A model over token grids (frames, height, width) with ids in [0, vocab_size); ``mask_id`` is [MASK]."""
 

@@ -180,11 +180,37 @@ class GateUpDownLayout(FFNLayout):
         _put(module.down_proj, weights["w2"], weights.get("b2"))
 
 
+class Conv1DLayout(FFNLayout):
+    """GPT-2's MLP (transformers ``GPT2MLP``): dropout(c_proj(act(c_fc x))), where c_fc and c_proj are
+    transformers ``Conv1D`` layers holding their weights transposed (in, out). Detected by its parts."""
+
+    name = "GPT-2 MLP"
+    attrs = ("c_fc", "c_proj", "act")
+
+    def detects(self, module: nn.Module) -> bool:
+        return all(type(getattr(module, a, None)).__name__ == "Conv1D" for a in ("c_fc", "c_proj")) and \
+            isinstance(getattr(module, "act", None), nn.Module)
+
+    def read(self, module: nn.Module) -> DenseFFN:
+        fc, proj = module.c_fc, module.c_proj
+        w = {"w1": fc.weight.T, "b1": fc.bias, "w2": proj.weight.T, "b2": proj.bias}
+        drop = getattr(getattr(module, "dropout", None), "p", 0.0)
+        return DenseFFN(fc.weight.shape[0], fc.weight.shape[1], proj.weight.shape[1], module.act, _kept(w),
+                        drop=(0.0, drop), device=fc.weight.device)
+
+    def write(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        for layer, w, b in ((module.c_fc, "w1", "b1"), (module.c_proj, "w2", "b2")):
+            layer.weight.data.copy_(weights[w].T)
+            if b in weights:
+                layer.bias.data.copy_(weights[b])
+
+
 # most specific first: a module named with `target` takes the first layout that accepts it
 LAYOUTS: tuple[FFNLayout, ...] = (
     SwiGLULayout(),
     GluLayout(),
     GateUpDownLayout(),
+    Conv1DLayout(),
     FcLayout(),
 )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from moe_cli.checks import Label, argument
 from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
-from moe_cli.io.checkpoint import Checkpoint, create_timm
+from moe_cli.io.checkpoint import Checkpoint, create_model
 from moe_cli.io.sources import load_source
 from moe_cli.models.reduce import densify, expert_usage, merge, prune
 from moe_cli.models.upcycle import TOLERANCE, Upcycled, upcycle_verified
@@ -58,7 +58,7 @@ def merge_checkpoint(ckpt: Checkpoint, experts: int, calib: str = "digits", cali
                    label)
     if experts == 1:
         arch = ckpt.architecture
-        dense = densify(ckpt.model, create_timm(arch["name"], arch.get("kwargs", {})))
+        dense = densify(ckpt.model, create_model(arch["name"], arch.get("kwargs", {})))
         ckpt = Checkpoint(dense.eval(), arch, ckpt.source, ckpt.task, {}, ckpt.task_config,
                           data_config=ckpt.data_config)
     return ckpt, groups

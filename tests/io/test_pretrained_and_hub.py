@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_recipe
+from conftest import seed_hub_cache, write_recipe
 from PIL import Image
 
 from moe_cli.config import DataCfg
@@ -128,20 +128,6 @@ def test_a_failing_hub_fetch_returns_in_seconds(monkeypatch, tmp_path):
         load_source("vit_tiny_patch16_224", pretrained=True, model_kwargs={"depth": 1})
     assert time.perf_counter() - t0 < 5
     assert constants.HF_HUB_OFFLINE is False  # the offline switch is undone afterwards
-
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def seed_hub_cache(cache, repo_id, folder):
-    """Put ``folder``'s files where huggingface_hub keeps a downloaded snapshot of ``repo_id``."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snap = repo / "snapshots" / COMMIT
-    snap.mkdir(parents=True)
-    for p in folder.iterdir():
-        (snap / p.name).write_bytes(p.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
 
 
 def test_push_dry_run_writes_the_card_and_the_repo_loads_back_through_the_hub_cache(cli, tmp_path):

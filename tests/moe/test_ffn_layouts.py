@@ -103,6 +103,7 @@ def test_gate_up_down_merges_back_to_the_dense_model_and_calibrates():
 
 
 def test_a_layout_is_one_adapter_in_one_list():
-    assert [type(lay).__name__ for lay in LAYOUTS] == ["SwiGLULayout", "GluLayout", "GateUpDownLayout", "FcLayout"]
+    assert [type(lay).__name__ for lay in LAYOUTS] == ["SwiGLULayout", "GluLayout", "GateUpDownLayout", "Conv1DLayout",
+                                                       "FcLayout"]
     with pytest.raises(ValueError, match="not an FFN of a known layout"):
         read_ffn(nn.Linear(2, 2))
