@@ -108,13 +108,21 @@ def test_matches_transformers_qwen2_moe_block():
     cfg = transformers.Qwen2MoeConfig(hidden_size=16, moe_intermediate_size=24, shared_expert_intermediate_size=24,
                                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, hidden_act="silu")
     block = Qwen2MoeSparseMoeBlock(cfg).eval()
+    for p in block.parameters():  # transformers >= 5 leaves a bare module's weights uninitialised
+        torch.nn.init.normal_(p, std=0.1)
     layer = from_dense(SwiGLU(16, 24, bias=False), 4, 2, shared_experts=1, shared_gate=True).eval()
     with torch.no_grad():
         layer.router.weight.copy_(block.gate.weight)
-        for e, expert in enumerate(block.experts):
-            layer.experts.w1[e].copy_(expert.up_proj.weight)
-            layer.experts.wg[e].copy_(expert.gate_proj.weight)
-            layer.experts.w2[e].copy_(expert.down_proj.weight)
+        if hasattr(block.experts, "gate_up_proj"):  # transformers >= 5: fused (E, 2H, D) gate-then-up, (E, D, H)
+            gate, up = block.experts.gate_up_proj.chunk(2, dim=1)
+            layer.experts.wg.copy_(gate)
+            layer.experts.w1.copy_(up)
+            layer.experts.w2.copy_(block.experts.down_proj)
+        else:  # transformers 4: one module per expert
+            for e, expert in enumerate(block.experts):
+                layer.experts.w1[e].copy_(expert.up_proj.weight)
+                layer.experts.wg[e].copy_(expert.gate_proj.weight)
+                layer.experts.w2[e].copy_(expert.down_proj.weight)
         layer.shared.w1[0].copy_(block.shared_expert.up_proj.weight)
         layer.shared.wg[0].copy_(block.shared_expert.gate_proj.weight)
         layer.shared.w2[0].copy_(block.shared_expert.down_proj.weight)
