@@ -61,6 +61,10 @@ def eval_cmd(
     print_tables(result, task)
 
 
+def _gflops(value: float) -> str:
+    return f"{value:.4f}" if value >= 0.01 else f"{value:.3g}"  # a tiny LM's per-token figure keeps 3 digits
+
+
 def _value(r: dict, path: tuple[str, ...]):
     for key in path:
         r = r.get(key) if isinstance(r, dict) else None
@@ -78,8 +82,9 @@ def print_tables(r: dict, task: type[Task]) -> None:
     if "flops" in r:
         f = r["flops"]
         dense = f.get("dense")
-        summary.add_row(f"GFLOPs / {task.unit} (active)", f"{f['gflops_per_image']:.4f}" +
-                        (f"  (dense {dense['gflops_per_image']:.4f})" if dense else ""))
+        key = f"gflops_per_{task.unit}"
+        summary.add_row(f"GFLOPs / {task.unit} (active)", _gflops(f[key]) +
+                        (f"  (dense {_gflops(dense[key])})" if dense else ""))
         summary.add_row("params total", f"{f['params_total'] / 1e6:.2f}M" +
                         (f"  (dense {dense['params_total'] / 1e6:.2f}M)" if dense else ""))
         summary.add_row("params active / token", f"{f['params_active'] / 1e6:.2f}M")

@@ -1,4 +1,5 @@
-"""`moe export`: write a checkpoint as one self-describing .safetensors file, optionally cast."""
+"""`moe export`: write a checkpoint as one self-describing .safetensors file (optionally cast), or an upcycled
+transformers causal LM as its family's native transformers MoE folder."""
 
 from __future__ import annotations
 
@@ -11,16 +12,35 @@ from moe_cli.cli.common import CheckpointArg, OverwriteOpt, Precision, console, 
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import save
 from moe_cli.io.sources import open_checkpoint
+from moe_cli.io.transformers_export import export_transformers
+from moe_cli.runtime import Choice, describe
+
+Format = Choice.of("Format", **{"moe-cli": "one .safetensors file that moe_cli.load rebuilds alone",
+                                "transformers": "a folder transformers loads natively (Mixtral, Qwen2-MoE, Qwen3-MoE)"})
 
 
 @user_errors
 def export(
     ckpt: CheckpointArg,
-    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
-    dtype: Annotated[Precision, typer.Option(help="Floating-point dtype of the weights.")] = Precision.fp32,
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file (moe-cli) or folder (transformers)."),
+    fmt: Annotated[Format, typer.Option("--format", help=f"What to write. {describe(Format)}.")] =
+        Format("moe-cli"),
+    dtype: Annotated[Precision, typer.Option(help="Floating-point dtype of the weights (moe-cli format).")] =
+        Precision.fp32,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Export a checkpoint to a single .safetensors file that `moe_cli.load` rebuilds alone."""
+    """Export a checkpoint: one self-describing .safetensors file, or a native transformers MoE folder."""
+    if fmt == "transformers":
+        if out.suffix == ".safetensors":
+            raise ConfigError(f"--format transformers writes a folder; --out {out} is a .safetensors file name")
+        writable(out, overwrite)
+        checkpoint = open_checkpoint(ckpt)
+        source = Path(checkpoint.source) if checkpoint.source and Path(checkpoint.source).is_dir() else None
+        path, target, diff = export_transformers(checkpoint, out, source)
+        console.print(f"verify: max |moe-cli - transformers {target}| = {diff:.3e} on a probe batch ok")
+        console.print(f"exported {path} ({target}; transformers.AutoModelForCausalLM.from_pretrained loads it)",
+                      soft_wrap=True)
+        return
     dtype = dtype.value
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must be a .safetensors file, got {out}")

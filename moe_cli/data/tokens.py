@@ -31,13 +31,17 @@ DTYPES = ("uint8", "uint16", "int16", "int32", "int64")
 class TokenSpec:
     path: Path  # the JSON file
     file: Path  # the raw array
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, ...]  # (sequences, frames, H, W), or (sequences, length) for language models
     dtype: str
     vocab_size: int
 
 
-def read_spec(root: str | os.PathLike, split: str) -> TokenSpec:
-    """Parse and check ``root/split.json``; every problem is a one-line ConfigError naming the file and field."""
+SHAPES = {4: "[sequences, frames, H, W]", 2: "[sequences, length]"}
+
+
+def read_spec(root: str | os.PathLike, split: str, dims: int = 4) -> TokenSpec:
+    """Parse and check ``root/split.json`` (``dims``: 4 for video tokens, 2 for text); every problem is a one-line
+    ConfigError naming the file and field."""
     path = Path(root) / f"{split}.json"
     if not path.is_file():
         found = sorted(p.stem for p in Path(root).glob("*.json")) if Path(root).is_dir() else []
@@ -51,10 +55,10 @@ def read_spec(root: str | os.PathLike, split: str) -> TokenSpec:
         raise ConfigError(f"{path} must hold a JSON object with file, shape, dtype, vocab_size")
     for key in ("file", "shape", "dtype", "vocab_size"):
         if key not in meta:
-            raise ConfigError(f"{path}: missing `{key}` (expected file, shape [N, frames, H, W], dtype, vocab_size)")
+            raise ConfigError(f"{path}: missing `{key}` (expected file, shape {SHAPES[dims]}, dtype, vocab_size)")
     shape = meta["shape"]
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise ConfigError(f"{path}: `shape` must be 4 positive integers [sequences, frames, H, W], got {shape!r}")
+    if not (isinstance(shape, list) and len(shape) == dims and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ConfigError(f"{path}: `shape` must be {dims} positive integers {SHAPES[dims]}, got {shape!r}")
     if meta["dtype"] not in DTYPES:
         raise ConfigError(f"{path}: `dtype` must be one of {', '.join(DTYPES)}, got {meta['dtype']!r}")
     vocab = meta["vocab_size"]

@@ -211,6 +211,12 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
     path = Path(spec)
     if spec.startswith("hf-hub:"):
         return _from_hub(spec, pretrained, kwargs)
+    if spec.startswith(causal_lm.PREFIX):  # a transformers class from its config (model.kwargs), fresh weights
+        if pretrained:
+            raise ModelSourceError(f"`{spec}` names an architecture, not weights: set `pretrained: false` (and its "
+                                   "config in model.kwargs), or give a transformers folder or hf-hub:org/name")
+        model = causal_lm.build(spec, kwargs)
+        return Checkpoint(model, causal_lm.architecture(model), source=spec)
     if path.exists():
         if is_moe_checkpoint(path):
             return load_checkpoint(path)

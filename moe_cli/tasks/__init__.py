@@ -10,6 +10,7 @@ trains on, how it prepares, trains and evaluates a model, and what `moe eval` re
   a user decoder (module:function).
 - `genie` (:mod:`.genie`): the 1X GENIE objective (corruption + MaskGIT masking, factored CE) and its evaluation
   protocol (frame-by-frame greedy MaskGIT generation; CE, token accuracy, LPIPS).
+- `causal-lm` (:mod:`.causal_lm`): next-token prediction for transformers causal LMs; CE, perplexity, accuracy.
 
 A new task is one module and one line in :data:`TASKS` below (or :func:`register` from outside the package).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from moe_cli.errors import ConfigError
 from moe_cli.tasks.base import Metric, Task, TaskData, TokenTask, unwrap
+from moe_cli.tasks.causal_lm import CausalLMTask
 from moe_cli.tasks.classify import ClassifyTask
 from moe_cli.tasks.genie import GenieTask
 from moe_cli.tasks.mae import MAETask
@@ -28,6 +30,7 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (
     MAETask,
     MaskedTokensTask,
     GenieTask,
+    CausalLMTask,
 )}
 EVAL_METRICS = ("routing", "flops", "throughput")  # what `moe eval` measures of every task's model
 
@@ -74,6 +77,6 @@ def reporting(metric: str) -> list[str]:
     return [name for name, t in TASKS.items() if any(m.name == metric for m in t.metrics)]
 
 
-__all__ = ["EVAL_METRICS", "TASKS", "ClassifyTask", "GenieTask", "MAETask", "MaskedTokensTask", "Metric", "Task",
-           "TaskData", "TokenTask", "data_owner", "fill_masked", "make_task", "metric_names", "register", "reporting",
-           "sections", "task_class", "token_mask", "unwrap"]
+__all__ = ["EVAL_METRICS", "TASKS", "CausalLMTask", "ClassifyTask", "GenieTask", "MAETask", "MaskedTokensTask",
+           "Metric", "Task", "TaskData", "TokenTask", "data_owner", "fill_masked", "make_task", "metric_names",
+           "register", "reporting", "sections", "task_class", "token_mask", "unwrap"]

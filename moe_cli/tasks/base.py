@@ -76,6 +76,11 @@ class Task:
         self.cfg = cfg if cfg is not None else (self.Config() if self.Config is not None else None)
         self.label_smoothing = label_smoothing
 
+    @staticmethod
+    def inputs_per_sample(samples: torch.Tensor) -> int:
+        """How many ``unit`` one sample of a batch is (1; a language model's sequence: its tokens)."""
+        return 1
+
     @classmethod
     def from_config(cls, config: dict | None = None, label_smoothing: float = 0.0) -> Task:
         """Built from its recipe section or a checkpoint's task_config (keys it does not know are ignored)."""

@@ -1,0 +1,98 @@
+"""`moe export --format transformers`: an upcycled Llama / Mistral becomes a MixtralForCausalLM folder, a Qwen2 with
+its gated shared expert a Qwen2MoeForCausalLM, a Qwen3 a Qwen3MoeForCausalLM; transformers' own
+AutoModelForCausalLM loads each (no moe-cli code, no trust_remote_code) and gives moe-cli's logits — and, copy
+upcycled, the dense model's. What a target cannot express is one line naming it, with nothing written."""
+
+import json
+
+import pytest
+import torch
+from conftest import one_line
+from tolerance import assert_close_scaled
+
+transformers = pytest.importorskip("transformers")
+
+from moe_cli.io.checkpoint import load_checkpoint, save  # noqa: E402
+from moe_cli.io.sources import load_source  # noqa: E402
+from moe_cli.models.surgery import upcycle  # noqa: E402
+
+SMALL = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "bos_token_id": 1,
+         "eos_token_id": 2, "pad_token_id": 0}
+CONFIGS = {"llama": lambda: transformers.LlamaConfig(**SMALL, tie_word_embeddings=True),
+           "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=None),
+           "qwen2": lambda: transformers.Qwen2Config(**SMALL, tie_word_embeddings=True),
+           "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=8),
+           "gpt2": lambda: transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)}
+CASES = [("llama", {"experts": 4, "k": 2}, "MixtralForCausalLM"),
+         ("mistral", {"experts": 4, "k": 2}, "MixtralForCausalLM"),
+         ("qwen2", {"experts": 4, "k": 2, "shared_experts": 1, "shared_gate": True}, "Qwen2MoeForCausalLM"),
+         ("qwen3", {"experts": 4, "k": 2}, "Qwen3MoeForCausalLM")]
+IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def dense_folder(tmp_path, family):
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    lm.save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    return lm
+
+
+def upcycled(tmp_path, family, fields, noise=0.0):
+    src = load_source(str(tmp_path / "dense"))
+    upcycle(src.model, seed=0, noise_std=noise, **fields)
+    return save(src, tmp_path / "moe").parent
+
+
+@pytest.mark.parametrize("family,fields,target", CASES, ids=[c[0] for c in CASES])
+def test_native_export_loads_in_transformers_and_gives_moe_clis_logits(cli, tmp_path, family, fields, target):
+    dense_folder(tmp_path, family)
+    ckpt = upcycled(tmp_path, family, fields, noise=0.01)  # noisy copies: the experts differ, routing matters
+    r = cli("export", str(ckpt), "--format", "transformers", "--out", str(tmp_path / "native"))
+    assert r.exit_code == 0, r.output
+    assert "verify: max |moe-cli - transformers" in r.output and target in r.output
+    native = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "native"), dtype=torch.float32).eval()
+    assert type(native).__name__ == target
+    assert (tmp_path / "native" / "tokenizer_config.json").is_file()  # tokenizer files come along
+    with torch.no_grad():
+        want = load_checkpoint(ckpt).model(IDS)
+        assert_close_scaled(native(input_ids=IDS, use_cache=False).logits, want, torch.float32, ulps=256)
+
+
+def test_the_shared_expert_qwen2_moe_export_reproduces_the_dense_model(cli, tmp_path):
+    dense = dense_folder(tmp_path, "qwen2")
+    ckpt = upcycled(tmp_path, "qwen2", {"experts": 4, "k": 2, "shared_experts": 1, "shared_gate": True})
+    assert cli("export", str(ckpt), "--format", "transformers", "--out", str(tmp_path / "native")).exit_code == 0
+    native = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "native"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert_close_scaled(native(input_ids=IDS, use_cache=False).logits, dense(input_ids=IDS).logits, torch.float32,
+                            ulps=256)
+
+
+@pytest.mark.parametrize("family,fields,needle", [
+    ("llama", {"experts": 4, "k": 4, "init": "split"}, "split experts (combine: sum)"),
+    ("llama", {"experts": 4, "k": 2, "capacity_factor": 1.0}, "capacity limits"),
+    ("llama", {"experts": 4, "k": 2, "shared_experts": 1}, "MixtralForCausalLM cannot express shared experts"),
+    ("llama", {"experts": 4, "k": 2, "gate": "sigmoid_topk"}, "gate sigmoid_topk"),
+    ("llama", {"experts": 4, "k": 2, "layers": "0"}, "dense layers between MoE layers"),
+    ("qwen2", {"experts": 4, "k": 2, "shared_experts": 1}, "a shared expert without its sigmoid gate"),
+    ("qwen3", {"experts": 4, "k": 2, "balance": "aux_free"}, "aux-loss-free selection biases"),
+    ("gpt2", {"experts": 4, "k": 2}, "a `gpt2` model has no native transformers MoE class"),
+])
+def test_what_a_target_cannot_express_is_refused(cli, tmp_path, family, fields, needle):
+    dense_folder(tmp_path, family)
+    ckpt = upcycled(tmp_path, family, fields)
+    one_line(cli("export", str(ckpt), "--format", "transformers", "--out", str(tmp_path / "native")), needle)
+    assert not (tmp_path / "native").exists()
+
+
+def test_a_dense_or_timm_checkpoint_is_refused(cli, tmp_path):
+    dense_folder(tmp_path, "llama")
+    dense = save(load_source(str(tmp_path / "dense")), tmp_path / "d").parent
+    one_line(cli("export", str(dense), "--format", "transformers", "--out", str(tmp_path / "n")), "is dense")
+    assert cli("upcycle", "vit_tiny_patch16_224", "--no-pretrained", "-m", "depth=1", "-m", "img_size=32", "--out",
+               str(tmp_path / "vit")).exit_code == 0
+    one_line(cli("export", str(tmp_path / "vit"), "--format", "transformers", "--out", str(tmp_path / "n")),
+             "--format transformers writes transformers causal LMs")
+    assert not (tmp_path / "n").exists()
