@@ -15,7 +15,9 @@ from moe_cli.models.flops import param_counts
 from moe_cli.moe.config import flag
 from moe_cli.train.build import merge_checkpoint, prune_checkpoint
 
-CalibOpt = Annotated[str, typer.Option(help="Calibration images for expert usage: digits or an image folder.")]
+CalibOpt = Annotated[str | None, typer.Option(help="Calibration data for expert usage: digits, lm-synthetic, an "
+                                              "image or token folder (default: the checkpoint's own eval data, "
+                                              "else digits).", show_default=False)]
 CalibBatchesOpt = Annotated[int, typer.Option(min=1, help="Calibration batches of 64 images.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder.", show_default=False)]
 
@@ -47,7 +49,7 @@ def prune_cmd(
                                              show_default=False)] = None,
     drop_experts: Annotated[str | None, typer.Option(help="Remove these: LAYER:EXPERT,... (MoE layer index).",
                                                      show_default=False)] = None,
-    calib: CalibOpt = "digits",
+    calib: CalibOpt = None,
     calib_batches: CalibBatchesOpt = 4,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -62,7 +64,7 @@ def merge_cmd(
     out: OutOpt,
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per layer after merging (1: a dense "
                                          "model plain timm loads).", show_default=False)],
-    calib: CalibOpt = "digits",
+    calib: CalibOpt = None,
     calib_batches: CalibBatchesOpt = 4,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -71,6 +73,10 @@ def merge_cmd(
                            lambda c: merge_checkpoint(c, experts, calib, calib_batches, label=flag))
     if experts == 1:
         arch = merged.architecture
-        console.print(f"a plain {arch['name']} checkpoint: timm.create_model({arch['name']!r}, **kwargs)"
-                      f".load_state_dict(safetensors.torch.load_file({str(path)!r})) loads it without moe-cli "
-                      f"(kwargs: {arch.get('kwargs', {})})", soft_wrap=True)
+        if arch["name"].startswith("transformers:"):
+            console.print(f"a dense {arch['name'].split(':', 1)[1]}: `moe export {path.parent} --format transformers "
+                          "--out DIR` writes it as a transformers folder", soft_wrap=True)
+        else:
+            console.print(f"a plain {arch['name']} checkpoint: timm.create_model({arch['name']!r}, **kwargs)"
+                          f".load_state_dict(safetensors.torch.load_file({str(path)!r})) loads it without moe-cli "
+                          f"(kwargs: {arch.get('kwargs', {})})", soft_wrap=True)

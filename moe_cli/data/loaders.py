@@ -13,6 +13,7 @@ from moe_cli.config import DataCfg
 from moe_cli.data.digits import digits
 from moe_cli.data.genie import genie_dataset
 from moe_cli.data.lm import lm_synthetic, lm_tokens
+from moe_cli.models.causal_lm import CausalLM
 from moe_cli.data.tokens import synthetic_tokens, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
 from moe_cli.models.probe import input_size, model_data_config
@@ -86,11 +87,22 @@ def _check_classes(ds: Dataset, model: torch.nn.Module, root: str | None) -> Non
                           "(set model.kwargs.num_classes)")
 
 
-def calibration_batches(model: torch.nn.Module, spec: str, batches: int, stored: dict | None = None,
+BUILT_IN = ("digits", "lm-synthetic")  # data sets that need no files
+
+
+def data_from_spec(spec: str, model: torch.nn.Module) -> DataCfg:
+    """What a command-line data argument names, for ``model``: a built-in set (digits, lm-synthetic), or a folder
+    (a token folder of sequences for a language model, else an ImageFolder)."""
+    if spec in BUILT_IN:
+        return DataCfg(name=spec)
+    return DataCfg(name="lm-tokens", root=spec) if isinstance(model, CausalLM) else DataCfg(name="", root=spec)
+
+
+def calibration_batches(model: torch.nn.Module, spec: str | DataCfg, batches: int, stored: dict | None = None,
                         batch_size: int = 64) -> list[torch.Tensor]:
-    """``batches`` batches of model inputs from ``spec`` ("digits" or an image folder) for data-driven
-    initialisation (router k-means, expert merging and pruning statistics), preprocessed for the model."""
-    cfg = DataCfg(name="digits") if spec == "digits" else DataCfg(name="", root=spec)
+    """``batches`` batches of model inputs from ``spec`` (a data section, or what :func:`data_from_spec` reads) for
+    data-driven initialisation (router k-means, expert merging and pruning statistics), prepared for the model."""
+    cfg = spec if isinstance(spec, DataCfg) else data_from_spec(spec, model)
     loader = val_loader(model, cfg, batch_size, torch.device("cpu"), stored)
     out = []
     for batch in loader:

@@ -8,7 +8,7 @@ import time
 import torch
 
 from moe_cli.config import DataCfg
-from moe_cli.data.loaders import val_loader
+from moe_cli.data.loaders import data_from_spec, val_loader
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, create_model
 from moe_cli.models.flops import compute_report
@@ -36,7 +36,9 @@ def data_config(data: str | None, ckpt: Checkpoint | None = None) -> DataCfg:
         chosen = make_task(ckpt.task, ckpt.task_config).eval_data(data, ckpt.task_config)
         if chosen is not None:
             return chosen
-    return DataCfg(name="digits") if data is None else DataCfg(name="", root=data)
+    if data is None:
+        return DataCfg(name="digits")
+    return data_from_spec(data, ckpt.model) if ckpt is not None else DataCfg(name="", root=data)
 
 
 @torch.no_grad()

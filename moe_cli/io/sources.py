@@ -98,7 +98,7 @@ def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -
 def _from_transformers(where: str, folder: str, config: dict, pretrained: bool) -> Checkpoint:
     """A transformers causal LM (a local folder, or a Hub repository through the cache), as a dense checkpoint."""
     model = causal_lm.from_pretrained(folder, config, pretrained)
-    return Checkpoint(model, causal_lm.architecture(model), source=where)
+    return Checkpoint(model, causal_lm.architecture(model), source=where, task="causal-lm")
 
 
 def _hub_config(hub_id: str) -> dict | None:
@@ -216,7 +216,7 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
             raise ModelSourceError(f"`{spec}` names an architecture, not weights: set `pretrained: false` (and its "
                                    "config in model.kwargs), or give a transformers folder or hf-hub:org/name")
         model = causal_lm.build(spec, kwargs)
-        return Checkpoint(model, causal_lm.architecture(model), source=spec)
+        return Checkpoint(model, causal_lm.architecture(model), source=spec, task="causal-lm")
     if path.exists():
         if is_moe_checkpoint(path):
             return load_checkpoint(path)

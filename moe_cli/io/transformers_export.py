@@ -5,7 +5,7 @@ family — a folder that ``AutoModelForCausalLM.from_pretrained`` loads with no 
 | source family | target class | what the target cannot express (refused) |
 |---|---|---|
 | llama, mistral | MixtralForCausalLM | shared experts, gates other than topk, normalize false |
-| qwen2 | Qwen2MoeForCausalLM | more than one shared expert, a shared expert without its sigmoid gate |
+| qwen2 | Qwen2MoeForCausalLM | shared experts without their sigmoid gate (S shared experts become one of S x H) |
 | qwen3 | Qwen3MoeForCausalLM | shared experts |
 
 For every target: split experts (`combine: sum`), capacity limits, top-p, expert choice, soft and sigmoid gates,
@@ -67,8 +67,7 @@ def _check(model: CausalLM, layers: list[tuple[str, MoEMlp]], target: str) -> Mo
         elif target == "Qwen3MoeForCausalLM":
             checks += [(cfg.shared_experts > 0, "shared experts")]
         else:
-            checks += [(cfg.shared_experts > 1, f"{cfg.shared_experts} shared experts (one, gated)"),
-                       (cfg.shared_experts == 1 and not cfg.shared_gate, "a shared expert without its sigmoid gate")]
+            checks += [(cfg.shared_experts > 0 and not cfg.shared_gate, "a shared expert without its sigmoid gate")]
         for bad, what in checks:
             if bad:
                 raise _refuse(what, target)
@@ -87,9 +86,9 @@ def _config(model: CausalLM, layer: MoEMlp, target: str):
     else:
         moe.update(num_experts=layer.num_experts, moe_intermediate_size=hidden, norm_topk_prob=layer.cfg.normalize,
                    decoder_sparse_step=1, mlp_only_layers=[])
-        if target == "Qwen2MoeForCausalLM":
-            moe.update(shared_expert_intermediate_size=layer.shared.dims[0] if layer.shared is not None else 0,
-                       qkv_bias=True)
+        if target == "Qwen2MoeForCausalLM":  # S shared experts of H units: one shared expert of S x H
+            moe.update(shared_expert_intermediate_size=layer.cfg.shared_experts * layer.shared.dims[0]
+                       if layer.shared is not None else 0, qkv_bias=True)
     return cls, cls.config_class.from_dict({**dense, **moe, "architectures": [target]})
 
 
@@ -102,11 +101,11 @@ def _state_dict(model: CausalLM, layers: list[tuple[str, MoEMlp]]) -> dict[str, 
         out[f"{base}.gate.weight"] = layer.router.weight.detach()
         out[f"{base}.experts.gate_up_proj"] = torch.cat([ex.wg, ex.w1], dim=1).detach()
         out[f"{base}.experts.down_proj"] = ex.w2.detach()
-        if layer.shared is not None:
+        if layer.shared is not None:  # S experts of H hidden units, concatenated: one of S x H
             sh = layer.shared
-            out[f"{base}.shared_expert.gate_proj.weight"] = sh.wg[0].detach()
-            out[f"{base}.shared_expert.up_proj.weight"] = sh.w1[0].detach()
-            out[f"{base}.shared_expert.down_proj.weight"] = sh.w2[0].detach()
+            out[f"{base}.shared_expert.gate_proj.weight"] = sh.wg.detach().flatten(0, 1)
+            out[f"{base}.shared_expert.up_proj.weight"] = sh.w1.detach().flatten(0, 1)
+            out[f"{base}.shared_expert.down_proj.weight"] = torch.cat(list(sh.w2.detach()), dim=1)
             out[f"{base}.shared_expert_gate.weight"] = layer.shared_gate.weight.detach()
     return out
 
@@ -122,19 +121,23 @@ def export_transformers(ckpt: Checkpoint, out: Path, source_folder: Path | None 
         raise ConfigError(f"--format transformers writes transformers causal LMs; {ckpt.source or 'this checkpoint'} "
                           f"is a {ckpt.architecture['name']} model (export it with --format moe-cli)")
     family = model.lm.config.model_type
-    if family not in TARGETS:
-        raise ConfigError(f"a `{family}` model has no native transformers MoE class; export with --format moe-cli "
-                          f"(native targets: {', '.join(sorted(set(TARGETS.values())))})")
     layers = moe_layers(model)
-    if not layers:
-        raise ConfigError("this checkpoint is dense (no MoE layers): there is no MoE to export natively")
-    target = TARGETS[family]
-    first = _check(model, layers, target)
-    cls, config = _config(model, first, target)
-    native = cls(config).eval()
-    native.load_state_dict(_state_dict(model, layers), strict=True)
-    if config.tie_word_embeddings:
-        native.tie_weights()
+    if not layers:  # dense (a source, or an MoE merged back to one expert): its own class, as it is
+        native, target = model.lm, model.class_name
+    else:
+        if family not in TARGETS:
+            raise ConfigError(f"a `{family}` model has no native transformers MoE class; export with --format "
+                              f"moe-cli (native targets: {', '.join(sorted(set(TARGETS.values())))})")
+        target = TARGETS[family]
+        first = _check(model, layers, target)
+        cls, config = _config(model, first, target)
+        native = cls(config).eval()
+        try:
+            native.load_state_dict(_state_dict(model, layers), strict=True)
+        except RuntimeError as e:  # e.g. attention biases the target's attention does not have
+            raise _refuse(f"this model's weights ({str(e).splitlines()[0][:160]})", target) from None
+        if config.tie_word_embeddings:
+            native.tie_weights()
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:

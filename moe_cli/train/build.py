@@ -5,6 +5,7 @@ and `moe prune` call."""
 from __future__ import annotations
 
 from moe_cli.checks import Label, argument
+from moe_cli.config import DataCfg
 from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, create_model
@@ -13,7 +14,7 @@ from moe_cli.models.reduce import densify, expert_usage, merge, prune
 from moe_cli.models.upcycle import TOLERANCE, Upcycled, upcycle_verified
 from moe_cli.moe.config import UpcycleCfg
 from moe_cli.recipe import Recipe
-from moe_cli.tasks import Task
+from moe_cli.tasks import Task, make_task
 
 
 def upcycle_checkpoint(ckpt: Checkpoint, cfg: UpcycleCfg, *, seed: int = 0, verify: bool = False,
@@ -44,12 +45,16 @@ def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:
     return ckpt
 
 
-def calibration(ckpt: Checkpoint, calib: str, batches: int) -> list:
-    """Calibration images (digits or an image folder) read as the checkpoint's model expects them."""
+def calibration(ckpt: Checkpoint, calib: str | None, batches: int) -> list:
+    """Calibration inputs read as the checkpoint's model expects them: ``calib`` (digits, lm-synthetic, an image or
+    token folder), or by default the data the checkpoint's task evaluates on (digits for image models)."""
+    if calib is None:
+        cfg = make_task(ckpt.task, ckpt.task_config).eval_data(None, ckpt.task_config) or DataCfg(name="digits")
+        return calibration_batches(ckpt.model, cfg, batches, ckpt.data_config)
     return calibration_batches(ckpt.model, calib, batches, ckpt.data_config)
 
 
-def merge_checkpoint(ckpt: Checkpoint, experts: int, calib: str = "digits", calib_batches: int = 4,
+def merge_checkpoint(ckpt: Checkpoint, experts: int, calib: str | None = None, calib_batches: int = 4,
                      label: Label = argument) -> tuple[Checkpoint, dict[str, list[list[int]]]]:
     """``ckpt`` with every MoE layer merged down to ``experts`` (usage on the calibration data; see
     :func:`moe_cli.models.reduce.merge`); merged to 1, a checkpoint of the dense architecture (plain timm loads
@@ -65,7 +70,7 @@ def merge_checkpoint(ckpt: Checkpoint, experts: int, calib: str = "digits", cali
 
 
 def prune_checkpoint(ckpt: Checkpoint, keep: int | None = None, drop_experts: str | None = None,
-                     calib: str = "digits", calib_batches: int = 4, label: Label = argument) -> dict[str, list[int]]:
+                     calib: str | None = None, calib_batches: int = 4, label: Label = argument) -> dict[str, list[int]]:
     """Remove experts from ``ckpt`` for good (in place): all but the ``keep`` most used per layer (usage on the
     calibration data), or those ``drop_experts`` names ('layer:expert,...'). Returns the kept experts per layer."""
     return prune(ckpt.model, keep, drop_experts, lambda model: expert_usage(model, calibration(ckpt, calib,

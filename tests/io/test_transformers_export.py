@@ -87,12 +87,58 @@ def test_what_a_target_cannot_express_is_refused(cli, tmp_path, family, fields, 
     assert not (tmp_path / "native").exists()
 
 
-def test_a_dense_or_timm_checkpoint_is_refused(cli, tmp_path):
-    dense_folder(tmp_path, "llama")
-    dense = save(load_source(str(tmp_path / "dense")), tmp_path / "d").parent
-    one_line(cli("export", str(dense), "--format", "transformers", "--out", str(tmp_path / "n")), "is dense")
+def test_merged_back_to_dense_it_exports_as_its_own_class_and_timm_models_are_refused(cli, tmp_path):
+    dense = dense_folder(tmp_path, "llama")
+    ckpt = upcycled(tmp_path, "llama", {"experts": 4, "k": 2})
+    r = cli("merge", str(ckpt), "--experts", "1", "--calib", "lm-synthetic", "--out", str(tmp_path / "merged"))
+    assert r.exit_code == 0 and "--format transformers" in r.output, r.output
+    r = cli("export", str(tmp_path / "merged"), "--format", "transformers", "--out", str(tmp_path / "n"))
+    assert r.exit_code == 0, r.output
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "n"), dtype=torch.float32).eval()
+    assert type(back).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():  # copies merged back: the dense model again
+        assert_close_scaled(back(input_ids=IDS).logits, dense(input_ids=IDS).logits, torch.float32, ulps=256)
     assert cli("upcycle", "vit_tiny_patch16_224", "--no-pretrained", "-m", "depth=1", "-m", "img_size=32", "--out",
                str(tmp_path / "vit")).exit_code == 0
-    one_line(cli("export", str(tmp_path / "vit"), "--format", "transformers", "--out", str(tmp_path / "n")),
+    one_line(cli("export", str(tmp_path / "vit"), "--format", "transformers", "--out", str(tmp_path / "v")),
              "--format transformers writes transformers causal LMs")
-    assert not (tmp_path / "n").exists()
+    assert not (tmp_path / "v").exists()
+
+
+NATIVE = {
+    "mixtral": lambda: transformers.MixtralConfig(**{**SMALL, "intermediate_size": 48}, num_local_experts=4,
+                                                   num_experts_per_tok=2, tie_word_embeddings=False),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**SMALL, moe_intermediate_size=24, num_experts=4,
+                                                     num_experts_per_tok=2, shared_expert_intermediate_size=96,
+                                                     norm_topk_prob=False, qkv_bias=True),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, moe_intermediate_size=24, num_experts=4,
+                                                     num_experts_per_tok=2, norm_topk_prob=True, head_dim=8),
+}
+
+
+@pytest.mark.parametrize("kind", list(NATIVE))
+def test_a_native_moe_folder_reads_back_as_a_moe_cli_moe_and_exports_again(cli, tmp_path, kind):
+    """Mixtral / Qwen2-MoE (its gated shared expert of 4 x H units: 4 shared experts) / Qwen3-MoE folders load as
+    moe-cli MoE models with the same logits; eval, prune and export run on them."""
+    torch.manual_seed(0)
+    native = transformers.AutoModelForCausalLM.from_config(NATIVE[kind]()).eval()
+    for p in native.parameters():  # transformers leaves a from_config model's fused experts uninitialised
+        if not torch.isfinite(p).all() or p.abs().max() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    native.save_pretrained(tmp_path / "native")
+    src = load_source(str(tmp_path / "native"))
+    assert src.moe is not None and src.moe.experts == 4 and src.moe.k == 2
+    assert src.moe.shared_experts == (4 if kind == "qwen2_moe" else 0)
+    with torch.no_grad():
+        assert_close_scaled(src.model(IDS), native(input_ids=IDS, use_cache=False).logits, torch.float32, ulps=256)
+    ckpt = save(src, tmp_path / "moe").parent
+    assert cli("eval", str(ckpt), "--metric", "ce,routing", "--data", "lm-synthetic").exit_code == 0
+    r = cli("prune", str(ckpt), "--keep", "3", "--calib", "lm-synthetic", "--out", str(tmp_path / "p"))
+    assert r.exit_code == 0, r.output
+    r = cli("export", str(ckpt), "--format", "transformers", "--out", str(tmp_path / "again"))
+    assert r.exit_code == 0, r.output
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "again"), dtype=torch.float32).eval()
+    assert type(again).__name__ == type(native).__name__
+    with torch.no_grad():
+        assert_close_scaled(again(input_ids=IDS, use_cache=False).logits, native(input_ids=IDS, use_cache=False).logits,
+                            torch.float32, ulps=256)
