@@ -1,7 +1,7 @@
 """Rerun every command behind a README results table and print the tables in README form.
 
     python bench/readme_figures.py                 # all tables (the longest part: the MAE pretraining runs)
-    python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens, inits, features
+    python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens, inits, features, lm
 
 Each run writes where its recipe says (runs/...); the script reads summary.json / report.json and prints
 markdown. Training is deterministic on CPU with the recipes' seeds, so a rerun prints the same figures.
@@ -169,13 +169,42 @@ def features() -> None:
     print("\n".join(rows))
 
 
+def lm() -> None:
+    """The tiny Llama on lm-synthetic: dense, dense trained as long again, and three upcycled variants."""
+    t = moe("finetune", "recipes/lm-synthetic-llama-dense.yaml", "--overwrite")
+    variants = {
+        "dense Llama (2 layers, dim 64), from scratch": ("runs/lm-dense", None),
+        "dense, trained on (no MoE)": ("runs/lm-dense-more", ["--set", "model.upcycle=null"]),
+        "copy-upcycled, E4 k2": ("runs/lm-copy", []),
+        "copy + 1 shared expert with its sigmoid gate (Qwen2-MoE style), E4 k2": (
+            "runs/lm-shared", ["--set", "model.upcycle.shared_experts=1", "--set", "model.upcycle.shared_gate=true"]),
+        "split (MoEfication), E8 k2 (a quarter of the FFN per token)": (
+            "runs/lm-split", ["--set", "model.upcycle={experts: 8, k: 2, init: split}"]),
+    }
+    rows = []
+    for label, (run, extra) in variants.items():
+        if extra is not None:
+            t += moe("finetune", "recipes/lm-upcycle-finetune.yaml", "--overwrite", "--out", run, *extra)
+        ev = json.loads(subprocess.run([sys.executable, "-m", "moe_cli", "eval", f"{run}/final", "--metric",
+                                        "ce,perplexity,flops,throughput", "--json"], cwd=ROOT, check=True,
+                                       capture_output=True, text=True).stdout)
+        steps = "300" if extra is None else "+100"
+        rows.append(f"| {label} | {steps} | {ev['perplexity']:.2f} | {ev['ce']:.4f} | "
+                    f"{ev['flops']['params_active'] / 1e3:.1f}k | {ev['throughput']['tokens_per_s'] / 1e3:.0f}k |")
+    print(f"\n#### causal LM on lm-synthetic (all runs: {t / 60:.1f} min)\n")
+    print("| model | steps | val perplexity | val CE | active params / token | tokens/s (eval, CPU) |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 def _eval(ckpt: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "moe_cli", "eval", ckpt, "--metric", "accuracy,flops", "--json"],
                          cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
 
-GROUPS = {"digits": digits, "densify": densify, "mae": mae, "tokens": tokens, "inits": inits, "features": features}
+GROUPS = {"digits": digits, "densify": densify, "mae": mae, "tokens": tokens, "inits": inits, "features": features,
+          "lm": lm}
 
 
 def main() -> None:

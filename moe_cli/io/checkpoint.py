@@ -83,12 +83,11 @@ def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None,
     if dtype is not None and dtype not in set(Precision):
         raise ConfigError(f"dtype must be one of {', '.join(Precision)}, got {dtype!r}")
     cast = Precision(dtype).dtype if dtype else None
-    out, seen = {}, {}
+    tied = tied_names(ckpt.model)
+    out = {}
     for name, t in (tensors if tensors is not None else ckpt.model.state_dict()).items():
-        key = (t.device, t.data_ptr(), t.shape)
-        if t.numel() and key in seen:  # a tied weight (an LM's head is its embedding): stored once
+        if name in tied:  # a tied weight (an LM's head is its embedding): stored once, under its first name
             continue
-        seen[key] = name
         t = t.detach()
         if cast is not None and t.is_floating_point():
             t = t.to(cast)
@@ -96,6 +95,18 @@ def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None,
     meta = ckpt.metadata() | ({"dtype": dtype} if dtype else {})
     atomic_write(target, lambda tmp: safetensors.torch.save_file(out, tmp, metadata=meta))
     return target
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """The parameter names that are another name's tensor (tied weights), all but the first of each group."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied.add(name)
+        else:
+            first[id(p)] = name
+    return tied
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -135,8 +146,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
     except Exception as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
     own = model.state_dict()
-    stored = {(t.data_ptr(), t.shape) for k, t in own.items() if k in shapes}
-    missing = [k for k in own if k not in shapes and (own[k].data_ptr(), own[k].shape) not in stored]  # tied: kept once
+    tied = tied_names(model)  # stored once, under the first name
+    missing = [k for k in own if k not in shapes and k not in tied]
     unexpected = [k for k in shapes if k not in own]
     if missing or unexpected:
         what = f"missing `{missing[0]}`" if missing else f"unexpected `{unexpected[0]}`"

@@ -205,3 +205,47 @@ def test_resume_keeps_the_global_batch(tmp_path, cli):
     r = cli("finetune", f, "--resume", "--set", "train.steps=3", "--set", "train.batch_size=4")
     assert r.exit_code == 2 and "the global batch (train.batch_size x processes) must stay 8 x 1 = 8" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+LLAMA = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+         "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def _lm_recipe(tmp, name: str, world: int, **train) -> str:
+    import yaml
+
+    data = {"model": {"source": "transformers:LlamaForCausalLM", "pretrained": False, "kwargs": LLAMA,
+                      "upcycle": {"experts": 4, "k": 2}},
+            "data": {"name": "lm-synthetic"}, "task": "causal-lm", "optim": {"lr": 3e-3},
+            "moe": {"load_balance": 0.1, "z_loss": 0.001}, "causal_lm": {"eval_max_batches": 1},
+            "train": {"steps": STEPS, "batch_size": GLOBAL_BATCH // world, "log_every": 1, **train},
+            "output": str(tmp / name)}
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    return str(tmp / f"{name}.yaml")
+
+
+def _lm_worker(rank: int, world: int, port: int, recipes: list[str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        for f in recipes:
+            train(load_recipe(f), device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_upcycled_llama_trains_sharded_as_on_one_process(tmp_path):
+    """A transformers Llama, upcycled, under ddp + EP and fsdp + EP on 2 processes: the one-process losses."""
+    pytest.importorskip("transformers")
+    one = train(load_recipe(_lm_recipe(tmp_path, "one", 1)), device="cpu")
+    want = _losses(one.out_dir)
+    runs = {"ep2": {"expert_parallel": 2}, "fsdp_ep2": {"parallel": "fsdp", "expert_parallel": 2}}
+    mp.spawn(_lm_worker, args=(2, _free_port(), [_lm_recipe(tmp_path, n, 2, **t) for n, t in runs.items()]),
+             nprocs=2, join=True)
+    for name in runs:
+        got = _losses(tmp_path / name)
+        assert sorted(got) == sorted(want), name
+        for step, loss in want.items():
+            assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), f"{name} step {step}: {got[step]} vs {loss}"
