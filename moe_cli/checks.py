@@ -40,9 +40,37 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def in_recipe(prefix: str, src: str) -> Label:
-    """```prefix.name` in src`` (how a recipe, or a checkpoint's metadata, spells a field)."""
-    return lambda name: f"`{prefix}.{name}` in {src}" if prefix else f"`{name}` in {src}"
+class Origin:
+    """Where the fields of a recipe came from: its file, or the `--set` assignment that gave a field (or a section
+    above it) its value. ``origin(path)`` names the one that holds ``path``; ``str(origin)`` is the file."""
+
+    def __init__(self, default: str, assignments: dict[str, str] | None = None):
+        self.default, self.assignments = default, dict(assignments or {})
+
+    def __call__(self, path: str) -> str:
+        parts = path.split(".")
+        for i in range(len(parts), 0, -1):
+            if (key := ".".join(parts[:i])) in self.assignments:
+                return f"`--set {self.assignments[key]}`"
+        return self.default
+
+    def __str__(self) -> str:
+        return self.default
+
+
+def origin_of(src, path: str) -> str:
+    """Where field ``path`` came from: ``src`` itself (a file name), or what an :class:`Origin` says."""
+    return src(path) if isinstance(src, Origin) else str(src)
+
+
+def in_recipe(prefix: str, src) -> Label:
+    """```prefix.name` in src`` (how a recipe, or a checkpoint's metadata, spells a field); ``src`` an
+    :class:`Origin` names the `--set` a field came from."""
+    def label(name: str) -> str:
+        path = f"{prefix}.{name}" if prefix else name
+        return f"`{path}` in {origin_of(src, path)}"
+
+    return label
 
 
 _LABEL: contextvars.ContextVar[Label] = contextvars.ContextVar("moe_cli_label", default=argument)

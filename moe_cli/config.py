@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from moe_cli.checks import Checked, Label, check, finite, in_recipe, is_int, labelled
+from moe_cli.checks import Checked, Label, check, finite, in_recipe, is_int, labelled, origin_of
 from moe_cli.errors import ConfigError
 from moe_cli.moe.config import Gate, MoEConfig, UpcycleCfg, enum_type
 from moe_cli.runtime import Choice, Parallel, Precision
@@ -351,7 +351,8 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
             return value
     elif isinstance(value, tp):
         return value
-    raise ConfigError(f"`{where}` in {src} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"`{where}` in {origin_of(src, where)} must be {_type_name(tp)}, got {type(value).__name__} "
+                      f"{value!r}")
 
 
 def build(cls, data: dict, prefix: str, src: str, sections: dict[str, type] | None = None):
@@ -366,7 +367,8 @@ def build(cls, data: dict, prefix: str, src: str, sections: dict[str, type] | No
         where = f"{prefix}.{key}" if prefix else str(key)
         if sections is not None and key in sections:
             if not isinstance(value, dict):
-                raise ConfigError(f"`{where}` in {src} must be a mapping, got {type(value).__name__} {value!r}")
+                raise ConfigError(f"`{where}` in {origin_of(src, where)} must be a mapping, got {type(value).__name__} "
+                              f"{value!r}")
             extra[key] = build(sections[key], value, where, src)
             continue
         if key not in names:
@@ -374,7 +376,7 @@ def build(cls, data: dict, prefix: str, src: str, sections: dict[str, type] | No
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
             hint = f" — did you mean `{prefix + '.' if prefix else ''}{close[0]}`?" if close else \
                 f" (known: {', '.join(known)})"
-            raise ConfigError(f"unknown key `{where}` in {src}{hint}")
+            raise ConfigError(f"unknown key `{where}` in {origin_of(src, where)}{hint}")
         kwargs[key] = _coerce(value, hints[key], where, src)
     if sections is not None:
         kwargs["sections"] = extra

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from moe_cli.checks import in_recipe, plain
+from moe_cli.checks import Origin, in_recipe, plain
 from moe_cli.config import (
     DataCfg,
     DensifyCfg,
@@ -27,6 +27,7 @@ from moe_cli.config import (
     TrainCfg,
     apply_override,
     build,
+    parse_assignment,
 )
 from moe_cli.errors import ConfigError
 from moe_cli.tasks import TASKS, Task, data_owner, sections, task_class
@@ -93,10 +94,13 @@ def check_recipe(r: Recipe, src: str) -> Recipe:
 
 
 def recipe_from_dict(data: dict, src: str = "recipe", overrides: list[str] | None = None) -> Recipe:
-    for assignment in overrides or []:  # each override's own errors name --set
-        build(Recipe, apply_override({}, assignment), "", f"`--set {assignment}`", sections())
+    """The recipe ``data`` (read from ``src``) with the `--set` ``overrides`` applied, built and checked once: an
+    error names the field and where its value came from (the file, or the `--set` that gave it)."""
+    given = {}
+    for assignment in overrides or []:
+        given[parse_assignment(assignment, "--set", "optim.lr=3e-4")[0]] = assignment
         data = apply_override(data, assignment)
-    return check_recipe(build(Recipe, data, "", src, sections()), src)
+    return check_recipe(build(Recipe, data, "", Origin(src, given), sections()), src)
 
 
 def recipe_chain(recipe: Recipe, src: str = "recipe") -> list[Recipe]:

@@ -116,3 +116,18 @@ def test_the_library_speaks_argument_names_and_the_cli_flags(cli, tmp_path):
     r = cli("upcycle", "vit_tiny_patch16_224", "--no-pretrained", "-m", "depth=2", "--layers", "0,9",
             "--out", str(tmp_path / "x"))
     assert r.exit_code == 2 and "--layers: index 9 out of range" in r.stderr
+
+
+def test_overrides_that_only_make_sense_together_are_checked_together():
+    """`shared_gate` needs `shared_experts`: given by two --set, in either order, the recipe is valid; a value is
+    named by the --set it came from, the rest by the file."""
+    data = recipe(upcycle=UP)
+    for order in (["model.upcycle.shared_gate=true", "model.upcycle.shared_experts=1"],
+                  ["model.upcycle.shared_experts=1", "model.upcycle.shared_gate=true"]):
+        r = recipe_from_dict(data, "r.yaml", order)
+        assert r.model.upcycle.shared_experts == 1 and r.model.upcycle.shared_gate
+    with pytest.raises(ConfigError, match=r"^`model.upcycle.k` in `--set model.upcycle.k=9` must be between 1 and "
+                                          r"`model.upcycle.experts` in r.yaml \(4\)"):
+        recipe_from_dict(data, "r.yaml", ["model.upcycle.k=9"])
+    with pytest.raises(ConfigError, match=r"`model.upcycle.k` in `--set model.upcycle={experts: 2, k: 3}`"):
+        recipe_from_dict(data, "r.yaml", ["model.upcycle={experts: 2, k: 3}"])
