@@ -30,6 +30,10 @@ for impl in triton grouped; do
   run 150 python bench/moe_layer.py --device cuda --dtype bf16 --shapes vit_s vit_b vit_l --experts 8 --k 2 \
     --routing balanced skewed --tokens 12608 --impl "$impl" --out "$RESULTS"
 done
+for impl in triton grouped; do  # the SwiGLU FFN of a 1-2B LLM (D 2048, H 8192), E 8 k 2
+  run 90 python bench/moe_layer.py --device cuda --dtype bf16 --shapes llm_1b --experts 8 --k 2 \
+    --routing balanced --tokens 8192 --impl "$impl" --out "$RESULTS"
+done
 for model in vit_small_patch16_224 vit_base_patch16_224; do
   run 90 python bench/moe_layer.py --model "$model" --device cuda --dtype bf16 --batch 128 --experts 4 --k 2 \
     --steps 20 --out "$RESULTS"

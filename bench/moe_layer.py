@@ -1,9 +1,10 @@
 """Benchmark the MoE layer's dispatch + experts against the ideal (the dense FFN on k*T tokens) and a naive
-one-hot/where/index_add_ loop, forward and forward+backward, for ViT-S and ViT-B FFN shapes.
+one-hot/where/index_add_ loop, forward and forward+backward, for ViT FFN shapes and the SwiGLU FFNs of LLMs.
 
     python bench/moe_layer.py                                  # full grid on CPU fp32, writes bench/RESULTS.md
     python bench/moe_layer.py --shapes vit_s --experts 4 --k 2 --routing balanced      # one row
     python bench/moe_layer.py --device cuda --dtype bf16 --shapes vit_b --experts 8 --k 2
+    python bench/moe_layer.py --device cuda --dtype bf16 --shapes llm_1b --experts 8 --k 2 --tokens 8192   # LLM
     python bench/moe_layer.py --model vit_small_patch16_224 --device cuda --dtype bf16 --batch 128   # train step
 
 Routing is fixed (balanced: token t -> experts t, t+1, ... mod E; skewed: Zipf(1.5) over experts) so the
@@ -25,7 +26,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import Mlp, SwiGLU
 
 from moe_cli.moe.config import Impl
 from moe_cli.moe.dispatchers import DISPATCHERS
@@ -33,7 +34,9 @@ from moe_cli.moe.layer import MoEMlp
 from moe_cli.moe.routing import Routing
 from moe_cli.moe.upcycling import from_dense
 
-SHAPES = {"vit_s": (384, 1536), "vit_b": (768, 3072), "vit_l": (1024, 4096)}
+# (model dim, FFN hidden, FFN): the ViT GELU MLPs, and the SwiGLU MLPs of 1-2B and 7-8B language models
+SHAPES = {"vit_s": (384, 1536, "mlp"), "vit_b": (768, 3072, "mlp"), "vit_l": (1024, 4096, "mlp"),
+          "llm_1b": (2048, 8192, "swiglu"), "llm_8b": (4096, 14336, "swiglu")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -55,8 +58,10 @@ def naive(x, expert, weight, ex):
         tok, slot = torch.where(expert == e)
         if tok.numel() == 0:
             continue
-        h = ex.act(F.linear(x[tok], ex.w1[e], ex.b1[e]))
-        y = F.linear(h, ex.w2[e], ex.b2[e]) * weight[tok, slot, None].to(x.dtype)
+        b1, b2 = (ex.b1[e] if ex.b1 is not None else None), (ex.b2[e] if ex.b2 is not None else None)
+        h = F.linear(x[tok], ex.w1[e], b1)
+        h = ex.act(F.linear(x[tok], ex.wg[e])) * h if ex.glu else ex.act(h)
+        y = F.linear(h, ex.w2[e], b2) * weight[tok, slot, None].to(x.dtype)
         out = out.index_add(0, tok, y)
     return out
 
@@ -82,11 +87,12 @@ def timed_interleaved(fns: dict, backward: bool, repeats: int, sync) -> dict[str
 
 
 def bench_one(shape, E, k, kind, T, device, dtype, repeats, impl):
-    D, H = SHAPES[shape]
+    D, H, ffn = SHAPES[shape]
     torch.manual_seed(0)
-    moe = from_dense(Mlp(D, H), E, k, impl=impl).to(device)
+    make = (lambda: Mlp(D, H)) if ffn == "mlp" else (lambda: SwiGLU(D, H, bias=False))
+    moe = from_dense(make(), E, k, impl=impl).to(device)
     ex = moe.experts
-    dense = Mlp(D, H).to(device)
+    dense = make().to(device)
     expert, weight = routing(kind, T, E, k, device)
     x = torch.randn(T, D, device=device, requires_grad=True)
     xk = torch.randn(k * T, D, device=device, requires_grad=True)
