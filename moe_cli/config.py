@@ -73,6 +73,10 @@ class DataCfg(Checked):
     interpolation: str | None = None  # bilinear, bicubic, ... (image folders / timm datasets)
     crop_pct: float | None = None  # eval: resize to size / crop_pct, then centre-crop
     crop_mode: str | None = None  # center, squash, border
+    # text (causal LMs): the tokenizer (a transformers folder or hf-hub:org/name; default: model.source when it is
+    # one) and the tokens per training sequence
+    tokenizer: str | None = None
+    seq_len: int = 128
 
     def preprocessing(self) -> dict:
         """The preprocessing fields this recipe sets (the rest come from the model)."""
@@ -83,6 +87,7 @@ class DataCfg(Checked):
         check(self.img_size is None or self.img_size >= 1, label("img_size"), "an integer >= 1 or null (the model's)",
               self.img_size)
         check(self.stride >= 1, label("stride"), "an integer >= 1", self.stride)
+        check(is_int(self.seq_len) and self.seq_len >= 2, label("seq_len"), "an integer >= 2", self.seq_len)
         check_preprocessing(self.preprocessing(), label)
         return self
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from moe_cli.checks import Origin, in_recipe, plain
+from moe_cli.checks import Origin, in_recipe, labelled, plain
 from moe_cli.config import (
     DataCfg,
     DensifyCfg,
@@ -89,8 +89,10 @@ def check_recipe(r: Recipe, src: str) -> Recipe:
         trainer = task if task.data.names else owner
         raise ConfigError(f"{src}: task `{trainer.name}` trains on {trainer.data.help} and only it does "
                           f"(task {r.task!r}, data {r.data.name!r})")
-    task.check_data(r.data, in_recipe("data", src))
-    return r
+    with labelled(in_recipe("data", src)):
+        data = task.default_data(r.data, r.model)
+    task.check_data(data, in_recipe("data", src))
+    return r if data is r.data else dataclasses.replace(r, data=data)
 
 
 def recipe_from_dict(data: dict, src: str = "recipe", overrides: list[str] | None = None) -> Recipe:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from moe_cli.config import DataCfg
 from moe_cli.data.digits import digits
 from moe_cli.data.genie import genie_dataset
-from moe_cli.data.lm import lm_synthetic, lm_tokens
+from moe_cli.data.lm import lm_synthetic, lm_tokens, text_dataset
 from moe_cli.models.causal_lm import CausalLM
 from moe_cli.data.tokens import synthetic_tokens, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
@@ -32,13 +32,17 @@ def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module, stored: 
     its input size (or ``cfg.img_size``) with its preprocessing (:func:`preprocessing`; ``stored``: the
     checkpoint's data config), or token sequences checked against a token model."""
     split = cfg.train_split if training else cfg.val_split
-    if cfg.name in ("lm-synthetic", "lm-tokens"):
+    if cfg.name in ("lm-synthetic", "lm-tokens", "text"):
         vocab = getattr(model, "vocab_size", None)
         if not isinstance(vocab, int) or is_token_model(model):
             raise ConfigError(f"`data.name: {cfg.name}` holds text token sequences for a causal language model, not "
                               f"for {type(model).__name__}")
         if cfg.name == "lm-synthetic":
             return lm_synthetic(training, vocab)
+        if cfg.name == "text":
+            if cfg.root is None:
+                raise ConfigError("`data.root` is required for data text (a folder with <split>.txt / .jsonl)")
+            return text_dataset(cfg.root, split, cfg.tokenizer, cfg.seq_len, vocab)
         if cfg.root is None:
             raise ConfigError("`data.root` is required for data lm-tokens (a folder with <split>.json)")
         return lm_tokens(cfg.root, split, vocab)

@@ -96,6 +96,11 @@ class Task:
     def check_data(cls, data: DataCfg, label) -> None:
         """Rules on the recipe's `data` section that only this task has (``label``: the recipe's words)."""
 
+    @classmethod
+    def default_data(cls, data: DataCfg, model: ModelCfg) -> DataCfg:
+        """The recipe's data section with what this task fills in from the model section (nothing by default)."""
+        return data
+
     def eval_data(self, data: str | None, task_config: dict) -> DataCfg | None:
         """The data `moe eval` reads for a checkpoint of this task: ``data`` (--data) or what the checkpoint was
         trained on; None: the image data rule (digits, or an image folder)."""

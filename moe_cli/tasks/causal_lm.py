@@ -43,8 +43,9 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mea
 class CausalLMTask(Task):
     name = "causal-lm"
     Config, section = CausalLMCfg, "causal_lm"
-    data = TaskData(("lm-synthetic", "lm-tokens"), "token sequences (`data.name: lm-synthetic`, built in, or "
-                    "`lm-tokens`)", "a folder with validation.json and .bin of shape [sequences, length]")
+    data = TaskData(("lm-synthetic", "lm-tokens", "text"), "token sequences (`data.name: lm-synthetic`, built in, "
+                    "`lm-tokens`, or `text` tokenized with the model's tokenizer)",
+                    "a folder with validation.json and .bin of shape [sequences, length]")
     metrics = (Metric("ce", "next-token cross-entropy"), Metric("perplexity", "perplexity"),
                Metric("accuracy", "next-token accuracy", percent=True, json=("accuracy", "top1")))
     default_metrics = "ce,perplexity,accuracy,routing,flops"
@@ -53,8 +54,17 @@ class CausalLMTask(Task):
 
     @classmethod
     def check_data(cls, data: DataCfg, label) -> None:
-        if data.name == "lm-tokens" and not data.root:
-            raise ConfigError(f"{label('root')} is required for `data.name: lm-tokens` ({cls.data.folder})")
+        if data.name in ("lm-tokens", "text") and not data.root:
+            what = cls.data.folder if data.name == "lm-tokens" else "a folder with <split>.txt / .jsonl"
+            raise ConfigError(f"{label('root')} is required for `data.name: {data.name}` ({what})")
+
+    @classmethod
+    def default_data(cls, data: DataCfg, model: ModelCfg) -> DataCfg:
+        """Text is tokenized by the source's own tokenizer unless the recipe names one."""
+        if data.name == "text" and data.tokenizer is None and (model.source.startswith("hf-hub:") or
+                                                              Path(model.source, "tokenizer_config.json").is_file()):
+            return data.replace(tokenizer=model.source)
+        return data
 
     @staticmethod
     def inputs_per_sample(samples: torch.Tensor) -> int:
@@ -65,7 +75,7 @@ class CausalLMTask(Task):
             raise ConfigError(f"task causal-lm trains transformers causal LMs (a Llama, Mistral, Qwen2, Qwen3 or "
                               f"GPT-2 folder or hf-hub repository); {model.source} is a {type(ckpt.model).__name__}")
         ckpt.task_config = {**self.stored_config(data), "data_name": data.name, "data_root": data.root,
-                            "val_split": data.val_split}
+                            "val_split": data.val_split, "tokenizer": data.tokenizer, "seq_len": data.seq_len}
         return ckpt
 
     def eval_data(self, data: str | None, task_config: dict) -> DataCfg:
@@ -75,10 +85,10 @@ class CausalLMTask(Task):
                 raise ConfigError(f"this causal-lm checkpoint was trained on the token folder {root}, which is not "
                                   f"here; pass --data FOLDER ({self.data.folder}) or --data lm-synthetic")
         else:
-            name, root = ("lm-synthetic", None) if data == "lm-synthetic" else ("lm-tokens", data)
-        return section_from(DataCfg, {"name": name, "root": root, "val_split": task_config.get("val_split",
-                                                                                               DataCfg.val_split)},
-                            "task_config", "the checkpoint metadata")
+            name, root = ("lm-synthetic", None) if data == "lm-synthetic" else \
+                ("text" if task_config.get("data_name") == "text" else "lm-tokens", data)
+        stored = {k: task_config[k] for k in ("val_split", "tokenizer", "seq_len") if task_config.get(k) is not None}
+        return section_from(DataCfg, {"name": name, "root": root, **stored}, "task_config", "the checkpoint metadata")
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         ids = batch[0]
