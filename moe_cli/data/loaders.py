@@ -13,9 +13,9 @@ from moe_cli.config import DataCfg
 from moe_cli.data.digits import digits
 from moe_cli.data.genie import genie_dataset
 from moe_cli.data.lm import lm_synthetic, lm_tokens, text_dataset
-from moe_cli.models.causal_lm import CausalLM
 from moe_cli.data.tokens import synthetic_tokens, token_dataset, write_tokens
 from moe_cli.errors import ConfigError
+from moe_cli.models.causal_lm import CausalLM
 from moe_cli.models.probe import input_size, model_data_config
 from moe_cli.models.protocols import is_token_model
 

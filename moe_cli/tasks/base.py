@@ -4,6 +4,7 @@ its class so that nothing outside the task's module compares task names."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,22 @@ from moe_cli.models.protocols import is_token_model
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def evaluation(fn):
+    """Decorate a task's ``evaluate(self, model, ...)``: run it without gradients and in eval mode, and give the
+    model back in the mode it was in."""
+    @functools.wraps(fn)
+    def wrapper(self, model: nn.Module, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return fn(self, model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapper
 
 
 def section(cls, config: dict):

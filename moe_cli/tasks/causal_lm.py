@@ -17,7 +17,7 @@ from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint
 from moe_cli.models.causal_lm import CausalLM
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Metric, Task, TaskData
+from moe_cli.tasks.base import Metric, Task, TaskData, evaluation
 
 IGNORE_INDEX = -100  # labels transformers' losses skip (padding)
 
@@ -95,11 +95,9 @@ class CausalLMTask(Task):
         loss = next_token_ce(model(ids), ids)
         return loss, {"ce": loss.detach()}
 
-    @torch.no_grad()
+    @evaluation
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",
                  lpips: nn.Module | None = None) -> dict:
-        was_training = model.training
-        model.eval()
         ce_sum, correct, count = 0.0, 0, 0
         for i, batch in enumerate(loader):
             if self.cfg.eval_max_batches is not None and i >= self.cfg.eval_max_batches:
@@ -112,6 +110,5 @@ class CausalLMTask(Task):
             ce_sum += next_token_ce(logits, ids, reduction="sum").item()
             correct += ((logits[:, :-1].argmax(-1) == target) & valid).sum().item()
             count += int(valid.sum())
-        model.train(was_training)
         ce = ce_sum / max(count, 1)
         return {"ce": ce, "perplexity": math.exp(min(ce, 80.0)), "accuracy": correct / max(count, 1)}

@@ -14,7 +14,7 @@ from moe_cli.io.checkpoint import Checkpoint
 from moe_cli.models.mae import MaskedAutoencoder
 from moe_cli.models.protocols import is_token_model
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Metric, Task
+from moe_cli.tasks.base import Metric, Task, evaluation
 
 
 class ClassifyTask(Task):
@@ -44,11 +44,9 @@ class ClassifyTask(Task):
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         return loss, {"ce": loss.detach()}
 
-    @torch.no_grad()
+    @evaluation
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",
                  lpips: nn.Module | None = None) -> dict:
-        was_training = model.training
-        model.eval()
         n, correct1, correct5, ce_sum = 0, 0, 0, 0.0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -59,7 +57,6 @@ class ClassifyTask(Task):
             correct1 += (top[:, 0] == y).sum().item()
             correct5 += (top == y[:, None]).any(-1).sum().item()
             n += len(y)
-        model.train(was_training)
         if n == 0:
             return {"accuracy": math.nan, "top5": math.nan, "ce": math.nan}
         return {"accuracy": correct1 / n, "top5": correct5 / n, "ce": ce_sum / n}

@@ -30,7 +30,7 @@ from moe_cli.models.decoders import decoded_frames, load_decoder
 from moe_cli.models.genie import Genie, factorize, unfactorize
 from moe_cli.models.lpips import lpips_distance
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import TaskData, TokenTask, unwrap
+from moe_cli.tasks.base import TaskData, TokenTask, evaluation, unwrap
 
 
 @dataclass(frozen=True)
@@ -136,13 +136,11 @@ class GenieTask(TokenTask):
         loss = (ce * weight).sum() / weight.sum().clamp_min(1.0)
         return loss, {"ce": loss.detach()}
 
-    @torch.no_grad()
+    @evaluation
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",
                  lpips: nn.Module | None = None) -> dict:
         decoder = load_decoder(self.cfg.decoder) if lpips is not None and self.cfg.decoder else None
         net = unwrap(model)
-        was_training = model.training
-        model.eval()
         gen = torch.Generator().manual_seed(self.cfg.seed)
         ce_sum, correct, count, lp_sum, frames = 0.0, 0, 0, 0.0, 0
         for i, batch in enumerate(loader):
@@ -163,7 +161,6 @@ class GenieTask(TokenTask):
                 true = decoded_frames(decoder, x[:, 1:], device)
                 lp_sum += lpips_distance(pred, true, lpips).sum().item()
                 frames += pred.shape[0]
-        model.train(was_training)
         out = {"ce": ce_sum / max(count, 1), "accuracy": correct / max(count, 1)}
         if decoder is not None:
             out["lpips"] = lp_sum / max(frames, 1)

@@ -15,7 +15,7 @@ from moe_cli.io.checkpoint import Checkpoint
 from moe_cli.models.lpips import lpips_distance
 from moe_cli.models.mae import EVAL_MASK_SEED, MaskedAutoencoder, mae_kwargs
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import Metric, Task, unwrap
+from moe_cli.tasks.base import Metric, Task, evaluation, unwrap
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,12 @@ class MAETask(Task):
         loss = mae.loss(images, model(images, mask), mask)
         return loss, {"mae": loss.detach()}
 
-    @torch.no_grad()
+    @evaluation
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",
                  lpips: nn.Module | None = None) -> dict:
         """Masked-patch loss, pixel MSE on the masked patches and (with ``lpips``) LPIPS of the reconstructions
         (visible patches kept, masked ones predicted) against the originals; masks from a fixed seed."""
         mae = unwrap(model)
-        was_training = mae.training
-        mae.eval()
         gen = torch.Generator().manual_seed(EVAL_MASK_SEED)
         n, loss_sum, se_sum, masked, lp_sum = 0, 0.0, 0.0, 0, 0.0
         for batch in loader:
@@ -95,7 +93,6 @@ class MAETask(Task):
             if lpips is not None:
                 lp_sum += lpips_distance(recon, images, lpips).sum().item()
             n += len(images)
-        mae.train(was_training)
         out = {"loss": loss_sum / max(n, 1), "mse": se_sum / max(masked, 1)}
         if lpips is not None:
             out["lpips"] = lp_sum / max(n, 1)

@@ -18,7 +18,7 @@ from moe_cli.models.decoders import decoded_frames, load_decoder
 from moe_cli.models.genie import Genie
 from moe_cli.models.lpips import lpips_distance
 from moe_cli.runtime import autocast
-from moe_cli.tasks.base import TaskData, TokenTask, unwrap
+from moe_cli.tasks.base import TaskData, TokenTask, evaluation, unwrap
 
 
 @dataclass(frozen=True)
@@ -114,15 +114,13 @@ class MaskedTokensTask(TokenTask):
         return token_mask(tokens.shape[0], tokens[0].numel(), tokens.device, generator,
                           self.cfg.eval_mask_ratio).view_as(tokens)
 
-    @torch.no_grad()
+    @evaluation
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: str = "fp32",
                  lpips: nn.Module | None = None) -> dict:
         """CE and accuracy on held-out masked tokens (masks from a fixed seed, or the last frames); with ``lpips``
         and a decoder, LPIPS between decoded frames holding masked tokens (filled by iterative decoding) and the
         decoded ground truth."""
         decoder = load_decoder(self.cfg.decoder) if lpips is not None and self.cfg.decoder else None
-        was_training = model.training
-        model.eval()
         gen = torch.Generator().manual_seed(0)
         ce_sum, correct, count, lp_sum, frames = 0.0, 0, 0, 0.0, 0
         for batch in loader:
@@ -139,7 +137,6 @@ class MaskedTokensTask(TokenTask):
                 keep = mask.flatten(2).any(-1).flatten()  # frames that held masked tokens
                 lp_sum += lpips_distance(pred_img[keep], true_img[keep], lpips).sum().item()
                 frames += int(keep.sum())
-        model.train(was_training)
         out = {"ce": ce_sum / max(count, 1), "accuracy": correct / max(count, 1)}
         if decoder is not None:
             out["lpips"] = lp_sum / max(frames, 1)
