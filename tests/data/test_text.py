@@ -65,7 +65,8 @@ def test_documents_become_fixed_length_sequences_of_the_models_ids(model_folder,
 def test_a_recipe_trains_on_text_with_the_sources_tokenizer(model_folder, texts, tmp_path):
     data = {"model": {"source": str(model_folder)}, "task": "causal-lm",
             "data": {"name": "text", "root": str(texts), "seq_len": 16},  # tokenizer: the source folder's
-            "train": {"steps": 6, "batch_size": 8, "log_every": 2}, "optim": {"lr": 3e-3}, "output": str(tmp_path / "o")}
+            "train": {"steps": 6, "batch_size": 8, "log_every": 2}, "optim": {"lr": 3e-3},
+            "output": str(tmp_path / "o")}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     r = train(load_recipe(tmp_path / "r.yaml"), device="cpu")
     losses = [x["loss"] for x in r.history if x.get("split") == "train"]
