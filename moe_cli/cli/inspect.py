@@ -25,11 +25,10 @@ from moe_cli.evaluate.inspect import (
     write_routes_json,
     write_training_load,
 )
-from moe_cli.evaluate.report import data_config
 from moe_cli.io.sources import open_checkpoint
 from moe_cli.moe.config import flag
 from moe_cli.runtime import pick_device
-from moe_cli.tasks import task_class
+from moe_cli.tasks import eval_data, task_class
 
 
 @user_errors
@@ -51,7 +50,7 @@ def inspect_cmd(
                           f"`{checkpoint.task}` checkpoint (use `moe eval {ckpt} --metric routing`)")
     model = checkpoint.model
     device = pick_device(STATE["device"])
-    cfg = data_config(data)
+    cfg = eval_data(data)
     loader = val_loader(model, cfg, batch_size, device, checkpoint.data_config)
     say(f"reading {len(loader.dataset)} images from {cfg.root or cfg.name}")
     num_classes = getattr(model, "num_classes", 0) or 1

@@ -7,15 +7,14 @@ import time
 
 import torch
 
-from moe_cli.config import DataCfg
-from moe_cli.data.loaders import data_from_spec, val_loader
+from moe_cli.data.loaders import val_loader
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, create_model
 from moe_cli.models.flops import compute_report
 from moe_cli.models.lpips import lpips_model
 from moe_cli.moe.recorder import routing_stats
 from moe_cli.runtime import autocast
-from moe_cli.tasks import EVAL_METRICS, make_task, metric_names, reporting
+from moe_cli.tasks import EVAL_METRICS, eval_data, make_task, metric_names, reporting
 
 
 def parse_metrics(spec: str) -> list[str]:
@@ -25,20 +24,6 @@ def parse_metrics(spec: str) -> list[str]:
     if bad or not names:
         raise ConfigError(f"--metric must be a comma list of {', '.join(known)}; got {spec!r}")
     return names
-
-
-def data_config(data: str | None, ckpt: Checkpoint | None = None) -> DataCfg:
-    """What `moe eval` / `moe inspect` read: 'digits', an image folder (ImageFolder; its `validation`/`val` split if
-    present), or what the checkpoint's task says (token tasks: the token folder it was trained on, or --data)."""
-    if data == "digits":
-        return DataCfg(name="digits")
-    if ckpt is not None:
-        chosen = make_task(ckpt.task, ckpt.task_config).eval_data(data, ckpt.task_config)
-        if chosen is not None:
-            return chosen
-    if data is None:
-        return DataCfg(name="digits")
-    return data_from_spec(data, ckpt.model) if ckpt is not None else DataCfg(name="", root=data)
 
 
 @torch.no_grad()
@@ -84,7 +69,7 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
     stored = ckpt.task_config.get("decoder")
     config = {**ckpt.task_config, "decoder": decoder or (stored if trust_checkpoint_code else None)}
     task = make_task(ckpt.task, config)
-    data_cfg = data_config(data, ckpt)
+    data_cfg = eval_data(data, ckpt)
     loader = val_loader(model, data_cfg, batch_size, device, ckpt.data_config)
     samples = next(iter(loader))[0].to(device)
     out: dict = {"checkpoint": {"source": ckpt.source, "task": ckpt.task,

@@ -23,7 +23,7 @@ import torch
 
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint
-from moe_cli.models.causal_lm import CausalLM, transformers_module
+from moe_cli.models.causal_lm import CausalLM, config_dict, transformers_module
 from moe_cli.models.probe import probe_batch
 from moe_cli.moe.layer import MoEMlp, moe_layers
 
@@ -76,8 +76,7 @@ def _check(model: CausalLM, layers: list[tuple[str, MoEMlp]], target: str) -> Mo
 
 def _config(model: CausalLM, layer: MoEMlp, target: str):
     tf = transformers_module()
-    dense = {k: v for k, v in model.lm.config.to_dict().items()
-             if not k.startswith("_") and k not in ("architectures", "model_type", "transformers_version")}
+    dense = {k: v for k, v in config_dict(model.lm).items() if k != "model_type"}  # the target's class says it
     cls = getattr(tf, target)
     moe = {"num_experts_per_tok": layer.k}
     hidden = layer.experts.dims[0]

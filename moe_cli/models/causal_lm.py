@@ -169,8 +169,7 @@ def from_native_moe(native: nn.Module) -> CausalLM:
         raise ModelSourceError(f"the shared expert's {shared_hidden} hidden units are not a multiple of the "
                                f"experts' {hidden}")
     shared = shared_hidden // hidden
-    dense_cfg = {k2: v for k2, v in c.to_dict().items() if not k2.startswith("_") and k2 not in NOT_ARCHITECTURE}
-    dense_cfg.update(model_type=family, intermediate_size=hidden)
+    dense_cfg = {**config_dict(native), "model_type": family, "intermediate_size": hidden}
     model = build(PREFIX + CAUSAL_LMS[family], dense_cfg)
     names = tuple(f"lm.model.layers.{i}.mlp" for i in range(len(blocks)))
     normalize = bool(getattr(c, "norm_topk_prob", True))

@@ -72,11 +72,29 @@ def metric_names() -> tuple[str, ...]:
     return (*names, *EVAL_METRICS)
 
 
+def eval_data(data: str | None, ckpt=None):
+    """The data `moe eval`, `moe inspect` and calibration read for ``ckpt``: ``data`` ('digits', 'lm-synthetic', a
+    folder), or by default what the checkpoint's task says it was trained on (token tasks, causal LMs); image
+    checkpoints without such a record read digits."""
+    from moe_cli.config import DataCfg
+    from moe_cli.data.loaders import data_from_spec
+
+    if data == "digits":
+        return DataCfg(name="digits")
+    if ckpt is not None:
+        chosen = make_task(ckpt.task, ckpt.task_config).eval_data(data, ckpt.task_config)
+        if chosen is not None:
+            return chosen
+    if data is None:
+        return DataCfg(name="digits")
+    return data_from_spec(data, ckpt.model) if ckpt is not None else DataCfg(name="", root=data)
+
+
 def reporting(metric: str) -> list[str]:
     """The registered tasks whose evaluation reports ``metric``."""
     return [name for name, t in TASKS.items() if any(m.name == metric for m in t.metrics)]
 
 
 __all__ = ["EVAL_METRICS", "TASKS", "CausalLMTask", "ClassifyTask", "GenieTask", "MAETask", "MaskedTokensTask",
-           "Metric", "Task", "TaskData", "TokenTask", "data_owner", "fill_masked", "make_task", "metric_names",
-           "register", "reporting", "sections", "task_class", "token_mask", "unwrap"]
+           "Metric", "Task", "TaskData", "TokenTask", "data_owner", "eval_data", "fill_masked", "make_task",
+           "metric_names", "register", "reporting", "sections", "task_class", "token_mask", "unwrap"]

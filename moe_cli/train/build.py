@@ -5,7 +5,6 @@ and `moe prune` call."""
 from __future__ import annotations
 
 from moe_cli.checks import Label, argument
-from moe_cli.config import DataCfg
 from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, create_model
@@ -14,7 +13,7 @@ from moe_cli.models.reduce import densify, expert_usage, merge, prune
 from moe_cli.models.upcycle import TOLERANCE, Upcycled, upcycle_verified
 from moe_cli.moe.config import UpcycleCfg
 from moe_cli.recipe import Recipe
-from moe_cli.tasks import Task, make_task
+from moe_cli.tasks import Task, eval_data
 
 
 def upcycle_checkpoint(ckpt: Checkpoint, cfg: UpcycleCfg, *, seed: int = 0, verify: bool = False,
@@ -48,10 +47,7 @@ def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:
 def calibration(ckpt: Checkpoint, calib: str | None, batches: int) -> list:
     """Calibration inputs read as the checkpoint's model expects them: ``calib`` (digits, lm-synthetic, an image or
     token folder), or by default the data the checkpoint's task evaluates on (digits for image models)."""
-    if calib is None:
-        cfg = make_task(ckpt.task, ckpt.task_config).eval_data(None, ckpt.task_config) or DataCfg(name="digits")
-        return calibration_batches(ckpt.model, cfg, batches, ckpt.data_config)
-    return calibration_batches(ckpt.model, calib, batches, ckpt.data_config)
+    return calibration_batches(ckpt.model, eval_data(calib, ckpt), batches, ckpt.data_config)
 
 
 def merge_checkpoint(ckpt: Checkpoint, experts: int, calib: str | None = None, calib_batches: int = 4,
