@@ -170,15 +170,24 @@ def test_metadata_cannot_smuggle_loader_arguments(cli, tmp_path, moe_ckpt):
     one_line(cli("eval", str(path)), "`architecture.kwargs.checkpoint_path` is not an architecture argument")
 
 
-def test_image_folders_checked_against_the_model(cli, tmp_path, moe_ckpt):
+def image_folder(root, classes: int, name: str = "class{:02d}"):
+    """``root/<class>/a.png``: one random 32x32 image per class."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for c in range(12):
-        d = tmp_path / "twelve" / f"class{c:02d}"
+    for c in range(classes):
+        d = root / name.format(c)
         d.mkdir(parents=True)
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "a.png")
+    return rng
+
+
+def test_image_folders_checked_against_the_model(cli, tmp_path, moe_ckpt):
+    import numpy as np
+    from PIL import Image
+
+    rng = image_folder(tmp_path / "twelve", 12)
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(flat / "a.png")
@@ -238,14 +247,7 @@ def test_decoder_named_by_a_checkpoint_is_never_run(cli, tmp_path, torch_hub):
 
 
 def test_corrupt_image_is_named_not_skipped(cli, tmp_path, moe_ckpt):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        d = tmp_path / "imgs" / f"class{c}"
-        d.mkdir(parents=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "a.png")
+    image_folder(tmp_path / "imgs", 2, "class{}")
     (tmp_path / "imgs" / "class1" / "broken.png").write_bytes(b"\x89PNG not really")
     one_line(cli("eval", str(moe_ckpt), "--data", str(tmp_path / "imgs"), "--metric", "accuracy"),
              "broken.png is not a readable image")
