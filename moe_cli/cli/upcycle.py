@@ -62,12 +62,13 @@ def with_config_options(cls):
 @user_errors
 @with_config_options(UpcycleCfg)
 def upcycle(
-    model: Annotated[str, typer.Argument(help="timm name (vit_small), hf-hub:org/name, .safetensors file or "
-                                         "folder.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="timm name (vit_small), hf-hub:org/name, .safetensors file, "
+                                         "timm or transformers folder.", show_default=False)],
     arch: Annotated[str | None, typer.Option(help="timm architecture of a plain .safetensors file.",
                                              show_default=False)] = None,
-    model_arg: Annotated[list[str] | None, typer.Option("--model-arg", "-m", metavar="KEY=VALUE", help="timm kwarg "
-                                                        "(repeat).", show_default=False)] = None,
+    model_arg: Annotated[list[str] | None, typer.Option("--model-arg", "-m", metavar="KEY=VALUE", help="timm kwarg, "
+                                                        "or num_classes of a transformers vision model (repeat).",
+                                                        show_default=False)] = None,
     pretrained: Annotated[bool, typer.Option(help="Load pretrained weights for timm / hub names.")] = True,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: "
                                              "out/<model>-moe<E>k<K>).", show_default=False)] = None,

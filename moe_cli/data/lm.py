@@ -107,7 +107,7 @@ def read_texts(path) -> list[str]:
 
 def load_tokenizer(spec: str):
     """The tokenizer of a transformers folder or ``hf-hub:org/name`` (through the cache offline)."""
-    from moe_cli.models.causal_lm import transformers_module
+    from moe_cli.models.hf import transformers_module
 
     tf = transformers_module()
     try:

@@ -72,7 +72,10 @@ def build_dataset(cfg: DataCfg, training: bool, model: torch.nn.Module, stored: 
 
 
 def _fixed_size(model: torch.nn.Module) -> bool:
-    """A patch embedding built for one image size (not timm's dynamic_img_size / strict_img_size=False)."""
+    """A patch embedding built for one image size (not timm's dynamic_img_size / strict_img_size=False), or a model
+    that says so (transformers vision models)."""
+    if isinstance(getattr(model, "fixed_img_size", None), bool):
+        return model.fixed_img_size
     pe = getattr(model, "patch_embed", None) or getattr(getattr(model, "encoder", None), "patch_embed", None)
     return pe is not None and getattr(pe, "strict_img_size", False) and not getattr(pe, "dynamic_img_size", False)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from moe_cli.config import PREPROCESS_FIELDS, check_preprocessing
 from moe_cli.errors import CheckpointError, ConfigError, ModelSourceError
-from moe_cli.models import causal_lm
+from moe_cli.models import hf_models
 from moe_cli.models.surgery import apply_moe, layout_of_model
 from moe_cli.moe.config import MoELayout
 from moe_cli.runtime import Precision, atomic_write
@@ -208,9 +208,9 @@ def create_timm(name: str, kwargs: dict) -> nn.Module:
 
 def create_model(name: str, kwargs: dict) -> nn.Module:
     """The architecture a checkpoint names, without weights: a timm name, or ``transformers:ClassName`` with its
-    config (one of the causal-LM classes moe-cli lists; :mod:`moe_cli.models.causal_lm`)."""
-    if isinstance(name, str) and name.startswith(causal_lm.PREFIX):
-        return causal_lm.build(name, kwargs)
+    config (one of the classes moe-cli lists; :mod:`moe_cli.models.hf_models`)."""
+    if isinstance(name, str) and name.startswith(hf_models.PREFIX):
+        return hf_models.build(name, kwargs)
     return create_timm(name, kwargs)
 
 

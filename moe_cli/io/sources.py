@@ -25,7 +25,7 @@ from moe_cli.io.checkpoint import (
     weights_path,
 )
 from moe_cli.io.hub import DOWNLOAD_ERRORS, download, download_hint, is_moe_cli_repo, is_repo_id, quiet_hub
-from moe_cli.models import causal_lm
+from moe_cli.models import hf_models
 from moe_cli.models.genie import GenieConfig, is_genie_config
 from moe_cli.models.overrides import apply_overrides
 from moe_cli.models.probe import model_data_config
@@ -44,6 +44,9 @@ ALIASES = {
     "mixer_small": "mixer_s16_224",
     "mixer_base": "mixer_b16_224",
 }
+
+PROCESSOR = "preprocessor_config.json"  # a transformers vision repository's image preprocessing
+
 
 def resolve_timm_name(name: str) -> str:
     """A registered timm name, an alias, or the ``*_224`` default among names starting with ``name_``."""
@@ -95,28 +98,44 @@ def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -
     return Checkpoint(model, arch, source=source, data_config=model_data_config(model))
 
 
-def _from_transformers(where: str, folder: str, config: dict, pretrained: bool) -> Checkpoint:
-    """A transformers causal LM (a local folder, or a Hub repository through the cache), as a dense checkpoint."""
-    model = causal_lm.from_pretrained(folder, config, pretrained)
-    return Checkpoint(model, causal_lm.architecture(model), source=where, task="causal-lm")
+def _from_transformers(where: str, folder: str, config: dict, pretrained: bool, kwargs: dict,
+                       processor: dict | None) -> Checkpoint:
+    """A transformers model (a local folder, or a Hub repository through the cache), as a dense checkpoint; a
+    vision model's ``processor`` (preprocessor_config.json) becomes its data config."""
+    model, task = hf_models.from_pretrained(folder, config, pretrained, kwargs, processor)
+    data_config = model_data_config(model) if task == "classify" else None
+    return Checkpoint(model, hf_models.architecture(model), source=where, task=task, data_config=data_config)
 
 
-def _hub_config(hub_id: str) -> dict | None:
-    """The repository's config.json (from the local cache when offline), or None if it has none."""
+def _json_file(path: Path) -> dict | None:
+    """A JSON object file, None if absent; invalid JSON is one line naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelSourceError(f"{path} is not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(value, dict):
+        raise ModelSourceError(f"{path} must be a JSON object")
+    return value
+
+
+def _hub_json(hub_id: str, filename: str = "config.json") -> dict | None:
+    """A JSON file of the repository (from the local cache when offline), or None if it has none."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         with quiet_hub():
-            path = hf_hub_download(hub_id, "config.json")
-    except LocalEntryNotFoundError:  # offline and not cached (a subclass of the next): not "no config.json"
+            path = hf_hub_download(hub_id, filename)
+    except LocalEntryNotFoundError:  # offline and not cached (a subclass of the next): not "no such file"
         raise
     except EntryNotFoundError:
         return None
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelSourceError(f"config.json of `{hub_id}` is not valid JSON") from None
+        raise ModelSourceError(f"{filename} of `{hub_id}` is not valid JSON") from None
 
 
 def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
@@ -124,7 +143,7 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     if not is_repo_id(hub_id):
         raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
     try:
-        config = _hub_config(hub_id)
+        config = _hub_json(hub_id)
     except DOWNLOAD_ERRORS as e:
         if not pretrained:  # the architecture itself is in the repository's config.json
             raise ModelSourceError(f"`{spec}` without pretrained weights still needs the repository's config.json "
@@ -133,11 +152,12 @@ def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
         raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
     if is_moe_cli_repo(config):  # a checkpoint pushed by `moe push`
         return load_checkpoint(download(hub_id))
-    if causal_lm.is_transformers_config(config):  # a transformers model: its own class reads the repository
-        causal_lm.lm_class(config, f"`{spec}`")
+    if hf_models.is_transformers_config(config):  # a transformers model: its own class reads the repository
+        task = hf_models.task_of(config, f"`{spec}`")
         try:
             with quiet_hub():
-                return _from_transformers(spec, hub_id, config, pretrained)
+                processor = _hub_json(hub_id, PROCESSOR) if task == "classify" else None
+                return _from_transformers(spec, hub_id, config, pretrained, kwargs, processor)
         except DOWNLOAD_ERRORS as e:
             raise download_hint(f"`{hub_id}` from the Hugging Face Hub", e) from None
     if is_genie_config(config):  # a released 1X GENIE repository: flat config.json + model.safetensors
@@ -211,18 +231,22 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
     path = Path(spec)
     if spec.startswith("hf-hub:"):
         return _from_hub(spec, pretrained, kwargs)
-    if spec.startswith(causal_lm.PREFIX):  # a transformers class from its config (model.kwargs), fresh weights
+    if spec.startswith(hf_models.PREFIX):  # a transformers class from its config (model.kwargs), fresh weights
         if pretrained:
             raise ModelSourceError(f"`{spec}` names an architecture, not weights: set `pretrained: false` (and its "
                                    "config in model.kwargs), or give a transformers folder or hf-hub:org/name")
-        model = causal_lm.build(spec, kwargs)
-        return Checkpoint(model, causal_lm.architecture(model), source=spec, task="causal-lm")
+        model = hf_models.build(spec, kwargs)
+        task = "classify" if hasattr(model, "num_classes") else "causal-lm"
+        return Checkpoint(model, hf_models.architecture(model), source=spec, task=task,
+                          data_config=model_data_config(model) if task == "classify" else None)
     if path.exists():
         if is_moe_checkpoint(path):
             return load_checkpoint(path)
         config = _folder_config(path)
-        if causal_lm.is_transformers_config(config) and arch is None:
-            return _from_transformers(str(path), str(path), config, pretrained=True)
+        if hf_models.is_transformers_config(config) and arch is None:
+            task = hf_models.task_of(config, str(path))
+            processor = _json_file(path / PROCESSOR) if task == "classify" else None
+            return _from_transformers(str(path), str(path), config, pretrained, kwargs, processor)
         return _from_file(path, arch, kwargs)
     if path.suffix == ".safetensors" or "/" in spec or spec.startswith("."):
         raise ModelSourceError(f"file not found: {spec}")

@@ -23,7 +23,8 @@ import torch
 
 from moe_cli.errors import ConfigError, MoeError
 from moe_cli.io.checkpoint import Checkpoint
-from moe_cli.models.causal_lm import CausalLM, config_dict, transformers_module
+from moe_cli.models.causal_lm import CausalLM
+from moe_cli.models.hf import config_dict, transformers_module
 from moe_cli.models.probe import probe_batch
 from moe_cli.moe.layer import MoEMlp, moe_layers
 

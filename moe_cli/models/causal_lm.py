@@ -2,10 +2,8 @@
 gate/up/down SwiGLU MLP per block) and GPT-2 (a GELU MLP of Conv1D layers), built by their own transformers class
 and wrapped so that ``model(input_ids)`` returns the logits tensor.
 
-The optional `transformers` package (``pip install -e '.[hf]'``) is imported only here and only when such a model is
-used: timm work never needs it. A checkpoint names its class (``transformers:LlamaForCausalLM``) and holds the
-model's config; only the classes listed here are built from it, never code a repository names (no
-``trust_remote_code``). The upcycled model is the transformers model itself with its MLPs replaced by
+A checkpoint names its class (``transformers:LlamaForCausalLM``) and holds the model's config
+(:mod:`moe_cli.models.hf`). The upcycled model is the transformers model itself with its MLPs replaced by
 :class:`~moe_cli.moe.layer.MoEMlp` (attention, norms and embeddings untouched; tied embeddings stay tied).
 """
 
@@ -17,9 +15,8 @@ import torch
 from torch import nn
 
 from moe_cli.errors import ModelSourceError
+from moe_cli.models.hf import PREFIX, build_class, config_dict, load_pretrained, transformers_module
 
-HF_EXTRA = "pip install -e '.[hf]' (in the moe-cli checkout), or pip install transformers tokenizers"
-PREFIX = "transformers:"
 # model_type -> the causal-LM class moe-cli builds for it
 CAUSAL_LMS = {
     "llama": "LlamaForCausalLM",
@@ -32,26 +29,6 @@ CAUSAL_LMS = {
 NATIVE_MOE = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 NATIVE_CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM"}
-# config keys that say where code or files come from, not what the model is: never passed on from metadata
-NOT_ARCHITECTURE = ("auto_map", "architectures", "transformers_version", "name_or_path")
-
-
-def transformers_module():
-    """The `transformers` package, or one line saying how to install it."""
-    try:
-        import transformers
-    except ImportError:
-        raise ModelSourceError(f"Hugging Face transformers models need the optional `transformers` package: "
-                               f"{HF_EXTRA}") from None
-    transformers.utils.logging.set_verbosity_error()  # its load reports and progress bars are not ours to print
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
-def is_transformers_config(config) -> bool:
-    """A transformers ``config.json`` (it names its ``model_type``)."""
-    return isinstance(config, dict) and isinstance(config.get("model_type"), str) and "architecture" not in config
-
 
 def supported() -> str:
     return ", ".join(CAUSAL_LMS)
@@ -93,11 +70,6 @@ class CausalLM(nn.Module):
         return torch.randint(0, self.vocab_size, (batch, length), generator=generator).to(device)
 
 
-def config_dict(lm: nn.Module) -> dict:
-    """The model's config as plain JSON, without the keys that point at code or files."""
-    return {k: v for k, v in lm.config.to_dict().items() if not k.startswith("_") and k not in NOT_ARCHITECTURE}
-
-
 def architecture(model: CausalLM) -> dict:
     """The checkpoint metadata that rebuilds ``model`` (its class and config)."""
     return {"name": PREFIX + model.class_name, "kwargs": config_dict(model.lm)}
@@ -110,12 +82,7 @@ def build(name: str, config: dict) -> CausalLM:
     if class_name not in CAUSAL_LMS.values():
         raise ModelSourceError(f"`{name}` is not a transformers class moe-cli builds "
                                f"({', '.join(CAUSAL_LMS.values())})")
-    cls = getattr(transformers_module(), class_name)
-    try:
-        cfg = cls.config_class.from_dict({k: v for k, v in config.items() if k not in NOT_ARCHITECTURE})
-        return CausalLM(cls(cfg).eval())
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ModelSourceError(f"cannot build {class_name} from its config: {str(e).splitlines()[0]}") from None
+    return CausalLM(build_class(class_name, config))
 
 
 def from_pretrained(folder: str | Path, config: dict, pretrained: bool = True) -> CausalLM:
@@ -132,12 +99,7 @@ def from_pretrained(folder: str | Path, config: dict, pretrained: bool = True) -
 
 
 def _load(folder, cls, pretrained: bool, config: dict) -> nn.Module:
-    try:
-        if pretrained:
-            return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
-        return cls(cls.config_class.from_dict({k: v for k, v in config.items() if k not in NOT_ARCHITECTURE})).eval()
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise ModelSourceError(f"cannot load the transformers model in {folder}: {str(e).splitlines()[0]}") from None
+    return load_pretrained(cls, folder) if pretrained else build_class(cls.__name__, config)
 
 
 def _experts(native: nn.Module) -> tuple[int, int, int, int]:

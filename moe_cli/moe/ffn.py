@@ -95,6 +95,7 @@ class FcLayout(FFNLayout):
     name = "timm Mlp"
     types = (Mlp,)
     attrs = ("fc1", "act", "fc2")
+    act = "act"  # the activation module's attribute
 
     def _fc1(self, module: nn.Module) -> dict:
         return {"w1": _weight(module.fc1), "b1": module.fc1.bias}
@@ -106,7 +107,7 @@ class FcLayout(FFNLayout):
         if eps is not None:
             w.update(norm_w=norm.weight, norm_b=norm.bias)
         drop1, drop2 = getattr(module, "drop1", None), getattr(module, "drop2", None)
-        return DenseFFN(w["w1"].shape[1], w["w1"].shape[0], w["w2"].shape[0], module.act, _kept(w), eps,
+        return DenseFFN(w["w1"].shape[1], w["w1"].shape[0], w["w2"].shape[0], getattr(module, self.act), _kept(w), eps,
                         (getattr(drop1, "p", 0.0), getattr(drop2, "p", 0.0)), isinstance(module.fc2, nn.Conv2d),
                         w["w1"].device)
 
@@ -155,6 +156,19 @@ class SwiGLULayout(FcLayout):
     def _write_fc1(self, module: nn.Module, weights: dict) -> None:
         _put(module.fc1_x, weights["w1"], weights.get("b1"))
         _put(module.fc1_g, weights["wg"], weights.get("bg"))
+
+
+class FcActivationLayout(FcLayout):
+    """The MLP of transformers vision models (``ViTMLP``, ``DeiTMLP``, ``Dinov2MLP``, ``CLIPMLP``, ``SiglipMLP``):
+    fc2(activation_fn(fc1 x)). Detected by its parts, whatever the class is called."""
+
+    name = "fc1/activation_fn/fc2 MLP"
+    attrs = ("fc1", "activation_fn", "fc2")
+    act = "activation_fn"
+
+    def detects(self, module: nn.Module) -> bool:
+        return all(isinstance(getattr(module, a, None), nn.Linear) for a in ("fc1", "fc2")) and \
+            isinstance(getattr(module, "activation_fn", None), nn.Module)
 
 
 class GateUpDownLayout(FFNLayout):
@@ -211,6 +225,7 @@ LAYOUTS: tuple[FFNLayout, ...] = (
     GluLayout(),
     GateUpDownLayout(),
     Conv1DLayout(),
+    FcActivationLayout(),
     FcLayout(),
 )
 

@@ -95,8 +95,8 @@ def test_a_transformers_model_moe_cli_does_not_read_is_one_line(tmp_path, cli):
                                                          num_attention_heads=2, intermediate_size=32)
                                  ).save_pretrained(tmp_path / "bert")
     one_line(cli("upcycle", str(tmp_path / "bert"), "--out", str(tmp_path / "o")),
-             "is a transformers `bert` model (BertForMaskedLM); moe-cli reads the transformers causal LMs llama, "
-             "mistral, qwen2, qwen3, gpt2")
+             "is a transformers `bert` model (BertForMaskedLM); moe-cli reads the causal LMs llama, mistral, qwen2, "
+             "qwen3, gpt2, the MoE LMs mixtral, qwen2_moe, qwen3_moe and the vision models vit, deit, dinov2, clip")
     assert not (tmp_path / "o").exists()
 
 

@@ -56,14 +56,25 @@ class TinyDecoder(nn.Module):
         return self.lm_head(x)
 
 
+class FcActivationMLP(nn.Module):
+    """The MLP of transformers' ViT / DINOv2 / CLIP / SigLIP (ViTMLP, CLIPMLP), written out."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2, self.activation_fn = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.GELU("tanh")
+
+    def forward(self, x):
+        return self.fc2(self.activation_fn(self.fc1(x)))
+
+
 def tiny_decoder() -> TinyDecoder:
     torch.manual_seed(0)
     return TinyDecoder().eval()
 
 
 @pytest.mark.parametrize("module", [Mlp(8, 16), GluMlp(8, 16), GluMlp(8, 16, gate_last=False), SwiGLU(8, 16),
-                                    Mlp(8, 16, norm_layer=nn.LayerNorm), GateUpDownMLP(8, 16)],
-                         ids=["mlp", "glu", "glu-gate-first", "swiglu", "mlp-norm", "gate-up-down"])
+                                    Mlp(8, 16, norm_layer=nn.LayerNorm), GateUpDownMLP(8, 16), FcActivationMLP(8, 16)],
+                         ids=["mlp", "glu", "glu-gate-first", "swiglu", "mlp-norm", "gate-up-down", "fc-activation"])
 def test_each_layout_writes_back_what_it_read(module):
     torch.manual_seed(1)
     for p in module.parameters():
@@ -104,6 +115,6 @@ def test_gate_up_down_merges_back_to_the_dense_model_and_calibrates():
 
 def test_a_layout_is_one_adapter_in_one_list():
     assert [type(lay).__name__ for lay in LAYOUTS] == ["SwiGLULayout", "GluLayout", "GateUpDownLayout", "Conv1DLayout",
-                                                       "FcLayout"]
+                                                       "FcActivationLayout", "FcLayout"]
     with pytest.raises(ValueError, match="not an FFN of a known layout"):
         read_ffn(nn.Linear(2, 2))
