@@ -4,8 +4,9 @@ against a bare loop over the same model, loader and optimizer (forward, loss + M
     python bench/loop_overhead.py                                   # digits, upcycled ViT-tiny, CPU
     python bench/loop_overhead.py --device cuda --precision bf16 --batch 256 --steps 300
 
-The loop's figure is the mean of its logged `img_s` windows after the first (start-up excluded); the bare loop
-is timed over the same steps after the same warm-up. Each runs twice, alternating, and the best of each counts.
+The loop's figure is the mean of its logged `speed` (images/s) windows after the first (start-up excluded); the
+bare loop is timed over the same steps after the same warm-up. Each runs twice,
+alternating, and the best of each counts.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def recipe(args, out: str):
 def loop_img_s(args) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         res = train(recipe(args, tmp), device=args.device)
-    windows = [h["img_s"] for h in res.history if h["split"] == "train"][1:]
+    windows = [h["speed"] for h in res.history if h["split"] == "train"][1:]
     return sum(windows) / len(windows)
 
 

@@ -52,3 +52,20 @@ def read_recipe(path: Path, set_: list[str] | None, out: Path | None, alias: Pat
 
     folder = out or alias
     return load_recipe(path, (set_ or []) + ([f"output={folder}"] if folder else []))
+
+
+def layer_labels(names) -> dict[str, str]:
+    """Short labels for MoE layer names in tables: the dotted prefix all layers share is dropped but for its last
+    part (`lm.model.layers.0.mlp` -> `layers.0.mlp`; timm's `blocks.0.mlp` stays as it is)."""
+    names = list(names)
+    if not names:
+        return {}
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 2 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return {n: ".".join(p[max(common - 1, 0):]) for n, p in zip(names, parts, strict=True)}
+
+
+def gflops(value: float) -> str:
+    return f"{value:.4f}" if value >= 0.01 else f"{value:.3g}"  # a tiny LM's per-token figure keeps 3 digits

@@ -14,6 +14,8 @@ from moe_cli.cli.common import (
     RecipeArg,
     SetOpt,
     console,
+    gflops,
+    layer_labels,
     read_recipe,
     say,
     user_errors,
@@ -42,14 +44,15 @@ def densify(
 
 
 def report_table(report: dict) -> Table:
-    table = Table(title="dense-to-sparse gate distillation", caption="var.: batch-wise variation; GFLOPs per "
-                  "image; params total / active / trained in the stage", padding=(0, 1))
+    unit = next(iter(report["stages"].values())).get("unit", "image")
+    table = Table(title="dense-to-sparse gate distillation", caption=f"var.: batch-wise variation; GFLOPs per "
+                  f"{unit}; params total / active / trained in the stage", padding=(0, 1))
     for col in ("stage", "acc.", "CE", "var.", "GFLOPs", "params", "active", "trained"):
         table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
     for name, r in report["stages"].items():
         trainable = f"{r['trainable_params'] / 1e6:.3f}M" if r.get("trainable_params") else "-"
         table.add_row(name, f"{r['accuracy']:.2%}", f"{r['ce']:.3f}", f"{r['variation']:.2f}",
-                      f"{r['gflops_per_image']:.4f}", f"{r['params_total'] / 1e6:.2f}M",
+                      gflops(r[f"gflops_per_{unit}"]), f"{r['params_total'] / 1e6:.2f}M",
                       f"{r['params_active'] / 1e6:.2f}M", trainable)
     return table
 
@@ -62,6 +65,7 @@ def load_table(report: dict) -> Table:
     for name in stages:
         table.add_column(name)
     layers = next(iter(stages.values()))["load"].keys()
+    labels = layer_labels(layers)
     for layer in layers:
-        table.add_row(layer, *(" ".join(f"{v:.2f}" for v in r["load"][layer]) for r in stages.values()))
+        table.add_row(labels[layer], *(" ".join(f"{v:.2f}" for v in r["load"][layer]) for r in stages.values()))
     return table

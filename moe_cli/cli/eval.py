@@ -15,6 +15,8 @@ from moe_cli.cli.common import (
     PrecisionOpt,
     console,
     err_console,
+    gflops,
+    layer_labels,
     user_errors,
 )
 from moe_cli.evaluate.report import evaluate, parse_metrics
@@ -61,10 +63,6 @@ def eval_cmd(
     print_tables(result, task)
 
 
-def _gflops(value: float) -> str:
-    return f"{value:.4f}" if value >= 0.01 else f"{value:.3g}"  # a tiny LM's per-token figure keeps 3 digits
-
-
 def _value(r: dict, path: tuple[str, ...]):
     for key in path:
         r = r.get(key) if isinstance(r, dict) else None
@@ -83,8 +81,8 @@ def print_tables(r: dict, task: type[Task]) -> None:
         f = r["flops"]
         dense = f.get("dense")
         key = f"gflops_per_{task.unit}"
-        summary.add_row(f"GFLOPs / {task.unit} (active)", _gflops(f[key]) +
-                        (f"  (dense {_gflops(dense[key])})" if dense else ""))
+        summary.add_row(f"GFLOPs / {task.unit} (active)", gflops(f[key]) +
+                        (f"  (dense {gflops(dense[key])})" if dense else ""))
         summary.add_row("params total", f"{f['params_total'] / 1e6:.2f}M" +
                         (f"  (dense {dense['params_total'] / 1e6:.2f}M)" if dense else ""))
         summary.add_row("params active / token", f"{f['params_active'] / 1e6:.2f}M")
@@ -101,8 +99,9 @@ def print_tables(r: dict, task: type[Task]) -> None:
         table = Table(title="routing per MoE layer")
         for col in ("layer", "expert load", "experts/token", "entropy", "variation", "dropped"):
             table.add_column(col)
+        labels = layer_labels(r["routing"])
         for name, s in r["routing"].items():
-            table.add_row(name, " ".join(f"{v:.2f}" for v in s["load"]), f"{s['experts_per_token']:.2f}",
+            table.add_row(labels[name], " ".join(f"{v:.2f}" for v in s["load"]), f"{s['experts_per_token']:.2f}",
                           f"{s['entropy']:.3f}",
                           f"{s['variation']:.3f}", f"{s['dropped']:.2%}")
         console.print(table)

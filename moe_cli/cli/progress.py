@@ -15,6 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from moe_cli.cli.common import STATE, console, err_console
 from moe_cli.train.loop import Reporter
 
+UNITS = {"image": "img", "token": "tok"}  # a task's unit as the speed column shows it
+
 
 class RichReporter(Reporter):
     def __init__(self, title: str = "train"):
@@ -22,7 +24,7 @@ class RichReporter(Reporter):
         self.progress: Progress | None = None
         self.task = None
         self.total = 0
-        self.images = 0.0  # seen by the run, summed from each log window's speed and length
+        self.seen = 0.0  # units (images, tokens) seen by the run, summed from each log window's speed and length
         self.started = self.last = 0.0
         self.record: dict | None = None
         self.explained = False
@@ -44,7 +46,7 @@ class RichReporter(Reporter):
         if self.progress is None:
             return
         now = time.perf_counter()
-        self.images += record["img_s"] * (now - self.last)
+        self.seen += record["speed"] * (now - self.last)
         self.last, self.record = now, record
         if "expert_imbalance" in record and not self.explained:
             self.explained = True
@@ -54,7 +56,8 @@ class RichReporter(Reporter):
     def stats(self, record: dict, average: bool = False) -> str:
         """The fields that fit the terminal, most important first (metrics.jsonl has the full record);
         ``average``: the speed is the whole run's."""
-        fields = [f"loss {record['loss']:.4f}", f"{record['img_s']:.0f} img/s" + (" avg" if average else "")]
+        unit = UNITS.get(record.get("unit"), record.get("unit", "img"))
+        fields = [f"loss {record['loss']:.4f}", f"{record['speed']:.0f} {unit}/s" + (" avg" if average else "")]
         if "expert_imbalance" in record:  # max/mean tokens per expert
             fields.append(f"load {record['expert_imbalance']:.2f}")
         fields.append(f"lr {record['lr']:.1e}")
@@ -90,7 +93,7 @@ class RichReporter(Reporter):
         if self.progress is None:
             return
         if self.record is not None and self.last > self.started:
-            run = {**self.record, "img_s": self.images / (self.last - self.started)}
+            run = {**self.record, "speed": self.seen / (self.last - self.started)}
             self.progress.update(self.task, stats=self.stats(run, average=True))
         self.progress.stop()
         self.progress = None

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from moe_cli.checks import labelled
-from moe_cli.cli.common import STATE, OverwriteOpt, console, say, user_errors, writable
+from moe_cli.cli.common import STATE, OverwriteOpt, console, layer_labels, say, user_errors, writable
 from moe_cli.config import parse_assignments
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import save
@@ -120,8 +120,9 @@ def load_table(load: dict, method: str) -> Table:
     table.add_column("layer")
     table.add_column("share of tokens per expert")
     table.add_column("max / mean", justify="right")
+    labels = layer_labels(load)
     for name, shares in load.items():
-        table.add_row(name, " ".join(f"{v:.2f}" for v in shares), f"{max(shares) * len(shares):.2f}")
+        table.add_row(labels[name], " ".join(f"{v:.2f}" for v in shares), f"{max(shares) * len(shares):.2f}")
     return table
 
 

@@ -44,11 +44,6 @@ def throughput(model: torch.nn.Module, images: torch.Tensor, device: torch.devic
     return images.shape[0] / statistics.median(times)
 
 
-def per_unit(report: dict, unit: str, per: int) -> dict:
-    """A FLOPs report (per sample: `gflops_per_image`) with the figure per ``unit`` added (`gflops_per_token`)."""
-    return {**report, "unit": unit, f"gflops_per_{unit}": report["gflops_per_image"] / per}
-
-
 def place(out: dict, path: tuple[str, ...], value) -> None:
     """out[a][b] = value for path (a, b)."""
     for key in path[:-1]:
@@ -111,10 +106,10 @@ def evaluate(ckpt: Checkpoint, metrics: list[str], data: str | None = None, batc
         out["routing"] = routing_stats(model, loader, device, lambda: autocast(device, precision))
     per = task.inputs_per_sample(samples)  # units (images, clips, tokens) in one sample
     if "flops" in metrics:
-        out["flops"] = per_unit(compute_report(model, samples), task.unit, per)
+        out["flops"] = compute_report(model, samples, task.unit, per)
         if ckpt.moe is not None:
             dense = create_model(ckpt.architecture["name"], ckpt.architecture.get("kwargs", {})).to(device)
-            out["flops"]["dense"] = per_unit(compute_report(dense, samples), task.unit, per)
+            out["flops"]["dense"] = compute_report(dense, samples, task.unit, per)
     if "throughput" in metrics:
         out["throughput"] = {f"{task.unit}s_per_s": throughput(model, samples, device, precision) * per,
                              "unit": task.unit, "batch_size": samples.shape[0], "device": str(device),

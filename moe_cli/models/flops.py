@@ -21,9 +21,13 @@ def gflops_per_image(model: nn.Module, images: torch.Tensor) -> float:
     return counter.get_total_flops() / images.shape[0] / 1e9
 
 
-def compute_report(model: nn.Module, images: torch.Tensor) -> dict:
+def compute_report(model: nn.Module, images: torch.Tensor, unit: str = "image", per: int = 1) -> dict:
+    """GFLOPs per sample (`gflops_per_image`) and per ``unit`` of which a sample holds ``per`` (`gflops_per_token`),
+    total and active parameters."""
     total, active = param_counts(model)
-    return {"gflops_per_image": gflops_per_image(model, images), "params_total": total, "params_active": active}
+    flops = gflops_per_image(model, images)
+    return {"gflops_per_image": flops, "unit": unit, f"gflops_per_{unit}": flops / per, "params_total": total,
+            "params_active": active}
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:

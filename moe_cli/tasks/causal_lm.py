@@ -51,6 +51,7 @@ class CausalLMTask(Task):
     default_metrics = "ce,perplexity,accuracy,routing,flops"
     unit = "token"
     produces = "next-token logits"
+    distillable = True
 
     @classmethod
     def check_data(cls, data: DataCfg, label) -> None:

@@ -250,7 +250,7 @@ def train(
                     total_loss = loss + aux if aux is not None else loss
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total_loss.detach()), step + 1, first_bad)
                 scaler.scale(total_loss / t.grad_accum).backward()
-                window_n += len(batch[0])
+                window_n += len(batch[0]) * task.inputs_per_sample(batch[0])
                 if not sync:
                     continue
                 par.finish_grads(model)
@@ -281,7 +281,7 @@ def train(
                         dist.all_reduce(values)
                         values /= dd.world
                     rec = {"step": step, "split": "train", "lr": scheduler.get_last_lr()[0],
-                           "img_s": window_n * dd.world / max(now - window_t, 1e-9),
+                           "speed": window_n * dd.world / max(now - window_t, 1e-9), "unit": task.unit,
                            **dict(zip(logged, values.tolist(), strict=True))}
                     if (imbalance := recorder.imbalance()) is not None:
                         rec["expert_imbalance"] = imbalance.item()

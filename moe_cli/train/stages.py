@@ -28,7 +28,8 @@ from moe_cli.moe.losses import expert_cv_loss, token_cv_loss
 from moe_cli.moe.recorder import RoutingRecorder, routing_stats
 from moe_cli.recipe import Recipe
 from moe_cli.runtime import atomic_write, autocast, pick_device
-from moe_cli.tasks import ClassifyTask, unwrap
+from moe_cli.tasks import unwrap
+from moe_cli.tasks.base import Task
 from moe_cli.train.build import upcycle_checkpoint
 from moe_cli.train.loop import Reporter, train
 
@@ -56,7 +57,7 @@ def dense_moe(recipe: Recipe) -> Checkpoint:
     return ckpt
 
 
-def cv_loss(task: ClassifyTask, token_w: float, expert_w: float, eps: float) -> Callable:
+def cv_loss(task: Task, token_w: float, expert_w: float, eps: float) -> Callable:
     """Task loss + weighted per-token and per-expert inverse-CV losses, averaged over MoE layers."""
 
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
@@ -84,7 +85,7 @@ def sparsify(ckpt: Checkpoint, gate: MoEConfig, seed: int, noise_std: float = 0.
     return teachers
 
 
-def distill_loss(task: ClassifyTask, teachers: dict[str, torch.Tensor], distill_w: float, task_w: float) -> Callable:
+def distill_loss(task: Task, teachers: dict[str, torch.Tensor], distill_w: float, task_w: float) -> Callable:
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         with RoutingRecorder(unwrap(model), aux=True, teachers=teachers) as rec:  # layer names without DDP's
             loss, logs = task.loss(model, batch)
@@ -102,16 +103,17 @@ def trainable_count(model: nn.Module, trainable: Callable | None) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if trainable is None or trainable(n, p))
 
 
-def stage_report(ckpt: Checkpoint, recipe: Recipe, device: torch.device, task: ClassifyTask) -> dict:
-    """Accuracy, CE, routing (load per layer, batch-wise variation), GFLOPs/image (active) and parameters."""
+def stage_report(ckpt: Checkpoint, recipe: Recipe, device: torch.device, task: Task) -> dict:
+    """The task's quality (accuracy, CE, ...), routing (load per layer, batch-wise variation), GFLOPs per sample and
+    per the task's unit (image, token; active experts only) and parameters."""
     model = ckpt.model.to(device).eval()
     loader = val_loader(model, recipe.data, recipe.train.batch_size, device, ckpt.data_config)
     quality = task.evaluate(model, loader, device, recipe.train.precision)
     routes = routing_stats(model, loader, device, lambda: autocast(device, recipe.train.precision))
-    images = next(iter(loader))[0][:16].to(device)
+    samples = next(iter(loader))[0][:16].to(device)
     variation = sum(r["variation"] for r in routes.values()) / max(len(routes), 1)
     return {**quality, "variation": variation, "load": {n: r["load"] for n, r in routes.items()},
-            **compute_report(model, images)}
+            **compute_report(model, samples, task.unit, task.inputs_per_sample(samples))}
 
 
 def densify_to_sparse(recipe: Recipe, *, from_stage: int = 1, init: str | Path | None = None,

@@ -3,7 +3,7 @@
 from moe_cli.cli.common import console
 from moe_cli.cli.progress import RichReporter
 
-RECORD = {"step": 40, "loss": 0.51843, "lr": 1e-3, "img_s": 267.3, "expert_imbalance": 1.1034}
+RECORD = {"step": 40, "loss": 0.51843, "lr": 1e-3, "speed": 267.3, "unit": "image", "expert_imbalance": 1.1034}
 
 
 def test_fields_fit_and_drop_by_priority():
@@ -19,6 +19,8 @@ def test_fields_fit_and_drop_by_priority():
         assert len("classify") + 12 + len("2000/2000") + len(line) + 7 + 5 <= 80
         console.width = 50
         assert r.stats(RECORD) == "loss 0.5184"
+        console.width = 200  # a language model's speed is in tokens
+        assert r.stats({**RECORD, "speed": 51200.0, "unit": "token"}).startswith("loss 0.5184  51200 tok/s")
     finally:
         console.width = old
 
@@ -74,8 +76,8 @@ def test_finished_bar_shows_the_run_average_speed_and_load_is_explained(monkeypa
         console.export_text()  # drop what was recorded before
         r = RichReporter("classify")
         r.start(2, 0)
-        r.log({**RECORD, "step": 1, "img_s": 100.0})
-        r.log({**RECORD, "step": 2, "img_s": 400.0})
+        r.log({**RECORD, "step": 1, "speed": 100.0})
+        r.log({**RECORD, "step": 2, "speed": 400.0})
         r.close()
         text = console.export_text()
     finally:

@@ -81,3 +81,19 @@ def test_a_vision_model_is_not_a_language_model(tmp_path, cli):
     one_line(cli("finetune", f), "task causal-lm trains transformers causal LMs")
     f = lm_recipe(tmp_path, model={"source": "transformers:LlamaForCausalLM", "pretrained": True, "kwargs": LLAMA})
     one_line(cli("finetune", f), "names an architecture, not weights: set `pretrained: false`")
+
+
+def test_densify_to_sparse_runs_on_a_language_model(tmp_path, cli):
+    recipe = lm_recipe(tmp_path, "d2s", densify={"experts": 4, "k": 1, "layers": "all", "stage1": {"steps": 3},
+                                                 "stage2": {"steps": 3, "lr": 1e-2}, "stage3": {"steps": 3}})
+    r = cli("densify-to-sparse", recipe)
+    assert r.exit_code == 0, r.output
+    assert "GFLOPs per token" in r.output and "layers.0.mlp" in r.output and "lm.model.layers" not in r.output
+    report = json.loads((tmp_path / "d2s" / "report.json").read_text())
+    stages = report["stages"]
+    assert list(stages) == ["dense", "distill", "finetune"]
+    assert all(s["unit"] == "token" and "perplexity" in s for s in stages.values())
+    # the sparse gates run 1 of 4 experts per token: fewer FLOPs per token than the dense MoE's 4
+    assert stages["distill"]["gflops_per_token"] < stages["dense"]["gflops_per_token"]
+    rows = [json.loads(line) for line in (tmp_path / "d2s" / "stage3" / "metrics.jsonl").read_text().splitlines()]
+    assert {row.get("unit") for row in rows if row.get("split") == "train"} == {"token"}

@@ -30,7 +30,7 @@ def test_upcycled_training_logs_and_learns(tmp_path, cli):
     assert "final: step 40" in r.output
     recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train_recs = [x for x in recs if x["split"] == "train"]
-    assert {"loss", "lr", "img_s", "load_balance", "z_loss", "expert_imbalance"} <= set(train_recs[0])
+    assert {"loss", "lr", "speed", "unit", "load_balance", "z_loss", "expert_imbalance"} <= set(train_recs[0])
     first, final = train_recs[:4], train_recs[-4:]
     assert sum(x["loss"] for x in final) < sum(x["loss"] for x in first) * 0.9
     assert [x["step"] for x in recs if x["split"] == "val"] == [20, 40]
