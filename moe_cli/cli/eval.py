@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from moe_cli.cli.common import (
@@ -34,8 +36,9 @@ def _metric_help() -> str:
 @user_errors
 def eval_cmd(
     ckpt: CheckpointArg,
-    data: str | None = typer.Option(None, help="digits (built in), an ImageFolder folder, or a token folder "
-                                    "(default: digits; a token checkpoint's own token data)."),
+    data: str | None = typer.Option(None, help="digits, lm-synthetic (built in), an ImageFolder or token folder, "
+                                    "hfds/NAME[:FOLDER] (default: the data the checkpoint was trained on).",
+                                    show_default=False),
     metric: str | None = typer.Option(None, help=_metric_help(), show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
     batch_size: int = typer.Option(64, min=1, help="Evaluation batch size."),
@@ -70,7 +73,8 @@ def _value(r: dict, path: tuple[str, ...]):
 
 
 def print_tables(r: dict, task: type[Task]) -> None:
-    summary = Table(title=f"moe eval ({r['data']})")
+    console.print(f"data: {escape(r['data'])}", soft_wrap=True)
+    summary = Table(title=f"moe eval ({Path(r['data']).name or r['data']})")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
     for m in task.metrics:

@@ -17,8 +17,9 @@ from moe_cli.cli.common import (
     writable,
 )
 from moe_cli.data.loaders import val_loader
-from moe_cli.errors import ConfigError
+from moe_cli.errors import ConfigError, MoeError
 from moe_cli.evaluate.inspect import (
+    NO_MOE,
     collect_routes,
     training_load,
     write_figures,
@@ -34,7 +35,8 @@ from moe_cli.tasks import eval_data, task_class
 @user_errors
 def inspect_cmd(
     ckpt: CheckpointArg,
-    data: str = typer.Option("digits", help="digits (built in) or an ImageFolder folder."),
+    data: str | None = typer.Option(None, help="digits (built in), an ImageFolder folder or hfds/NAME (default: "
+                                    "the data the checkpoint was trained on).", show_default=False),
     out: Path = typer.Option(Path("inspect"), "--out", "-o", help="Folder for the PNGs and routes.json."),
     images: int = typer.Option(4, min=1, help="Images in the per-patch expert map."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
@@ -48,9 +50,11 @@ def inspect_cmd(
     if not task_class(checkpoint.task, f"{ckpt}: the task").routing_maps:
         raise ConfigError(f"moe inspect maps routing per class and per image patch of classifiers; {ckpt} is a "
                           f"`{checkpoint.task}` checkpoint (use `moe eval {ckpt} --metric routing`)")
+    if checkpoint.moe is None:
+        raise MoeError(NO_MOE)
     model = checkpoint.model
     device = pick_device(STATE["device"])
-    cfg = eval_data(data)
+    cfg = eval_data(data, checkpoint, str(ckpt))
     loader = val_loader(model, cfg, batch_size, device, checkpoint.data_config)
     say(f"reading {len(loader.dataset)} images from {cfg.root or cfg.name}")
     num_classes = getattr(model, "num_classes", 0) or 1

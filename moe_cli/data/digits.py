@@ -32,6 +32,8 @@ class Digits(Dataset):
     many pixels (filled with the normalised background, ``fill`` (C,)), drawing from the global torch RNG so resumed
     runs stay exact."""
 
+    classes = [str(i) for i in range(10)]
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0, fill: torch.Tensor | None = None):
         self.images, self.labels, self.shift = images, labels, shift
         self.fill = fill if fill is not None else torch.full((images.shape[1],), -1.0)

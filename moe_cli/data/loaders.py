@@ -3,6 +3,7 @@ create_dataset/create_transform."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,13 +96,44 @@ def _check_classes(ds: Dataset, model: torch.nn.Module, root: str | None) -> Non
 
 
 BUILT_IN = ("digits", "lm-synthetic")  # data sets that need no files
+TIMM_READERS = ("hfds/", "hfids/", "tfds/", "wds/", "torch/")  # timm dataset names (a reader, then the data's name)
+
+
+def class_names(ds: Dataset) -> list[str] | None:
+    """The class names of an image data set in label order (digits, an image folder, a timm / Hugging Face
+    datasets reader that knows them), or None."""
+    if isinstance(getattr(ds, "classes", None), list):
+        return [str(c) for c in ds.classes]
+    reader = getattr(ds, "reader", None)
+    class_to_idx = getattr(reader, "class_to_idx", None)
+    if isinstance(class_to_idx, dict) and class_to_idx:
+        return [str(c) for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+    feature = getattr(getattr(getattr(reader, "dataset", None), "features", None), "get", lambda _k: None)(
+        getattr(reader, "target_key", "label"))
+    names = getattr(feature, "names", None)
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def data_record(cfg: DataCfg, ds: Dataset) -> dict:
+    """What a checkpoint keeps of the data it was trained on (`moe eval` and `moe inspect` read it by default, a
+    model card names it): the data section, its folder made absolute, and the class names."""
+    from moe_cli.checks import plain
+
+    rec = plain(dataclasses.asdict(cfg))
+    if cfg.root is not None and Path(cfg.root).exists():
+        rec["root"] = str(Path(cfg.root).resolve())
+    return {**rec, "classes": class_names(ds)}
 
 
 def data_from_spec(spec: str, model: torch.nn.Module) -> DataCfg:
-    """What a command-line data argument names, for ``model``: a built-in set (digits, lm-synthetic), or a folder
+    """What a command-line data argument names, for ``model``: a built-in set (digits, lm-synthetic), a timm
+    dataset name (``hfds/NAME``, ``torch/cifar100``, ...; ``hfds/NAME:FOLDER`` reads it from FOLDER), or a folder
     (a token folder of sequences for a language model, else an ImageFolder)."""
     if spec in BUILT_IN:
         return DataCfg(name=spec)
+    if spec.startswith(TIMM_READERS):
+        name, _, root = spec.partition(":")
+        return DataCfg(name=name, root=root or None)
     return DataCfg(name="lm-tokens", root=spec) if isinstance(model, CausalLM) else DataCfg(name="", root=spec)
 
 
@@ -210,6 +242,10 @@ class StrictImages(Dataset):
     def __init__(self, ds: Dataset):
         self.ds = ds
         self.reader = ds.reader
+
+    @property
+    def classes(self) -> list[str] | None:
+        return class_names(self.ds)
 
     def __len__(self) -> int:
         return len(self.ds)

@@ -14,14 +14,16 @@ from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.recorder import RoutingRecorder, load_share
 from moe_cli.runtime import atomic_write
 
+NO_MOE = "this checkpoint has no MoE layers: there is no routing to inspect"
+
 
 @torch.no_grad()
 def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: int, n_images: int = 4) -> dict:
-    """Per layer: load (share of routed pairs per expert) and per-class load; patch maps of the first images, with
-    their class and the model's prediction."""
+    """Per layer: load (share of routed pairs per expert) and per-class load; patch maps of up to ``n_images``
+    images, one per class (the first of each class met), with their class and the model's prediction."""
     layers = moe_layers(model)
     if not layers:
-        raise MoeError("this checkpoint has no MoE layers: there is no routing to inspect")
+        raise MoeError(NO_MOE)
     per_class = {n: torch.zeros(num_classes, m.num_experts) for n, m in layers}  # pruned layers differ in E
     maps: dict[str, list] = {n: [] for n, _ in layers}
     images: list[torch.Tensor] = []
@@ -31,15 +33,15 @@ def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: 
     with RoutingRecorder(model, gates=True) as rec:
         for x, y in loader:
             logits = model(x.to(device))
-            take = n_images - len(images)  # images still wanted for the patch maps
+            take = pick_images(y.tolist(), labels, n_images)  # batch rows still wanted for the patch maps
             for name, _ in layers:
                 gate = rec.records[name].gate
                 used = (gate > 0).float().cpu()  # (B, N, E)
                 per_class[name].index_add_(0, y, used.sum(1))
-                maps[name].extend(gate.argmax(-1).cpu()[:take])
-            labels.extend(y[:take].tolist())
-            preds.extend(logits[:take].argmax(-1).cpu().tolist() if logits.dim() == 2 else [-1] * len(y[:take]))
-            images.extend(x[:take])
+                maps[name].extend(gate.argmax(-1).cpu()[take])
+            labels.extend(y[take].tolist())
+            preds.extend(logits[take].argmax(-1).cpu().tolist() if logits.dim() == 2 else [-1] * len(take))
+            images.extend(x[take])
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     prefix = getattr(model, "num_prefix_tokens", 0)
     classes = getattr(loader.dataset, "classes", None)
@@ -55,6 +57,19 @@ def collect_routes(model: nn.Module, loader, device: torch.device, num_classes: 
         }
     out["_images"] = images
     return out
+
+
+def pick_images(batch_labels: list[int], have: list[int], n: int) -> list[int]:
+    """Rows of a batch to add to the ``have`` images already picked: the first of each class not yet shown, up
+    to ``n`` in all."""
+    rows, seen = [], set(have)
+    for i, label in enumerate(batch_labels):
+        if len(have) + len(rows) >= n:
+            break
+        if label not in seen:
+            rows.append(i)
+            seen.add(label)
+    return rows
 
 
 def write_figures(routes: dict, out_dir: Path) -> list[Path]:

@@ -17,6 +17,8 @@ A new task is one module and one line in :data:`TASKS` below (or :func:`register
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from moe_cli.errors import ConfigError
 from moe_cli.tasks.base import Metric, Task, TaskData, TokenTask, unwrap
 from moe_cli.tasks.causal_lm import CausalLMTask
@@ -72,22 +74,35 @@ def metric_names() -> tuple[str, ...]:
     return (*names, *EVAL_METRICS)
 
 
-def eval_data(data: str | None, ckpt=None):
-    """The data `moe eval`, `moe inspect` and calibration read for ``ckpt``: ``data`` ('digits', 'lm-synthetic', a
-    folder), or by default what the checkpoint's task says it was trained on (token tasks, causal LMs); image
-    checkpoints without such a record read digits."""
-    from moe_cli.config import DataCfg
+def eval_data(data: str | None, ckpt=None, where: str = "this checkpoint", flag: str = "--data"):
+    """The data `moe eval`, `moe inspect` and calibration read for ``ckpt``: ``data`` (--data: digits,
+    lm-synthetic, hfds/NAME, a folder), or by default what the checkpoint says it was trained on (its task's record,
+    or the data section a `moe finetune` run stored); without either, one line asking for ``--data`` — never
+    another data set."""
+    from moe_cli.config import DataCfg, section_from
     from moe_cli.data.loaders import data_from_spec
 
     if data == "digits":
         return DataCfg(name="digits")
-    if ckpt is not None:
-        chosen = make_task(ckpt.task, ckpt.task_config).eval_data(data, ckpt.task_config)
-        if chosen is not None:
-            return chosen
-    if data is None:
-        return DataCfg(name="digits")
-    return data_from_spec(data, ckpt.model) if ckpt is not None else DataCfg(name="", root=data)
+    if ckpt is None:
+        return DataCfg(name="digits") if data is None else DataCfg(name="", root=data)
+    chosen = make_task(ckpt.task, ckpt.task_config).eval_data(data, ckpt.task_config)
+    if chosen is not None:
+        return chosen
+    if data is not None:
+        return data_from_spec(data, ckpt.model)
+    record = ckpt.extra.get("data")
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where} does not record the data it was trained on (it was not trained by "
+                          f"`moe finetune`, or by a moe-cli before 0.3); pass {flag} (digits, an image folder, "
+                          "hfds/NAME)")
+    fields = {k: v for k, v in record.items() if k != "classes"}
+    cfg = section_from(DataCfg, fields, "data", "the checkpoint metadata")
+    if cfg.root is not None and not cfg.name.startswith(("hfds/", "hfids/", "tfds/", "wds/")) \
+            and not Path(cfg.root).exists():
+        raise ConfigError(f"{where} was trained on `{cfg.name or 'ImageFolder'}` at {cfg.root}, which is not here; "
+                          f"pass {flag} FOLDER")
+    return cfg
 
 
 def reporting(metric: str) -> list[str]:

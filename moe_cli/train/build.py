@@ -4,7 +4,9 @@ and `moe prune` call."""
 
 from __future__ import annotations
 
-from moe_cli.checks import Label, argument
+import dataclasses
+
+from moe_cli.checks import Label, argument, plain
 from moe_cli.data.loaders import calibration_batches
 from moe_cli.errors import ConfigError
 from moe_cli.io.checkpoint import Checkpoint, create_model
@@ -26,8 +28,15 @@ def upcycle_checkpoint(ckpt: Checkpoint, cfg: UpcycleCfg, *, seed: int = 0, veri
         if cfg.router_init != "random" else None
     up = upcycle_verified(ckpt.model, cfg, seed=seed, verify=verify, tolerance=tolerance, calibration=calib)
     ckpt.model, ckpt.init = up.model, cfg.init
-    ckpt.extra = {**ckpt.extra, "dense_params": up.dense_params}
+    step = {"upcycle": {"source": ckpt.source, "settings": changed_settings(cfg)}}
+    ckpt.extra = {**ckpt.extra, "dense_params": up.dense_params, "made_with": [*ckpt.extra.get("made_with", []), step]}
     return up
+
+
+def changed_settings(cfg: UpcycleCfg) -> dict:
+    """The upcycling settings that differ from the defaults (what a `moe upcycle` command line would give)."""
+    default = plain(dataclasses.asdict(UpcycleCfg()))
+    return {k: v for k, v in plain(dataclasses.asdict(cfg)).items() if default.get(k) != v}
 
 
 def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:
@@ -47,7 +56,7 @@ def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:
 def calibration(ckpt: Checkpoint, calib: str | None, batches: int) -> list:
     """Calibration inputs read as the checkpoint's model expects them: ``calib`` (digits, lm-synthetic, an image or
     token folder), or by default the data the checkpoint's task evaluates on (digits for image models)."""
-    return calibration_batches(ckpt.model, eval_data(calib, ckpt), batches, ckpt.data_config)
+    return calibration_batches(ckpt.model, eval_data(calib, ckpt, flag="--calib"), batches, ckpt.data_config)
 
 
 def merge_checkpoint(ckpt: Checkpoint, experts: int, calib: str | None = None, calib_batches: int = 4,

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from moe_cli.data.loaders import ResumableSampler, build_datasets, make_loader
+from moe_cli.data.loaders import ResumableSampler, build_datasets, data_record, make_loader
 from moe_cli.errors import CheckpointError, MoeError
 from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
 from moe_cli.moe.layer import moe_layers
@@ -153,6 +153,9 @@ def train(
     loss_fn = loss_fn or task.loss
     model = ckpt.model.to(dev).train()
     train_ds, val_ds = build_datasets(recipe.data, model, ckpt.data_config)
+    if last is None:  # what the checkpoints of this run were trained on and how (a resumed one has it already)
+        ckpt.extra = {**ckpt.extra, "data": data_record(recipe.data, train_ds),
+                      "made_with": [*ckpt.extra.get("made_with", []), {"finetune": recipe.to_dict()}]}
     sampler = ResumableSampler(train_ds, seed=t.seed, rank=dd.rank, world=dd.world)
     total = t.steps or max(1, math.ceil(t.epochs * math.ceil(len(sampler) / t.batch_size) / t.grad_accum))
     for n, p in model.named_parameters():

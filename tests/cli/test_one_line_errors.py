@@ -201,7 +201,7 @@ def test_nan_weights_are_reported(cli, tmp_path, moe_ckpt):
     with torch.no_grad():
         ck.model.head.weight[0, 0] = float("nan")
     path = save(ck, tmp_path / "nan").parent
-    r = cli("eval", str(path), "--metric", "accuracy")
+    r = cli("eval", str(path), "--data", "digits", "--metric", "accuracy")
     assert r.exit_code == 0 and "warning:" in r.stderr and "NaN or inf" in r.stderr
 
 

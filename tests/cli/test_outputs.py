@@ -19,7 +19,9 @@ def test_every_writing_command_refuses_an_existing_output_without_overwrite(cli,
     refused(cli("upcycle", *M, "--experts", "2", "--k", "1", "-o", str(up)), up)
     assert (up / "model.safetensors").stat().st_mtime_ns == before  # untouched
     assert cli("upcycle", *M, "--experts", "2", "--k", "1", "-o", str(up), "--overwrite").exit_code == 0
-    for command, extra in (("merge", ["--experts", "1"]), ("prune", ["--keep", "1"]), ("inspect", ["--images", "1"]),
+    for command, extra in (("merge", ["--experts", "1", "--calib", "digits"]),
+                           ("prune", ["--keep", "1", "--calib", "digits"]),
+                           ("inspect", ["--images", "1", "--data", "digits"]),
                            ("export", [])):
         out = tmp_path / (f"{command}.safetensors" if command == "export" else command)
         assert cli(command, str(up), *extra, "-o", str(out)).exit_code == 0, command

@@ -47,12 +47,13 @@ def with_metadata(src, dst, **changes):
 def test_a_16_bit_export_evaluates_merges_and_prunes(cli, moe_ckpt, tmp_path, dtype):
     export = tmp_path / f"m.{dtype}.safetensors"
     assert cli("export", str(moe_ckpt), "--out", str(export), "--dtype", dtype).exit_code == 0
-    r = cli("eval", str(export), "--metric", "accuracy,ce", "--json")
+    r = cli("eval", str(export), "--data", "digits", "--metric", "accuracy,ce", "--json")
     assert r.exit_code == 0, r.output
-    full = json.loads(cli("eval", str(moe_ckpt), "--metric", "accuracy,ce", "--json").stdout)
+    full = json.loads(cli("eval", str(moe_ckpt), "--data", "digits", "--metric", "accuracy,ce", "--json").stdout)
     assert json.loads(r.stdout)["ce"] == pytest.approx(full["ce"], rel=0.05)  # the same model, rounded weights
-    assert cli("merge", str(export), "--experts", "2", "-o", str(tmp_path / "merged")).exit_code == 0
-    assert cli("prune", str(export), "--keep", "2", "-o", str(tmp_path / "pruned")).exit_code == 0
+    assert cli("merge", str(export), "--experts", "2", "--calib", "digits", "-o",
+               str(tmp_path / "merged")).exit_code == 0
+    assert cli("prune", str(export), "--keep", "2", "--calib", "digits", "-o", str(tmp_path / "pruned")).exit_code == 0
 
 
 # ---------------------------------------------------------------------------------------------- upcycle options
@@ -171,8 +172,10 @@ def test_merge_and_prune_refuse_a_router_with_non_finite_statistics(cli, moe_ckp
     bad.mkdir()
     safetensors.torch.save_file(tensors, str(bad / "model.safetensors"), metadata=read_metadata(
         moe_ckpt / "model.safetensors"))
-    one_line(cli("merge", str(bad), "--experts", "2", "-o", str(tmp_path / "merged")), "non-finite logits")
-    one_line(cli("prune", str(bad), "--keep", "2", "-o", str(tmp_path / "pruned")), "non-finite logits")
+    one_line(cli("merge", str(bad), "--experts", "2", "--calib", "digits", "-o", str(tmp_path / "merged")),
+             "non-finite logits")
+    one_line(cli("prune", str(bad), "--keep", "2", "--calib", "digits", "-o", str(tmp_path / "pruned")),
+             "non-finite logits")
     assert not (tmp_path / "merged").exists() and not (tmp_path / "pruned").exists()
 
 

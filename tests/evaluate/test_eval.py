@@ -33,7 +33,7 @@ def test_accuracy_and_ce_on_controlled_predictions(tmp_path, cli):
         model.head.weight.zero_()
         model.head.bias.copy_(torch.arange(10.0) * 0.1 + torch.nn.functional.one_hot(torch.tensor(3), 10) * 2)
     save(Checkpoint(model, {"name": NAME, "kwargs": KWARGS}), tmp_path / "ck")
-    r = cli("eval", str(tmp_path / "ck"), "--metric", "accuracy,ce", "--json")
+    r = cli("eval", str(tmp_path / "ck"), "--data", "digits", "--metric", "accuracy,ce", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     labels = digits("val").labels
@@ -91,14 +91,16 @@ def test_flops_match_analytic_count():
 
 def test_disable_expert_gets_no_tokens_and_top_k_changes_active_params(tmp_path, cli):
     ck = saved_moe(tmp_path)
-    r = cli("eval", str(ck), "--metric", "routing,flops", "--disable-experts", "0:1,1:3", "--json")
+    r = cli("eval", str(ck), "--data", "digits", "--metric", "routing,flops", "--disable-experts", "0:1,1:3",
+            "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["routing"]["blocks.0.mlp"]["load"][1] == 0.0
     assert out["routing"]["blocks.1.mlp"]["load"][3] == 0.0
     assert min(out["routing"]["blocks.0.mlp"]["load"][i] for i in (0, 2, 3)) > 0
-    k2 = json.loads(cli("eval", str(ck), "--metric", "flops", "--json").stdout)["flops"]
-    k1 = json.loads(cli("eval", str(ck), "--metric", "flops", "--top-k", "1", "--json").stdout)["flops"]
+    k2 = json.loads(cli("eval", str(ck), "--data", "digits", "--metric", "flops", "--json").stdout)["flops"]
+    k1 = json.loads(cli("eval", str(ck), "--data", "digits", "--metric", "flops", "--top-k", "1",
+                         "--json").stdout)["flops"]
     model, _ = upcycle(tiny_model("vit"), experts=4, k=2)
     per_expert = model.blocks[0].mlp.experts.params_per_expert()
     assert k2["params_active"] - k1["params_active"] == 2 * per_expert  # one expert fewer in each of 2 layers
@@ -115,7 +117,7 @@ def test_eval_errors(tmp_path, cli):
                          (["--top-k", "9"], "--top-k"), (["--metric", "speed"], "--metric")):
         r = cli("eval", str(ck), *args)
         assert r.exit_code == 2 and needle in r.stderr, (args, r.stderr)
-    r = cli("eval", str(ck), "--metric", "lpips")
+    r = cli("eval", str(ck), "--data", "digits", "--metric", "lpips")
     assert r.exit_code == 0 and "lpips does not apply" in r.output
 
 

@@ -18,7 +18,7 @@ def test_inspect_figures_differ_with_routing(tmp_path, cli):
         model, cfg = upcycle(tiny_model("vit"), experts=4, k=1, normalize=False, seed=seed)
         save(Checkpoint(model, {"name": NAME, "kwargs": KWARGS}), tmp_path / f"ck{seed}")
         out = tmp_path / f"insp{seed}"
-        r = cli("inspect", str(tmp_path / f"ck{seed}"), "--out", str(out), "--images", "2")
+        r = cli("inspect", str(tmp_path / f"ck{seed}"), "--data", "digits", "--out", str(out), "--images", "2")
         assert r.exit_code == 0, r.output
         for name in ("expert_load.png", "class_routing.png", "patch_experts.png"):
             image = imread(out / name)  # a real PNG, of a readable size, with something drawn on it
