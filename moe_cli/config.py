@@ -162,6 +162,9 @@ class ScheduleCfg(Checked):
         return self
 
 
+LOGGERS = ("tensorboard", "wandb")
+
+
 @dataclass(frozen=True)
 class TrainCfg(Checked):
     steps: int | None = None
@@ -179,6 +182,9 @@ class TrainCfg(Checked):
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for debugging)
     parallel: Parallel = Parallel.ddp  # under torchrun: ddp (whole model per rank) or fsdp (sharded, FSDP2)
     expert_parallel: int = 1  # ranks that split each MoE layer's experts between them (1: each holds all)
+    keep_best: str | None = None  # a validation metric (accuracy, ce, ...): <output>/best/ holds the best model by it
+    keep_last: int | None = None  # keep the last N periodic checkpoints as <output>/checkpoints/step-N/ (None: last/)
+    log_to: tuple[str, ...] = ("tensorboard",)  # loggers besides metrics.jsonl: tensorboard, wandb (optional extra)
 
     def validate(self, label: Label) -> TrainCfg:
         check(self.steps is None or self.steps >= 1, label("steps"), "an integer >= 1", self.steps)
@@ -197,6 +203,10 @@ class TrainCfg(Checked):
               "a finite number > 0 or null (no clipping)", self.clip)
         check(finite(self.label_smoothing) and 0 <= self.label_smoothing < 1, label("label_smoothing"),
               "a number in [0, 1)", self.label_smoothing)
+        check(self.keep_last is None or is_int(self.keep_last) and self.keep_last >= 1, label("keep_last"),
+              "an integer >= 1 or null (only last/)", self.keep_last)
+        check(all(x in LOGGERS for x in self.log_to), label("log_to"), f"a list of {', '.join(LOGGERS)}",
+              list(self.log_to))
         return self
 
 
@@ -307,6 +317,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:
+        return f"list of {_type_name(typing.get_args(tp)[0])}s"
     if origin is tuple:
         return f"list of {len(typing.get_args(tp))} numbers"
     if dataclasses.is_dataclass(tp):
@@ -333,6 +345,9 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
     elif enum_type(tp) is tp:
         if isinstance(value, str) and value in {e.value for e in tp}:
             return tp(value)
+    elif origin is tuple and typing.get_args(tp)[-1] is Ellipsis:  # tuple[str, ...]: a list of any length
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]", src) for i, v in enumerate(value))
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):

@@ -84,6 +84,9 @@ def check_recipe(r: Recipe, src: str) -> Recipe:
     if r.densify is not None and not task.distillable:
         raise ConfigError(f"`densify` in {src} trains classifiers; `task` must be one densify-to-sparse applies to "
                           f"({', '.join(n for n, t in TASKS.items() if t.distillable)}), got {r.task!r}")
+    if r.train.keep_best is not None and r.train.keep_best not in {m.key for m in task.metrics}:
+        raise ConfigError(f"`train.keep_best` in {src} must be a validation metric of task `{task.name}` "
+                          f"({', '.join(m.key for m in task.metrics)}), got {r.train.keep_best!r}")
     owner = data_owner(r.data.name)
     if task.data.names and r.data.name not in task.data.names or owner is not None and owner is not task:
         trainer = task if task.data.names else owner

@@ -1,8 +1,9 @@
 """Rich progress for the training loop: a bar with loss, lr, images/s and expert balance; eval lines.
 
-While running, the bar shows the last log window's loss and speed and the time left; when the run ends it shows
-the whole run's average speed and its total time. ``load`` is the busiest expert's tokens over the mean per
-expert (1.00: perfectly even), explained once when it first appears.
+While running, the bar shows the last log window's loss and speed and the time left (``ETA``); when the run ends
+it shows the whole run's average speed and its total time (``took``). When the output is not a terminal (a log
+file, a pipe), no bar is drawn: one plain line per log step (step, loss, lr, speed, load, ETA) instead. ``load``
+is the busiest expert's tokens over the mean per expert (1.00: perfectly even), explained once when it first appears.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from moe_cli.train.loop import Reporter
 UNITS = {"image": "img", "token": "tok"}  # a task's unit as the speed column shows it
 
 
+def clock(seconds: float) -> str:
+    """h:mm:ss, as the bar's time column shows it."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class RichReporter(Reporter):
     def __init__(self, title: str = "train"):
         self.title = title
@@ -28,22 +35,28 @@ class RichReporter(Reporter):
         self.started = self.last = 0.0
         self.record: dict | None = None
         self.explained = False
+        self.plain = False  # not a terminal: plain lines
+        self.first = 0
 
     def start(self, total_steps: int, step: int) -> None:
         if STATE["quiet"]:
             return
+        self.total = total_steps
+        self.first = step
+        self.started = self.last = time.perf_counter()
+        if not console.is_terminal:  # a log file: plain lines at log steps, no bar
+            self.plain = True
+            return
         self.progress = Progress(TextColumn(f"[bold]{self.title}"), BarColumn(bar_width=None if console.width > 120
                                                                               else 12),
                                  MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                                 TimeRemainingColumn(elapsed_when_finished=True),
+                                 TextColumn("{task.fields[when]}"), TimeRemainingColumn(elapsed_when_finished=True),
                                  console=console, transient=False)
         self.progress.start()
-        self.task = self.progress.add_task(self.title, total=total_steps, completed=step, stats="")
-        self.total = total_steps
-        self.started = self.last = time.perf_counter()
+        self.task = self.progress.add_task(self.title, total=total_steps, completed=step, stats="", when="ETA")
 
     def log(self, record: dict) -> None:
-        if self.progress is None:
+        if self.progress is None and not self.plain:
             return
         now = time.perf_counter()
         self.seen += record["speed"] * (now - self.last)
@@ -51,18 +64,26 @@ class RichReporter(Reporter):
         if "expert_imbalance" in record and not self.explained:
             self.explained = True
             self.message("load: tokens of the busiest expert / mean tokens per expert (1.00 = even)")
+        if self.plain:
+            done = record["step"] - self.first
+            left = (now - self.started) / done * (self.total - record["step"]) if done > 0 else 0.0
+            console.print(f"{self.title} step {record['step']}/{self.total}  {self.stats(record, room=None)}  "
+                          f"ETA {clock(left)}", soft_wrap=True, highlight=False)
+            return
         self.progress.update(self.task, completed=record["step"], stats=self.stats(record))
 
-    def stats(self, record: dict, average: bool = False) -> str:
+    def stats(self, record: dict, average: bool = False, room: int | None = -1) -> str:
         """The fields that fit the terminal, most important first (metrics.jsonl has the full record);
-        ``average``: the speed is the whole run's."""
+        ``average``: the speed is the whole run's; ``room`` None: all fields (a plain log line)."""
         unit = UNITS.get(record.get("unit"), record.get("unit", "img"))
         fields = [f"loss {record['loss']:.4f}", f"{record['speed']:.0f} {unit}/s" + (" avg" if average else "")]
         if "expert_imbalance" in record:  # max/mean tokens per expert
             fields.append(f"load {record['expert_imbalance']:.2f}")
         fields.append(f"lr {record['lr']:.1e}")
-        # title, a 12-wide bar, "step/total", the time remaining (h:mm:ss) and the spaces between the columns
-        room = console.width - len(self.title) - 12 - (2 * len(str(self.total)) + 1) - 7 - 5
+        if room is None:
+            return "  ".join(fields)
+        # title, a 12-wide bar, "step/total", "ETA" and the time remaining (h:mm:ss), the spaces between the columns
+        room = console.width - len(self.title) - 12 - (2 * len(str(self.total)) + 1) - 4 - 7 - 6
         shown = fields[:1]  # the loss, always
         for field in fields[1:]:
             if len("  ".join([*shown, field])) > room:
@@ -90,10 +111,14 @@ class RichReporter(Reporter):
 
     def close(self) -> None:
         """The finished bar: the last loss, the run's average speed over all its steps, and its total time."""
+        if self.plain and self.record is not None and self.last > self.started:
+            run = {**self.record, "speed": self.seen / (self.last - self.started)}
+            console.print(f"{self.title} done: {self.total} steps  {self.stats(run, average=True, room=None)}  took "
+                          f"{clock(self.last - self.started)}", soft_wrap=True, highlight=False)
         if self.progress is None:
             return
         if self.record is not None and self.last > self.started:
             run = {**self.record, "speed": self.seen / (self.last - self.started)}
-            self.progress.update(self.task, stats=self.stats(run, average=True))
+            self.progress.update(self.task, stats=self.stats(run, average=True), when="took")
         self.progress.stop()
         self.progress = None

@@ -71,13 +71,16 @@ def prune(model: nn.Module, keep: int | None = None, drop: str | None = None, us
         raise ConfigError(f"{label('drop_experts')} expects LAYER:EXPERT pairs like 0:1,1:3; got an empty list")
     dropped = parse_disabled(drop, label, "drop_experts") if drop is not None else {}
     check_layer_indices(dropped, len(layers), label("drop_experts"))
+    if keep is not None:  # checked before the calibration data is read
+        for name, layer in layers:
+            if not 1 <= keep <= layer.num_experts:
+                raise ConfigError(f"{label('keep')} must be between 1 and {layer.num_experts} (experts in `{name}`), "
+                                  f"got {keep}")
     usage = usage_of(model) if keep is not None else None
     kept = {}
     for i, (name, layer) in enumerate(layers):
         E = layer.num_experts
         if keep is not None:
-            if not 1 <= keep <= E:
-                raise ConfigError(f"{label('keep')} must be between 1 and {E} (experts in `{name}`), got {keep}")
             share = usage[name]["share"]
             order = sorted(range(E), key=lambda e: (-float(share[e]), e))
             chosen = sorted(order[:keep])

@@ -52,6 +52,11 @@ class Metric:
     percent: bool = False  # shown as a percentage
     asked_by: str = ""  # the `moe eval --metric` name that asks for it (default: key)
     json: tuple[str, ...] = ()  # where `moe eval --json` puts it (default: (asked_by,))
+    higher: bool | None = None  # higher is better (train.keep_best); default: percentages are, the rest are not
+
+    @property
+    def better(self) -> bool:
+        return self.percent if self.higher is None else self.higher
 
     @property
     def name(self) -> str:

@@ -31,14 +31,17 @@ from moe_cli.recipe import Recipe
 from moe_cli.runtime import atomic_write, autocast, init_distributed, pick_device
 from moe_cli.tasks import Task
 from moe_cli.train.build import build_model
+from moe_cli.train.loggers import Loggers
 from moe_cli.train.optim import lr_lambda, make_optimizer
 from moe_cli.train.parallel import Parallelism, plan
 from moe_cli.train.run_folder import (
+    BEST,
     FINAL,
     OPTIMIZER_DIR,
     STATE_FILE,
     find_last,
     holds_output_lock,
+    keep_history,
     rng_state,
     save_last,
     set_rng_state,
@@ -106,15 +109,6 @@ def check_finite(first_bad: torch.Tensor, loss: torch.Tensor | None, out: Path, 
     raise TrainingDiverged(f"{reason}; training stopped, nothing published ({keep})")
 
 
-def tensorboard_writer(out: Path):
-    """A SummaryWriter on <out>/tb when TensorBoard is installed, else None (metrics.jsonl is always written)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tb"))
-
-
 @holds_output_lock
 def train(
     recipe: Recipe,
@@ -140,6 +134,8 @@ def train(
     t = recipe.train
     dev = pick_device(device)
     dd, dev = init_distributed(dev)
+    if not dd.main:  # one progress display under torchrun: rank 0's
+        reporter = Reporter()
     par = plan(recipe, dd, dev)
     out = Path(out_dir or recipe.output)
     last, state = start_or_resume(out, recipe, resume, overwrite, can_resume, dd.main, dd.world)
@@ -166,6 +162,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total))
     scaler = torch.amp.GradScaler(dev.type, enabled=t.precision == "fp16")
     step, epoch, batch_in_epoch = 0, 0, 0
+    best = state.get("best") if state is not None else None  # train.keep_best: {metric, value, step}
+    best_metric = next((m for m in task.metrics if m.key == t.keep_best), None)
     if state is not None:
         try:
             if "optimizer" in state:  # written by moe-cli 0.2
@@ -192,17 +190,14 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     history: list[dict] = []
-    tb = tensorboard_writer(out) if dd.main else None
+    loggers = Loggers(t.log_to, out, recipe.to_dict(), resume=last is not None) if dd.main else None
 
     def record(rec: dict) -> None:
         history.append(rec)
         if dd.main:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if tb is not None:
-            for key, value in rec.items():
-                if key not in ("step", "split") and isinstance(value, (int, float)):
-                    tb.add_scalar(f"{rec['split']}/{key}", value, rec["step"])
+            loggers.log(rec)
 
     def checkpoint_state() -> dict:
         rngs = [rng_state()]
@@ -210,14 +205,17 @@ def train(
             rngs = [None] * dd.world
             dist.all_gather_object(rngs, rng_state())
         return {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "step": step,
-                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world": dd.world, "recipe": recipe.to_dict()}
+                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world": dd.world, "recipe": recipe.to_dict(),
+                "best": best}
 
-    def write_checkpoint(tensors: dict | None) -> None:
+    def write_checkpoint(tensors: dict | None, periodic: bool = False) -> None:
         """`last/`: the whole model (``tensors``, gathered on rank 0), the optimizer (sharded) and the training
-        state. Every rank calls it."""
+        state; a periodic one also kept in `checkpoints/` under ``train.keep_last``. Every rank calls it."""
         state = checkpoint_state()
         save_last(out, ckpt, state, tensors, lambda path: par.save_optimizer(path, model, optimizer), dd.main,
                   dist.barrier if dd.world > 1 else lambda: None)
+        if periodic and t.keep_last and dd.main:
+            keep_history(out, step, t.keep_last)
 
     def evaluate() -> dict:
         # a sharded model runs its forward on every rank together: each evaluates (the same data)
@@ -226,7 +224,27 @@ def train(
         if dd.main:
             record(rec)
             reporter.evaluated(rec)
+        if t.keep_best:
+            keep_if_best(rec)
         return rec
+
+    def keep_if_best(rec: dict) -> None:
+        """`best/`: the model at the best validation ``train.keep_best`` so far (and best.json saying when)."""
+        nonlocal best
+        value = rec.get(t.keep_best)
+        better = isinstance(value, float) and math.isfinite(value) and (
+            best is None or (value > best["value"] if best_metric.better else value < best["value"]))
+        if dd.world > 1 and par.sharded:  # every rank gathers the model together: rank 0's decision for all
+            flag = [better]
+            dist.broadcast_object_list(flag, 0)
+            better = flag[0]
+        if not better:
+            return
+        tensors = par.full_state_dict(model)
+        if dd.main:
+            best = {"metric": t.keep_best, "value": value, "step": step}
+            save(ckpt, out / BEST, tensors=tensors)
+            atomic_write(out / BEST / "best.json", lambda p: Path(p).write_text(json.dumps(best, indent=2)))
 
     # ---- the loop
     recorder = RoutingRecorder(model, aux=True)  # aux losses and routing statistics of each training forward
@@ -298,7 +316,7 @@ def train(
                 if at_eval:
                     last_eval = evaluate()
                 if at_ckpt:
-                    write_checkpoint(par.full_state_dict(model))
+                    write_checkpoint(par.full_state_dict(model), periodic=True)
                 if step >= total:
                     break
             else:
@@ -316,8 +334,8 @@ def train(
         summary = {"step": step, **{k: v for k, v in last_eval.items() if k not in ("step", "split")}}
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     reporter.close()
-    if tb is not None:
-        tb.close()
+    if loggers is not None:
+        loggers.close()
     if dd.world > 1:
         dist.barrier()
     if par.sharded:  # callers (the next stage, the CLI) get the whole model, as from a one-process run

@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from moe_cli.errors import ConfigError
+from moe_cli.errors import CheckpointError, ConfigError
 from moe_cli.moe.experts import PARAMS
 from moe_cli.moe.layer import moe_layers
 from moe_cli.recipe import Recipe
@@ -200,10 +200,22 @@ class Parallelism:
         return osd
 
     def save_optimizer(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Write the optimizer state to the folder ``path``, each rank its own part (all ranks must call it)."""
-        with _one_process_quiet():
-            dcp.save({"optimizer": self._optimizer_state(model, optimizer)}, checkpoint_id=str(path),
-                     no_dist=not dist.is_initialized())
+        """Write the optimizer state to the folder ``path``, each rank its own part (all ranks must call it). A
+        Ctrl-C while it writes is a KeyboardInterrupt again (torch.distributed.checkpoint wraps it in a
+        CheckpointException with every rank's traceback); another failure is one line naming the first."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            with _one_process_quiet():
+                dcp.save({"optimizer": self._optimizer_state(model, optimizer)}, checkpoint_id=str(path),
+                         no_dist=not dist.is_initialized())
+        except CheckpointException as e:
+            errors = [exc for exc, _trace in e.failures.values()]
+            if any(isinstance(exc, KeyboardInterrupt) for exc in errors):
+                raise KeyboardInterrupt from None
+            first = errors[0] if errors else e
+            raise CheckpointError(f"could not write the optimizer state to {path}: {type(first).__name__}: "
+                                  f"{str(first).splitlines()[0] if str(first) else ''}") from None
 
     def load_optimizer(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Read what :meth:`save_optimizer` wrote, whatever layout wrote it, into this rank's part."""

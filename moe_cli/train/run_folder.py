@@ -23,11 +23,13 @@ from moe_cli.recipe import Recipe
 from moe_cli.runtime import atomic_write
 
 LAST, FINAL, STATE_FILE, OPTIMIZER_DIR = "last", "final", "train_state.pt", "optimizer"
+BEST, HISTORY = "best", "checkpoints"  # train.keep_best, train.keep_last
 
 # what a resumed run may change; every other recipe field must equal the run it continues, so a new section or
 # field is protected by default
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.epochs", "train.eval_every", "train.ckpt_every", "train.log_every",
                         "train.compile", "train.compile_backend", "train.parallel", "train.expert_parallel",
+                        "train.keep_last", "train.log_to",
                         "data.num_workers", "schedule", "output", "then")
 # train.batch_size may change with the number of processes as long as the global batch (batch_size x processes)
 # stays the same: a run resumes on another world size
@@ -126,6 +128,20 @@ def save_last(out: Path, ckpt: Checkpoint, state: dict, tensors: dict | None, wr
         tmp.rename(last)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def keep_history(out: Path, step: int, keep: int) -> Path:
+    """A copy of `last/` as `checkpoints/step-N/`, the oldest beyond the ``keep`` most recent removed (timm's
+    --checkpoint-hist, transformers' save_total_limit). Rank 0 only."""
+    target = out / HISTORY / f"step-{step:07d}"
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out / LAST, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    for old in sorted(p for p in (out / HISTORY).iterdir() if p.name.startswith("step-"))[:-keep]:
+        shutil.rmtree(old)
+    return target
 
 
 def _flat(d, prefix: str = "") -> dict:
