@@ -19,15 +19,14 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-import yaml
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from moe_cli.errors import ConfigError, ModelSourceError
-from moe_cli.io.checkpoint import WEIGHTS_NAME, Checkpoint, load_checkpoint, weights_path
+from moe_cli.io.card import LIBRARY, hub_config, model_card
+from moe_cli.io.checkpoint import WEIGHTS_NAME, is_moe_checkpoint, load_checkpoint, weights_path
 from moe_cli.runtime import atomic_write
 
 DOWNLOAD_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError)
-LIBRARY = "moe-cli"
 FIGURE = "expert_load.png"
 
 
@@ -61,84 +60,16 @@ def check_repo_id(text: str, what: str = "the repository") -> str:
                       "no '--' or '..'; at most 96 characters)")
 
 
-def hub_config(ckpt: Checkpoint) -> dict:
-    return {"library_name": LIBRARY, "format": "moe-cli/1", "architecture": ckpt.architecture["name"],
-            "task": ckpt.task, "moe": ckpt.moe.to_dict() if ckpt.moe else None}
-
-
 def is_moe_cli_repo(config: dict | None) -> bool:
     return isinstance(config, dict) and config.get("library_name") == LIBRARY
 
 
-def _base_model(source: str) -> str | None:
-    """The Hub id of the dense model the checkpoint came from, where it has one."""
-    if source.startswith("hf-hub:"):
-        return source.split(":", 1)[1]
-    name = source.split("/")[-1]
-    if "/" not in source and "." in name and not name.endswith(".safetensors"):  # timm name with a weight tag
-        return f"timm/{name}"
-    return None
-
-
-def _upcycle_command(ckpt: Checkpoint) -> str:
-    m = ckpt.moe
-    cmd = f"moe upcycle {ckpt.source or ckpt.architecture['name']} --experts {m.experts} --k {m.k} --gate {m.gate}"
-    if m.init != "copy":
-        cmd += f" --init {m.init}"
-    if m.capacity_factor is not None:
-        cmd += f" --capacity-factor {m.capacity_factor}"
-    return cmd
-
-
-def _license(ckpt: Checkpoint) -> str | None:
-    import timm
-
-    name = ckpt.source if timm.is_model(ckpt.source.split(".", 1)[0]) else ckpt.architecture["name"]
-    try:
-        from timm.models import get_pretrained_cfg
-
-        cfg = get_pretrained_cfg(name)
-    except (RuntimeError, ValueError, KeyError):
-        return None
-    return getattr(cfg, "license", None) if cfg is not None else None
-
-
-def model_card(ckpt: Checkpoint, repo_id: str, results: dict | None = None, figure: bool = False) -> str:
-    """README.md for the Hub: YAML metadata (library, base model, tags, license), then the layout, the command
-    that made it, eval results and the routing figure."""
-    meta: dict = {"library_name": LIBRARY, "tags": ["moe-cli", "mixture-of-experts", "moe", "timm", ckpt.task]}
-    if (base := _base_model(ckpt.source)) is not None:
-        meta["base_model"] = base
-    if (lic := _license(ckpt)) is not None:
-        meta["license"] = lic
-    m = ckpt.moe
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {repo_id.split('/')[-1]}", ""]
-    if m is None:
-        lines += [f"A dense `{ckpt.architecture['name']}` checkpoint written by moe-cli (`{ckpt.task}`).", ""]
-    else:
-        counts = m.layer_experts or (m.experts,) * len(m.layers)
-        lines += [f"A Mixture-of-Experts `{ckpt.architecture['name']}` made by [moe-cli](https://pypi.org/project/"
-                  f"moe-cli/) from `{ckpt.source or ckpt.architecture['name']}` ({m.init} upcycling).", "",
-                  "| | |", "|---|---|", f"| MoE layers | {len(m.layers)} |",
-                  f"| experts per layer | {', '.join(str(c) for c in dict.fromkeys(counts))} |",
-                  f"| experts per token (k) | {'all' if m.gate == 'soft' else m.k} |", f"| gate | {m.gate} |",
-                  f"| capacity factor | {m.capacity_factor if m.capacity_factor is not None else 'none'} |",
-                  f"| expert init | {m.init} |", "", "Made with:", "", "```bash", _upcycle_command(ckpt), "```", ""]
-    if results:
-        lines += ["## Evaluation (the run's final evaluation)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()
-                  if isinstance(v, (int, float)) and k != "step"]
-        lines.append("")
-    if figure:
-        lines += ["## Routing", "", f"![expert load per layer]({FIGURE})", ""]
-    lines += ["## Use", "", "```bash", "pip install moe-cli", f"moe eval hf-hub:{repo_id}", "```", "", "```python",
-              "import moe_cli", f"model = moe_cli.load('hf-hub:{repo_id}')", "```", ""]
-    return "\n".join(lines)
-
-
 def stage(ckpt_dir: str | Path, repo_id: str, out: Path) -> list[Path]:
-    """Write into ``out`` exactly the files `moe push` uploads for the checkpoint folder ``ckpt_dir``."""
+    """Write into ``out`` exactly the files `moe push` uploads for the checkpoint folder ``ckpt_dir`` (a moe-cli
+    checkpoint, or a folder `moe export --format transformers` wrote: uploaded as it is)."""
     check_repo_id(repo_id)
+    if native := _native_folder(ckpt_dir):
+        return _stage_native(native, out, repo_id)
     weights = weights_path(ckpt_dir)
     ckpt = load_checkpoint(weights)
     run = weights.parent.parent if weights.parent.name == "final" else None  # a run folder around final/
@@ -149,7 +80,7 @@ def stage(ckpt_dir: str | Path, repo_id: str, out: Path) -> list[Path]:
     shutil.copyfile(weights, out / WEIGHTS_NAME)
     files = [out / WEIGHTS_NAME]
     for name, text in (("config.json", json.dumps(hub_config(ckpt), indent=2)),
-                       ("README.md", model_card(ckpt, repo_id, results, figure is not None))):
+                       ("README.md", model_card(ckpt, repo_id, results, FIGURE if figure is not None else None))):
         atomic_write(out / name, lambda p, text=text: Path(p).write_text(text))
         files.append(out / name)
     if results is not None:
@@ -158,6 +89,36 @@ def stage(ckpt_dir: str | Path, repo_id: str, out: Path) -> list[Path]:
     if figure is not None:
         shutil.copyfile(figure, out / FIGURE)
         files.append(out / FIGURE)
+    return files
+
+
+def _native_folder(path: str | Path) -> Path | None:
+    """``path`` if it is a transformers model folder (config.json with a model_type, no moe-cli weights)."""
+    p = Path(path)
+    config = p / "config.json"
+    if not p.is_dir() or not config.is_file() or is_moe_checkpoint(p):
+        return None
+    try:
+        return p if isinstance(json.loads(config.read_text()).get("model_type"), str) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
+def _stage_native(folder: Path, out: Path, repo_id: str) -> list[Path]:
+    """A transformers folder's files, as they are (its README.md is the card `moe export` wrote)."""
+    if not (folder / "README.md").is_file():
+        raise ConfigError(f"{folder} is a transformers folder without a model card (README.md); export it with "
+                          "`moe export CKPT --format transformers`, which writes one")
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            shutil.copyfile(p, out / p.name)
+            files.append(out / p.name)
+    card = (out / "README.md").read_text()  # the export named the model by its folder: now by its repository
+    (out / "README.md").write_text(card.replace(f"from_pretrained('{folder.name}')", f"from_pretrained('{repo_id}')")
+                                   .replace(f"model_name: {folder.name}\n", f"model_name: {repo_id.split('/')[-1]}\n")
+                                   .replace(f"\n# {folder.name}\n", f"\n# {repo_id.split('/')[-1]}\n", 1))
     return files
 
 

@@ -81,7 +81,10 @@ def _from_timm(name: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise ModelSourceError(f"cannot build `{resolved}` with {kwargs}: {str(e).splitlines()[0]}") from None
     arch = {"name": resolved.split(".", 1)[0], "kwargs": built_kwargs(model, kwargs)}
-    return Checkpoint(model, arch, source=resolved, data_config=model_data_config(model))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    origin = {"base_model": cfg.get("hf_hub_id"), "license": cfg.get("license")} if pretrained else {}
+    return Checkpoint(model, arch, source=resolved, data_config=model_data_config(model),
+                      extra={k: v for k, v in origin.items() if v})
 
 
 def _from_genie(config: dict, weights: Path | None, source: str, kwargs: dict) -> Checkpoint:
@@ -139,6 +142,14 @@ def _hub_json(hub_id: str, filename: str = "config.json") -> dict | None:
 
 
 def _from_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
+    """A model from the Hub; its repository is the checkpoint's base model (when its weights were read)."""
+    ckpt = _read_hub(spec, pretrained, kwargs)
+    if pretrained and ckpt.moe is None and "base_model" not in ckpt.extra:
+        ckpt.extra["base_model"] = spec.split(":", 1)[1]
+    return ckpt
+
+
+def _read_hub(spec: str, pretrained: bool, kwargs: dict) -> Checkpoint:
     hub_id = spec.split(":", 1)[1]
     if not is_repo_id(hub_id):
         raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")

@@ -16,12 +16,14 @@ counts or sizes are refused in one line naming the setting.
 from __future__ import annotations
 
 import shutil
+import warnings
 import tempfile
 from pathlib import Path
 
 import torch
 
 from moe_cli.errors import ConfigError, MoeError
+from moe_cli.io.card import native_card
 from moe_cli.io.checkpoint import Checkpoint
 from moe_cli.models.causal_lm import CausalLM
 from moe_cli.models.hf import config_dict, transformers_module
@@ -131,9 +133,15 @@ def export_transformers(ckpt: Checkpoint, out: Path, source_folder: Path | None 
         target = TARGETS[family]
         first = _check(model, layers, target)
         cls, config = _config(model, first, target)
-        native = cls(config).eval()
+        with warnings.catch_warnings():  # a Qwen2-MoE without a shared expert has a 0-unit one
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            native = cls(config).eval()
+        state = _state_dict(model, layers)
+        if getattr(config, "shared_expert_intermediate_size", None) == 0:  # Qwen2-MoE without a shared expert:
+            state |= {k: torch.zeros_like(v) for k, v in native.state_dict().items()  # its 0-unit one adds 0
+                      if ".shared_expert" in k and k not in state}
         try:
-            native.load_state_dict(_state_dict(model, layers), strict=True)
+            native.load_state_dict(state, strict=True)
         except RuntimeError as e:  # e.g. attention biases the target's attention does not have
             raise _refuse(f"this model's weights ({str(e).splitlines()[0][:160]})", target) from None
         if config.tie_word_embeddings:
@@ -142,10 +150,13 @@ def export_transformers(ckpt: Checkpoint, out: Path, source_folder: Path | None 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         native.save_pretrained(tmp)
+        (tmp / "README.md").write_text(native_card(ckpt, out.name, target))  # `moe push DIR` uploads it as is
         for name in COPIED if source_folder is not None else ():
             if (source_folder / name).is_file() and not (tmp / name).is_file():
                 shutil.copyfile(source_folder / name, tmp / name)
-        back = transformers_module().AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            back = transformers_module().AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
         ids = probe_batch(model.eval())
         want, got = model(ids), back(input_ids=ids, use_cache=False).logits
         diff, scale = (got - want).abs().max().item(), want.abs().max().item()

@@ -34,9 +34,10 @@ def upcycle_checkpoint(ckpt: Checkpoint, cfg: UpcycleCfg, *, seed: int = 0, veri
 
 
 def changed_settings(cfg: UpcycleCfg) -> dict:
-    """The upcycling settings that differ from the defaults (what a `moe upcycle` command line would give)."""
+    """The upcycling settings a `moe upcycle` command line would give: experts and k, and those that differ from
+    the defaults."""
     default = plain(dataclasses.asdict(UpcycleCfg()))
-    return {k: v for k, v in plain(dataclasses.asdict(cfg)).items() if default.get(k) != v}
+    return {k: v for k, v in plain(dataclasses.asdict(cfg)).items() if default.get(k) != v or k in ("experts", "k")}
 
 
 def build_model(recipe: Recipe, task: Task | None = None) -> Checkpoint:

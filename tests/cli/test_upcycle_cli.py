@@ -17,6 +17,8 @@ def test_upcycle_verifies_saves_and_loads(cli, tmp_path):
     r = cli("upcycle", *VIT, "--experts", "4", "--k", "2", "--out", str(out))
     assert r.exit_code == 0, r.output
     assert "verify: max |dense - moe| =" in r.output and "ok" in r.output
+    verify = next(line for line in r.output.splitlines() if line.startswith("verify:"))
+    assert verify.endswith(" ok") and len(verify) <= 80  # one line in an 80-column terminal
     assert "params active / token" in r.output
     model = moe_cli.load(out)
     assert len([m for m in model.modules() if type(m).__name__ == "MoEMlp"]) == 2

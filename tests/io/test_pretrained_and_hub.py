@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import seed_hub_cache, write_recipe
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from moe_cli.config import DataCfg
@@ -143,9 +144,20 @@ def test_push_dry_run_writes_the_card_and_the_repo_loads_back_through_the_hub_ca
     card = (tmp_path / "dry" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "moe-cli" and {"mixture-of-experts", "moe-cli"} <= set(front["tags"])
-    assert "| MoE layers | 2 |" in card and "moe upcycle vit_tiny_patch16_224 --experts 2 --k 1" in card
+    assert "| MoE layers | 2 |" in card
+    # the real chain: the recipe that upcycled and trained it (not a `moe upcycle` line it never ran)
+    assert "## How it was made" in card and "moe upcycle" not in card
+    made = yaml.safe_load(card.split("```yaml")[1].split("```")[0])
+    assert made["model"]["upcycle"]["experts"] == 2 and made["train"]["steps"] == 2 and made["data"]["name"] == "digits"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert f"| accuracy | {summary['accuracy']:.4f} |" in card and "![expert load per layer](expert_load.png)" in card
+    # the metadata the Hub reads, parsed back by huggingface_hub: eval results name the data they were measured on
+    data = ModelCard.load(tmp_path / "dry" / "README.md").data
+    assert data.pipeline_tag == "image-classification" and data.library_name == "moe-cli"
+    assert data.base_model is None and data.license is None  # trained from scratch: no base model, no guessed license
+    accuracy = next(r for r in data.eval_results if r.metric_type == "accuracy")
+    assert accuracy.dataset_type == "digits" and accuracy.metric_value == pytest.approx(summary["accuracy"])
+    assert accuracy.dataset_split == "validation" and data.model_name == "vit-moe"
     assert json.loads((tmp_path / "dry" / "config.json").read_text())["library_name"] == "moe-cli"
     # a pushed repository is what the Hub serves back: seed the cache with it and evaluate offline
     seed_hub_cache(tmp_path / "hub", "me/vit-moe", tmp_path / "dry")
@@ -181,3 +193,42 @@ def test_a_hub_source_without_weights_explains_it_still_needs_the_config(monkeyp
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelSourceError, match="without pretrained weights still needs the repository's config.json"):
         load_source("hf-hub:1x-technologies/GENIE_35M", pretrained=False)
+
+
+def test_a_dense_push_loads_in_plain_timm_and_names_its_base_model(cli, tmp_path):
+    import timm
+
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "run", train={"steps": 2, "batch_size": 16})
+    assert cli("finetune", f).exit_code == 0
+    assert cli("push", str(tmp_path / "run" / "final"), "me/digits-dense", "--dry-run", str(tmp_path / "dry")
+               ).exit_code == 0
+    config = json.loads((tmp_path / "dry" / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 10
+    assert config["pretrained_cfg"]["label_names"] == [str(i) for i in range(10)]
+    seed_hub_cache(tmp_path / "hub", "me/digits-dense", tmp_path / "dry")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    code = ("import timm, torch, moe_cli; m = timm.create_model('hf-hub:me/digits-dense', pretrained=True).eval(); "
+            "x = torch.randn(2, 3, 32, 32); ref = moe_cli.load('hf-hub:me/digits-dense'); "
+            "print(float((m(x) - ref(x)).abs().max()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.strip()) < 1e-5  # plain timm reads the pushed weights as moe-cli does
+    card = ModelCard.load(tmp_path / "dry" / "README.md")
+    assert "timm.create_model('hf-hub:me/digits-dense', pretrained=True)" in card.text
+    # a pretrained timm source is the base model of what is made from it, with its license
+    from moe_cli.io.sources import load_source
+
+    src = load_source("vit_tiny_patch16_224", pretrained=False)
+    assert "base_model" not in src.extra and "license" not in src.extra
+    weights = tmp_path / "tiny-weights"
+    weights.mkdir()
+    import safetensors.torch
+
+    safetensors.torch.save_file(timm.create_model("vit_tiny_patch16_224").state_dict(),
+                                str(weights / "model.safetensors"))
+    seed_hub_cache(tmp_path / "hub", "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", weights)
+    code = ("from moe_cli.io.sources import load_source; e = load_source('vit_tiny_patch16_224').extra; "
+            "print(e['base_model'], e['license'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "apache-2.0"]

@@ -4,10 +4,13 @@ AutoModelForCausalLM loads each (no moe-cli code, no trust_remote_code) and give
 upcycled, the dense model's. What a target cannot express is one line naming it, with nothing written."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import one_line
+from conftest import one_line, seed_hub_cache
 from tolerance import assert_close_scaled
 
 transformers = pytest.importorskip("transformers")
@@ -27,11 +30,13 @@ CONFIGS = {"llama": lambda: transformers.LlamaConfig(**SMALL, tie_word_embedding
 CASES = [("llama", {"experts": 4, "k": 2}, "MixtralForCausalLM"),
          ("mistral", {"experts": 4, "k": 2}, "MixtralForCausalLM"),
          ("qwen2", {"experts": 4, "k": 2, "shared_experts": 1, "shared_gate": True}, "Qwen2MoeForCausalLM"),
+         ("qwen2-no-shared", {"experts": 4, "k": 2}, "Qwen2MoeForCausalLM"),
          ("qwen3", {"experts": 4, "k": 2}, "Qwen3MoeForCausalLM")]
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 def dense_folder(tmp_path, family):
+    family = family.split("-")[0]  # qwen2-no-shared: a qwen2
     torch.manual_seed(0)
     lm = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
     lm.save_pretrained(tmp_path / "dense")
@@ -142,3 +147,25 @@ def test_a_native_moe_folder_reads_back_as_a_moe_cli_moe_and_exports_again(cli, 
     with torch.no_grad():
         assert_close_scaled(again(input_ids=IDS, use_cache=False).logits, native(input_ids=IDS, use_cache=False).logits,
                             torch.float32, ulps=256)
+
+
+def test_the_export_has_a_transformers_card_and_pushes_as_it_is(cli, tmp_path):
+    from huggingface_hub import ModelCard
+
+    dense_folder(tmp_path, "qwen2")
+    seed_hub_cache(tmp_path / "hub", "org/tiny-qwen2", tmp_path / "dense")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "MOE_DEVICE": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "moe_cli", "upcycle", "hf-hub:org/tiny-qwen2", "--experts", "4", "--k",
+                        "2", "--out", str(tmp_path / "moe")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert cli("export", str(tmp_path / "moe"), "--format", "transformers", "--out", str(tmp_path / "native")
+               ).exit_code == 0
+    card = ModelCard.load(tmp_path / "native" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model == "org/tiny-qwen2" and "mixture-of-experts" in card.data.tags
+    assert "moe upcycle hf-hub:org/tiny-qwen2 --experts 4" in card.text and "Qwen2MoeForCausalLM" in card.text
+    r = cli("push", str(tmp_path / "native"), "me/tiny-qwen2-moe", "--dry-run", str(tmp_path / "dry"))
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in (tmp_path / "dry").iterdir()} == {p.name for p in (tmp_path / "native").iterdir()}
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dry")).config.model_type == "qwen2_moe"
+    assert "from_pretrained('me/tiny-qwen2-moe')" in (tmp_path / "dry" / "README.md").read_text()
