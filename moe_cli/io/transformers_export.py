@@ -16,8 +16,8 @@ counts or sizes are refused in one line naming the setting.
 from __future__ import annotations
 
 import shutil
-import warnings
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
