@@ -228,7 +228,8 @@ def _from_file(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
     if arch is not None and not isinstance(arch, str):
         raise ModelSourceError(f"{target}: the architecture must be a timm model name, got {arch!r}")
     if not arch:
-        raise ModelSourceError(f"{target} has no architecture in its metadata; name it with --arch (a timm model)")
+        raise ModelSourceError(f"{target} has no architecture in its metadata and no timm config.json beside it "
+                               "(architecture, model_args); `moe upcycle` also takes --arch NAME (a timm model)")
     name = resolve_timm_name(arch)
     model = create_timm(name, kwargs)
     load_weights(model, target)
@@ -266,17 +267,20 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
 
 def open_checkpoint(spec: str | os.PathLike, top_k: int | None = None, capacity_factor: float | None = None,
                     disable_experts: str | None = None, label: Label = argument) -> Checkpoint:
-    """A moe-cli checkpoint: a folder, a ``.safetensors`` file, or ``hf-hub:org/name`` (a repository written by
-    `moe push`, read through the local cache offline), with optional inference-time routing overrides
+    """A moe-cli checkpoint (a folder, a ``.safetensors`` file, or ``hf-hub:org/name``: a repository written by
+    `moe push`, read through the local cache offline), or any dense source `moe upcycle` reads (a timm name, a timm
+    or transformers folder or Hub repository: the baseline), with optional inference-time routing overrides
     (``disable_experts`` as 'layer:expert,...'; errors name them through ``label``)."""
     spec = str(spec)
     if spec.startswith("hf-hub:"):
-        hub_id = spec.split(":", 1)[1]
-        if not is_repo_id(hub_id):
-            raise ModelSourceError(f"`{spec}` is not a Hub id; expected hf-hub:org/name")
-        ckpt = load_checkpoint(download(hub_id))
+        ckpt = load_source(spec)  # a moe-cli repository loads as the checkpoint it is; others as dense sources
+    elif is_moe_checkpoint(spec) or Path(spec).suffix == ".safetensors" and not Path(spec).exists() \
+            or Path(spec).is_file() and Path(spec).suffix != ".safetensors":
+        ckpt = load_checkpoint(spec)  # (and the one-line errors for a missing or foreign file)
+    elif Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
+        ckpt = load_checkpoint(spec)  # a run folder, or a folder without a checkpoint: its one-line error
     else:
-        ckpt = load_checkpoint(spec)
+        ckpt = load_source(spec)
     apply_overrides(ckpt.model, top_k, capacity_factor, disable_experts, label)
     return ckpt
 

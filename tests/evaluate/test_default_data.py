@@ -69,3 +69,19 @@ def test_data_accepts_what_recipes_accept():
     cfg = data_from_spec("hfds/imagefolder:/data/pets", nn.Linear(1, 1))
     assert (cfg.name, cfg.root) == ("hfds/imagefolder", "/data/pets")
     assert data_from_spec("torch/cifar10", nn.Linear(1, 1)).name == "torch/cifar10"
+
+
+def test_eval_of_a_plain_dense_model_the_baseline(tmp_path, cli):
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=10)
+    (tmp_path / "dense").mkdir()
+    save_file(model.state_dict(), str(tmp_path / "dense" / "model.safetensors"))
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(
+        {"architecture": "vit_tiny_patch16_224", "model_args": {"depth": 2, "img_size": 32, "num_classes": 10}}))
+    r = cli("eval", str(tmp_path / "dense"), "--data", "digits", "--metric", "accuracy,ce,flops", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["checkpoint"]["moe"] is None and 0 <= out["accuracy"]["top1"] <= 1
+    one_line(cli("eval", str(tmp_path / "dense")), "does not record the data it was trained on")
