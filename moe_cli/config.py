@@ -67,6 +67,7 @@ class DataCfg(Checked):
     synthetic: SyntheticTokensCfg | None = None  # tokens only: generate the data into `root` if missing
     stride: int = 15  # genie: images between the frames of a clip (15: 2 Hz from the 30 Hz recordings)
     download: bool = False  # timm `torch/...` datasets (torch/cifar100, ...): download into `root` if missing
+    data_dir: str | None = None  # hfds/imagefolder, hfds/parquet, ...: the folder of files to read
     # preprocessing; null: the model's own (timm's data config of the source model, kept in its checkpoints)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -87,6 +88,8 @@ class DataCfg(Checked):
         check(self.img_size is None or self.img_size >= 1, label("img_size"), "an integer >= 1 or null (the model's)",
               self.img_size)
         check(self.stride >= 1, label("stride"), "an integer >= 1", self.stride)
+        check(self.data_dir is None or self.name.startswith("hfds/"), label("data_dir"),
+              "set only with `data.name: hfds/<builder>` (e.g. hfds/imagefolder, hfds/parquet)", self.data_dir)
         check(is_int(self.seq_len) and self.seq_len >= 2, label("seq_len"), "an integer >= 2", self.seq_len)
         check_preprocessing(self.preprocessing(), label)
         return self

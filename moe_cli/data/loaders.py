@@ -4,6 +4,7 @@ create_dataset/create_transform."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,20 +121,24 @@ def data_record(cfg: DataCfg, ds: Dataset) -> dict:
     from moe_cli.checks import plain
 
     rec = plain(dataclasses.asdict(cfg))
-    if cfg.root is not None and Path(cfg.root).exists():
-        rec["root"] = str(Path(cfg.root).resolve())
+    for key in ("root", "data_dir"):
+        if rec.get(key) is not None and Path(rec[key]).exists():
+            rec[key] = str(Path(rec[key]).resolve())
     return {**rec, "classes": class_names(ds)}
 
 
 def data_from_spec(spec: str, model: torch.nn.Module) -> DataCfg:
     """What a command-line data argument names, for ``model``: a built-in set (digits, lm-synthetic), a timm
-    dataset name (``hfds/NAME``, ``torch/cifar100``, ...; ``hfds/NAME:FOLDER`` reads it from FOLDER), or a folder
+    dataset name (``hfds/NAME``, ``torch/cifar100``, ...; ``hfds/imagefolder:FOLDER`` reads FOLDER, ``NAME:FOLDER``
+    caches in FOLDER), or a folder
     (a token folder of sequences for a language model, else an ImageFolder)."""
     if spec in BUILT_IN:
         return DataCfg(name=spec)
     if spec.startswith(TIMM_READERS):
-        name, _, root = spec.partition(":")
-        return DataCfg(name=name, root=root or None)
+        name, _, path = spec.partition(":")
+        if name.startswith("hfds/") and name.split("/", 1)[1] in PACKAGED:  # hfds/imagefolder:FOLDER
+            return DataCfg(name=name, data_dir=path or None)
+        return DataCfg(name=name, root=path or None)
     return DataCfg(name="lm-tokens", root=spec) if isinstance(model, CausalLM) else DataCfg(name="", root=spec)
 
 
@@ -189,10 +194,16 @@ def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int, pre: di
         raise ConfigError(f"`data.root` is required for dataset `{cfg.name or 'ImageFolder'}`")
     if cfg.root is not None and not cfg.name and not Path(cfg.root).is_dir():
         raise ConfigError(f"cannot open dataset `ImageFolder`: `data.root` {cfg.root} is not a folder")
+    name = _hfds_name(cfg) if cfg.name.startswith("hfds/") else cfg.name
     try:
-        ds = create_dataset(cfg.name, root=cfg.root, split=split, is_training=training, download=cfg.download)
+        ds = create_dataset(name, root=cfg.root, split=split, is_training=training, download=cfg.download)
     except (FileNotFoundError, RuntimeError, ValueError, OSError, AssertionError, ImportError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if (found := re.search(r"Unknown split \"?([^\".]+)\"?\. Should be one of \[(.*)\]", why)) is not None:
+            key = "train_split" if training else "val_split"
+            splits = [x.strip(" '\"") for x in found.group(2).split(",")]
+            raise ConfigError(f"`{cfg.name}` has no split `{found.group(1)}` (it has {', '.join(splits)}); set "
+                              f"`data.{key}` to one of them") from None
         hint = " (offline? download the data once with network, or point data.root at a copy)" if cfg.download \
             else (" (set data.download: true to fetch it)" if cfg.name.startswith("torch/") else "")
         raise ConfigError(f"cannot open dataset `{cfg.name or 'ImageFolder'}` at {cfg.root} (split "
@@ -203,6 +214,40 @@ def _timm_split(cfg: DataCfg, split: str, training: bool, img_size: int, pre: di
                                     std=tuple(pre["std"]), interpolation=pre["interpolation"],
                                     crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"])
     return StrictImages(ds) if not cfg.name else ds
+
+
+# datasets' packaged builders: they read the files they are given (data.data_dir), else the current directory
+PACKAGED = ("imagefolder", "parquet", "csv", "json", "arrow", "webdataset", "audiofolder")
+
+
+def _hfds_name(cfg: DataCfg) -> str:
+    """The timm dataset name for ``hfds/<builder>``: a packaged builder reads ``data.data_dir`` (the datasets library
+    infers the builder from the folder's files), refused in one line without it; a Hub dataset name as it is."""
+    builder = cfg.name.split("/", 1)[1]
+    _quiet_datasets()
+    if cfg.data_dir is not None:
+        if builder not in PACKAGED:
+            raise ConfigError(f"`data.data_dir` names local files, read by a packaged builder (hfds/"
+                              f"{', hfds/'.join(PACKAGED[:3])}, ...), not the Hub dataset `{builder}`")
+        if not Path(cfg.data_dir).is_dir():
+            raise ConfigError(f"`data.data_dir` {cfg.data_dir} is not a folder")
+        return "hfds/" + str(Path(cfg.data_dir).resolve())
+    if builder in PACKAGED:
+        raise ConfigError(f"`data.name: {cfg.name}` reads the files it is pointed at: set `data.data_dir` to the "
+                          f"folder of {builder} files (train/, validation/ subfolders or file names per split); "
+                          "`data.root` is the datasets cache. Without it the datasets library reads whatever sits "
+                          "under the current directory")
+    return cfg.name
+
+
+def _quiet_datasets() -> None:
+    """The datasets library's progress bars and logs are not ours to print."""
+    try:
+        import datasets
+    except ImportError:
+        return  # timm says how to install it
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.disable_progress_bar()
 
 
 MAX_IMAGE_PIXELS = 40_000_000  # an image folder's images: larger ones are refused (downscale them first)

@@ -67,7 +67,7 @@ def test_data_accepts_what_recipes_accept():
 
     assert data_from_spec("hfds/beans", nn.Linear(1, 1)).name == "hfds/beans"
     cfg = data_from_spec("hfds/imagefolder:/data/pets", nn.Linear(1, 1))
-    assert (cfg.name, cfg.root) == ("hfds/imagefolder", "/data/pets")
+    assert (cfg.name, cfg.data_dir) == ("hfds/imagefolder", "/data/pets")
     assert data_from_spec("torch/cifar10", nn.Linear(1, 1)).name == "torch/cifar10"
 
 
