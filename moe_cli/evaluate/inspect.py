@@ -72,6 +72,15 @@ def pick_images(batch_labels: list[int], have: list[int], n: int) -> list[int]:
     return rows
 
 
+def caption(fig, text: str):
+    """The figure's note, centred under the lowest x-axis label (anchored to it, so they never overlap)."""
+    labelled = [a for a in fig.axes if a.get_xlabel()]
+    below = labelled[-1].xaxis.label if labelled else fig.axes[-1]
+    return fig.axes[0].annotate(text, xy=(0.5, 0), xycoords=("figure fraction", below), xytext=(0, -8),
+                                textcoords="offset points", ha="center", va="top", fontsize=8,
+                                annotation_clip=False)
+
+
 def write_figures(routes: dict, out_dir: Path) -> list[Path]:
     try:
         import matplotlib
@@ -93,8 +102,6 @@ def write_figures(routes: dict, out_dir: Path) -> list[Path]:
 
     E = routes["experts"]
 
-    def caption(fig, text: str) -> None:
-        fig.text(0.5, -0.02, text, ha="center", va="top", fontsize=8, wrap=True)
 
     load = np.full((len(names), E), np.nan)  # pruned layers have fewer experts: their missing cells stay blank
     for i, n in enumerate(names):

@@ -41,3 +41,25 @@ def test_inspect_dense_checkpoint_is_an_error(tmp_path, cli):
     save(Checkpoint(tiny_model("vit"), {"name": NAME, "kwargs": KWARGS}), tmp_path / "dense")
     r = cli("inspect", str(tmp_path / "dense"), "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "no MoE layers" in r.stderr
+
+
+def test_a_figure_caption_sits_below_the_axis_label():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moe_cli.evaluate.inspect import caption
+
+    for rows in (1, 2, 12):  # small and tall figures (the caption used to sit at a fixed figure fraction)
+        fig, ax = plt.subplots(figsize=(4.4, 1.5 + 0.4 * rows))  # as expert_load.png: 4 experts, `rows` layers
+        im = ax.imshow([[0.5] * 4] * rows, aspect="auto")
+        ax.set(xlabel="expert", ylabel="MoE layer", yticks=range(rows), yticklabels=[f"blocks.{i}.mlp" for i in
+                                                                                      range(rows)], title="load")
+        fig.colorbar(im, ax=ax, label="share of routed (token, slot) pairs")
+        note = caption(fig, "Each row sums to 1; a balanced layer has every cell near 1/E.")
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        label, text = ax.xaxis.label.get_window_extent(renderer), note.get_window_extent(renderer)
+        assert text.y1 <= label.y0, rows  # entirely below the label: no overlap
+        plt.close(fig)
