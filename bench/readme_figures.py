@@ -37,15 +37,34 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+SEEDS = (0, 1, 2)  # the README's quick-start figures: mean and spread over these (seed 0 is what it prints)
+
+
+def spread(values: list[float], fmt) -> str:
+    """'mean ± std (min-max)' of one figure over the seeds."""
+    import statistics
+
+    return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}" if len(values) > 1 else fmt(values[0])
+
+
 def digits() -> None:
-    t = moe("finetune", "recipes/digits-vit-tiny-dense.yaml", "--overwrite")
-    t += moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite")
-    d, u = summary("runs/digits-dense"), summary("runs/digits-upcycle")
-    print(f"\n#### digits quick start (both runs: {t / 60:.1f} min)\n")
+    t, dense, up = 0.0, [], []
+    for seed in SEEDS:
+        d_out, u_out = f"runs/digits-dense-s{seed}", f"runs/digits-upcycle-s{seed}"
+        t += moe("finetune", "recipes/digits-vit-tiny-dense.yaml", "--overwrite", "--set", f"train.seed={seed}",
+                 "--set", f"output={d_out}")
+        t += moe("finetune", "recipes/digits-upcycle-finetune.yaml", "--overwrite", "--set", f"train.seed={seed}",
+                 "--set", f"output={u_out}", "--set", f"model.source={d_out}/final")
+        dense.append(summary(d_out))
+        up.append(summary(u_out))
+    print(f"\n#### digits quick start (seeds {', '.join(map(str, SEEDS))}; all runs: {t / 60:.1f} min)\n")
     print("| model | steps | val accuracy | val CE |\n|---|---|---|---|")
-    print(f"| dense ViT (depth 4, dim 192, patch 8 at 32 px), from scratch | 600 | {pct(d['accuracy'])} | "
-          f"{d['ce']:.4f} |")
-    print(f"| upcycled to 4 experts top-2 (all 4 FFNs), fine-tuned | +200 | {pct(u['accuracy'])} | {u['ce']:.4f} |")
+    for label, steps, runs in (("dense ViT (depth 4, dim 192, patch 8 at 32 px), from scratch", "600", dense),
+                               ("upcycled to 4 experts top-2 (all 4 FFNs), fine-tuned", "+200", up)):
+        print(f"| {label} | {steps} | {spread([r['accuracy'] for r in runs], pct)} | "
+              f"{spread([r['ce'] for r in runs], lambda x: f'{x:.4f}')} |")
+    for seed, d, u in zip(SEEDS, dense, up, strict=True):
+        print(f"seed {seed}: dense {pct(d['accuracy'])} / {d['ce']:.4f}, upcycled {pct(u['accuracy'])} / {u['ce']:.4f}")
 
 
 def densify() -> None:

@@ -166,6 +166,10 @@ class ScheduleCfg(Checked):
 
 
 LOGGERS = ("tensorboard", "wandb")
+Checkpointing = Choice.of("Checkpointing", **{
+    "none": "keep every activation for the backward pass",
+    "blocks": "recompute each transformer block in the backward pass (least memory)",
+    "moe": "recompute only the MoE layers (their expert activations: most of an MoE block's memory)"})
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ class TrainCfg(Checked):
     keep_best: str | None = None  # a validation metric (accuracy, ce, ...): <output>/best/ holds the best model by it
     keep_last: int | None = None  # keep the last N periodic checkpoints as <output>/checkpoints/step-N/ (None: last/)
     log_to: tuple[str, ...] = ("tensorboard",)  # loggers besides metrics.jsonl: tensorboard, wandb (optional extra)
+    activation_checkpointing: Checkpointing = Checkpointing("none")  # recompute activations in backward (memory)
 
     def validate(self, label: Label) -> TrainCfg:
         check(self.steps is None or self.steps >= 1, label("steps"), "an integer >= 1", self.steps)

@@ -93,22 +93,27 @@ class RoutingRecorder:
         self._handles.clear()
 
     def _layer_input(self, name: str, _layer: nn.Module, args: tuple) -> None:
+        if recomputing():
+            return
         x = args[0]
         self._batch[name] = x.shape[0] if x.dim() > 1 else 1
 
     def _routed(self, name: str, router: nn.Module, args: tuple, routing: Routing) -> None:
+        # activation checkpointing runs a block's forward again in the backward pass: the same computations run (so
+        # the tensors autograd saved match), but nothing is recorded a second time
+        again = recomputing()
         tokens = args[0]
         E = router.weight.shape[0]
         counts = expert_counts(routing.expert.detach(), E)[1:]
         rec = LayerRecord(counts=counts, dropped=dropped_fraction(routing))
-        if router.training:
+        if router.training and not again:
             self.step_counts[name] = counts + self.step_counts[name] if name in self.step_counts else counts
         if self.aux:
             choices = counts if routing.chosen is None else expert_counts(routing.chosen, E)[1:]
             rec.load_balance = load_balance_loss(routing, E, choices)
             rec.probs = routing.probs.mean(dim=0)
             rec.choices = torch.cat([choices, choices.new_full((1,), routing.choices.numel())])
-            if router.training:
+            if router.training and not again:
                 prev = self.step_choices.get(name)
                 self.step_choices[name] = rec.choices if prev is None else prev + rec.choices
             rec.z_loss = z_loss(routing.logits)
@@ -118,7 +123,8 @@ class RoutingRecorder:
                 rec.distill = distill_loss(tokens, routing.logits, self.teachers[name].to(tokens.device))
         if self.gates:
             rec.gate = gate_matrix(routing, E).view(self._batch.get(name, 1), -1, E)
-        self.records[name] = rec
+        if not again:
+            self.records[name] = rec
 
     def take_counts(self) -> dict[str, torch.Tensor]:
         """Each layer's (token, slot) counts per expert over the training forwards since the last call (a step's
@@ -210,6 +216,11 @@ def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
         if layer.router.selection_bias is not None:
             out[name]["selection_bias"] = layer.router.selection_bias.tolist()
     return out
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside the backward pass (activation checkpointing recomputing a block)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class RoutingHealth:

@@ -33,7 +33,7 @@ from moe_cli.tasks import Task
 from moe_cli.train.build import build_model
 from moe_cli.train.loggers import Loggers
 from moe_cli.train.optim import lr_lambda, make_optimizer
-from moe_cli.train.parallel import Parallelism, plan
+from moe_cli.train.parallel import Parallelism, checkpoint_activations, plan
 from moe_cli.train.run_folder import (
     BEST,
     FINAL,
@@ -156,6 +156,7 @@ def train(
     total = t.steps or max(1, math.ceil(t.epochs * math.ceil(len(sampler) / t.batch_size) / t.grad_accum))
     for n, p in model.named_parameters():
         p.requires_grad_(trainable is None or trainable(n, p))
+    checkpoint_activations(model, t.activation_checkpointing)  # forwards wrapped in place: names unchanged
     train_model = par.wrap(model, dev)  # DDP wrapper, or the model itself sharded in place (fsdp, experts)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, model)

@@ -56,6 +56,24 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def checkpoint_activations(model: nn.Module, mode: str) -> int:
+    """Recompute activations in the backward pass instead of keeping them (``train.activation_checkpointing``):
+    ``blocks``, each transformer block's (:func:`repeated_blocks`); ``moe``, each MoE layer's; ``none``, nothing.
+    The module's forward is wrapped in place (``torch.utils.checkpoint``, non-reentrant, RNG state replayed), so
+    parameter names, FSDP2 sharding and checkpoints are unchanged. Returns the number of modules wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    if mode == "none":
+        return 0
+    targets = repeated_blocks(model) if mode == "blocks" else [m for _, m in moe_layers(model)]
+    for module in targets:
+        def forward(*args, _inner=module.forward, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        module.forward = forward
+    return len(targets)
+
+
 @dataclass
 class Parallelism:
     """This rank's part of the job's layout (one process: everything whole, nothing to do)."""

@@ -3,7 +3,8 @@
 Every layout (and fsdp + EP under torch.compile) reaches the one-process losses at every step and its final
 weights (fp32), with the load-balance loss on: its f_i is counted over the global batch (all processes, one
 all-reduce), so it is the one-process loss; counted per process (`moe.load_balance_scope: micro_batch`) it is
-not, and that run is shown to differ. A run stopped on 4 processes
+not, and that run is shown to differ. Activation checkpointing under fsdp + EP changes nothing. A run stopped on 4
+processes
 (fsdp, 4-way EP) resumes on 2 (fsdp, 2-way EP) and continues the uninterrupted run. The final checkpoint is one
 whole file every command reads."""
 
@@ -58,6 +59,7 @@ def _recipes(tmp, world: int) -> list[str]:
         runs.append(_recipe(tmp, "compiled_w2", world, compile=True, compile_backend="aot_eager",
                             **LAYOUTS["fsdp_ep2"]))
         runs.append(_recipe(tmp, "per_process_w2", world, scope="micro_batch"))
+        runs.append(_recipe(tmp, "recomputed_w2", world, activation_checkpointing="blocks", **LAYOUTS["fsdp_ep2"]))
     return runs + [_recipe(tmp, "resumed", world, parallel="fsdp", expert_parallel=world, ckpt_every=2)]
 
 
@@ -112,7 +114,8 @@ def test_sharded_layouts_match_one_process(tmp_path):
     # the load-balance loss counted on each process's own tokens is another loss: the check can tell
     per_process = _losses(tmp_path / "per_process_w2")
     assert max(abs(per_process[s] - want_losses[s]) for s in want_losses) > 1e-4, (per_process, want_losses)
-    runs = [f"{name}_w{world}" for world in (2, 4) for name in LAYOUTS] + ["fsdp_w1", "compiled_w2", "resumed"]
+    runs = [f"{name}_w{world}" for world in (2, 4) for name in LAYOUTS] + ["fsdp_w1", "compiled_w2", "recomputed_w2",
+                                                                          "resumed"]
     for run in runs:
         losses = _losses(tmp_path / run)
         assert sorted(losses) == sorted(want_losses), run
