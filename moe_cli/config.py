@@ -23,7 +23,7 @@ import yaml
 from moe_cli.checks import Checked, Label, check, finite, in_recipe, is_int, labelled, origin_of
 from moe_cli.errors import ConfigError
 from moe_cli.moe.config import Gate, MoEConfig, UpcycleCfg, enum_type
-from moe_cli.runtime import Choice, Parallel, Precision
+from moe_cli.runtime import Choice, Parallel, Precision, parse_size
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,7 @@ class TrainCfg(Checked):
     keep_last: int | None = None  # keep the last N periodic checkpoints as <output>/checkpoints/step-N/ (None: last/)
     log_to: tuple[str, ...] = ("tensorboard",)  # loggers besides metrics.jsonl: tensorboard, wandb (optional extra)
     activation_checkpointing: Checkpointing = Checkpointing("none")  # recompute activations in backward (memory)
+    max_shard_size: str | None = "5GB"  # final/ above this is written as Hugging Face's sharded layout (null: never)
 
     def validate(self, label: Label) -> TrainCfg:
         check(self.steps is None or self.steps >= 1, label("steps"), "an integer >= 1", self.steps)
@@ -215,6 +216,7 @@ class TrainCfg(Checked):
               "an integer >= 1 or null (only last/)", self.keep_last)
         check(all(x in LOGGERS for x in self.log_to), label("log_to"), f"a list of {', '.join(LOGGERS)}",
               list(self.log_to))
+        parse_size(self.max_shard_size, label("max_shard_size"))
         return self
 
 

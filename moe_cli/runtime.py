@@ -187,3 +187,18 @@ def atomic_write(target: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def parse_size(value: str | int | None, what: str = "--max-shard-size") -> int | None:
+    """'5GB', '500MB', 10**9 -> bytes (huggingface_hub's rule), None stays None; else one line naming ``what``."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = parse_size_to_int(str(value))
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ConfigError(f"{what} must be a size such as 5GB, 500MB or 200KB, got {value!r}")
+    return size

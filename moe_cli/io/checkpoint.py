@@ -17,10 +17,11 @@ from moe_cli.errors import CheckpointError, ConfigError, ModelSourceError
 from moe_cli.models import hf_models
 from moe_cli.models.surgery import apply_moe, layout_of_model
 from moe_cli.moe.config import MoELayout
-from moe_cli.runtime import Precision, atomic_write
+from moe_cli.runtime import Precision, atomic_write, parse_size
 
 FORMAT = "moe-cli/1"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # Hugging Face's sharded layout: model-0000i-of-0000N.safetensors
 
 
 class Checkpoint:
@@ -65,10 +66,13 @@ class Checkpoint:
 
 
 def weights_path(path: str | os.PathLike) -> Path:
-    """``dir/`` -> ``dir/model.safetensors``; a ``.safetensors`` file stays as it is; another file is an error."""
+    """``dir/`` -> ``dir/model.safetensors`` (or ``dir/model.safetensors.index.json`` for sharded weights); a
+    ``.safetensors`` file (or an index) stays as it is; another file is an error."""
     p = Path(path)
-    if p.suffix == ".safetensors":
+    if p.suffix == ".safetensors" or p.name == INDEX_NAME:
         return p
+    if p.is_dir() and not (p / WEIGHTS_NAME).is_file() and (p / INDEX_NAME).is_file():
+        return p / INDEX_NAME
     if p.is_file():
         raise CheckpointError(f"{p} is not a .safetensors file: moe-cli reads safetensors checkpoints (a folder "
                               "with model.safetensors, or a .safetensors file)")
@@ -76,10 +80,18 @@ def weights_path(path: str | os.PathLike) -> Path:
 
 
 def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None,
-         tensors: dict[str, torch.Tensor] | None = None) -> Path:
+         tensors: dict[str, torch.Tensor] | None = None, max_shard_size: str | int | None = None) -> Path:
     """Write ``ckpt`` to ``path`` (a folder, or a ``.safetensors`` file), optionally casting floats to ``dtype``.
-    ``tensors``: the model's whole state dict when ``ckpt.model`` is sharded over ranks (gathered by the trainer)."""
-    target = weights_path(path)
+    ``tensors``: the model's whole state dict when ``ckpt.model`` is sharded over ranks (gathered by the trainer).
+    A folder's weights above ``max_shard_size`` are written in Hugging Face's sharded layout (shards, then the
+    index holding the moe-cli metadata); returns the weights file or the index."""
+    max_shard = parse_size(max_shard_size)
+    path = Path(path)
+    if path.is_file() and path.suffix != ".safetensors":
+        weights_path(path)  # its one-line error
+    if max_shard is not None and path.suffix == ".safetensors":
+        raise ConfigError(f"sharded weights are written into a folder; {path} is a .safetensors file name")
+    target = path / WEIGHTS_NAME if path.suffix != ".safetensors" else path
     if dtype is not None and dtype not in set(Precision):
         raise ConfigError(f"dtype must be one of {', '.join(Precision)}, got {dtype!r}")
     cast = Precision(dtype).dtype if dtype else None
@@ -93,8 +105,50 @@ def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None,
             t = t.to(cast)
         out[name] = t.contiguous().cpu()
     meta = ckpt.metadata() | ({"dtype": dtype} if dtype else {})
+    if max_shard is not None:
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        split = split_torch_state_dict_into_shards(out, max_shard_size=max_shard)
+        if split.is_sharded:
+            return _save_shards(path, out, split, meta)
     atomic_write(target, lambda tmp: safetensors.torch.save_file(out, tmp, metadata=meta))
+    for stale in (path / INDEX_NAME, *path.glob("model-*-of-*.safetensors")) if path.suffix != ".safetensors" else ():
+        stale.unlink(missing_ok=True)  # an earlier sharded save in the same folder
     return target
+
+
+def _save_shards(folder: Path, tensors: dict[str, torch.Tensor], split, meta: dict[str, str]) -> Path:
+    """Each shard (each written to a temporary name and renamed), then the index: a reader sees the old
+    checkpoint or the new one, never half of one."""
+    for name, keys in split.filename_to_tensors.items():
+        part = {k: tensors[k] for k in keys}
+        atomic_write(folder / name, lambda tmp, part=part: safetensors.torch.save_file(part, tmp,
+                                                                                      metadata={"format": "pt"}))
+    index = {"metadata": {**meta, "total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": split.tensor_to_filename}
+    atomic_write(folder / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    (folder / WEIGHTS_NAME).unlink(missing_ok=True)  # an earlier unsharded save in the same folder
+    for stale in folder.glob("model-*-of-*.safetensors"):
+        if stale.name not in split.filename_to_tensors:
+            stale.unlink()
+    return folder / INDEX_NAME
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: itself, or the shards its index names (in order)."""
+    if path.name != INDEX_NAME:
+        return [path]
+    return [path.parent / name for name in dict.fromkeys(_index(path)["weight_map"].values())]
+
+
+def _index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors index ({str(e).splitlines()[0]})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(f"{path} is not a safetensors index (no `weight_map`)")
+    return index
 
 
 def tied_names(model: nn.Module) -> set[str]:
@@ -110,7 +164,11 @@ def tied_names(model: nn.Module) -> set[str]:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file; a missing or corrupt file is a CheckpointError."""
+    """The ``__metadata__`` of a safetensors file (of a sharded checkpoint: its index's ``metadata``); a missing or
+    corrupt file is a CheckpointError."""
+    if path.name == INDEX_NAME and path.is_file():
+        meta = _index(path).get("metadata") or {}
+        return {k: v for k, v in meta.items() if isinstance(v, str)}
     if not path.is_file():
         run = path.parent
         for sub in ("final", "last"):  # a training run's folder: its checkpoints are inside
@@ -125,10 +183,13 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load_file(str(path), device="cpu")
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+    out = {}
+    for file in shard_files(path):
+        try:
+            out.update(safetensors.torch.load_file(str(file), device="cpu"))
+        except Exception as e:
+            raise CheckpointError(f"{file} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+    return out
 
 
 def is_moe_checkpoint(path: str | os.PathLike) -> bool:
@@ -140,11 +201,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load the safetensors file ``path`` into ``model`` strictly (``safetensors.torch.load_model``; tensors are
     cast to the model's dtype, so 16-bit exports load into an fp32 model). Key or shape mismatches are one-line
     CheckpointErrors naming the first one, checked from the file's header before anything is read."""
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 — not a dict
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+    shapes = {}
+    for file in shard_files(path):
+        try:
+            with safetensors.safe_open(str(file), framework="pt") as f:
+                shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 — not a dict
+        except Exception as e:
+            raise CheckpointError(f"{file} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
     own = model.state_dict()
     tied = tied_names(model)  # stored once, under the first name
     missing = [k for k in own if k not in shapes and k not in tied]
@@ -157,7 +220,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
         if shape != tuple(own[k].shape):
             raise CheckpointError(f"{path} does not match the architecture: `{k}` has shape {shape}, "
                                   f"the model expects {tuple(own[k].shape)}")
-    safetensors.torch.load_model(model, str(path), strict=True)
+    if path.name != INDEX_NAME:
+        safetensors.torch.load_model(model, str(path), strict=True)
+        return
+    for file in shard_files(path):  # one shard in memory at a time
+        part = safetensors.torch.load_file(str(file), device="cpu")
+        model.load_state_dict(part, strict=False, assign=False)
+        del part
 
 
 # timm.create_model keywords that read files, fetch weights or change how a model is loaded rather than what it

@@ -23,7 +23,14 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Offl
 
 from moe_cli.errors import ConfigError, ModelSourceError
 from moe_cli.io.card import LIBRARY, hub_config, model_card
-from moe_cli.io.checkpoint import WEIGHTS_NAME, is_moe_checkpoint, load_checkpoint, weights_path
+from moe_cli.io.checkpoint import (
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    is_moe_checkpoint,
+    load_checkpoint,
+    shard_files,
+    weights_path,
+)
 from moe_cli.runtime import atomic_write
 
 DOWNLOAD_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError)
@@ -77,8 +84,10 @@ def stage(ckpt_dir: str | Path, repo_id: str, out: Path) -> list[Path]:
     figure = next((p for p in (weights.parent / FIGURE, *((run / "inspect" / FIGURE,) if run else ()))
                    if p.is_file()), None)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, out / WEIGHTS_NAME)
-    files = [out / WEIGHTS_NAME]
+    files = []
+    for file in [*shard_files(weights), *([weights] if weights.name == INDEX_NAME else [])]:
+        shutil.copyfile(file, out / file.name)
+        files.append(out / file.name)
     for name, text in (("config.json", json.dumps(hub_config(ckpt), indent=2)),
                        ("README.md", model_card(ckpt, repo_id, results, FIGURE if figure is not None else None))):
         atomic_write(out / name, lambda p, text=text: Path(p).write_text(text))
@@ -211,12 +220,20 @@ def download_hint(what: str, err: Exception) -> ModelSourceError:
 
 
 def download(repo_id: str) -> Path:
-    """The local path of a pushed checkpoint's ``model.safetensors`` (from the cache when offline)."""
+    """The local path of a pushed checkpoint's ``model.safetensors``, or of its index with every shard beside it
+    (from the cache when offline)."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     try:
         with quiet_hub():
-            return Path(hf_hub_download(repo_id, WEIGHTS_NAME))
+            try:
+                return Path(hf_hub_download(repo_id, WEIGHTS_NAME))
+            except EntryNotFoundError:  # sharded: the index, then the shards it names (one snapshot folder)
+                index = Path(hf_hub_download(repo_id, INDEX_NAME))
+                for file in shard_files(index):
+                    hf_hub_download(repo_id, file.name)
+                return index
     except DOWNLOAD_ERRORS as e:
         raise download_hint(f"`{repo_id}` from the Hugging Face Hub", e) from None
     except ValueError as e:

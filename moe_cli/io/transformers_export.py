@@ -113,9 +113,11 @@ def _state_dict(model: CausalLM, layers: list[tuple[str, MoEMlp]]) -> dict[str, 
 
 
 @torch.no_grad()
-def export_transformers(ckpt: Checkpoint, out: Path, source_folder: Path | None = None) -> tuple[Path, str, float]:
+def export_transformers(ckpt: Checkpoint, out: Path, source_folder: Path | None = None,
+                        max_shard_size: str | None = None) -> tuple[Path, str, float]:
     """Write ``ckpt`` (an upcycled transformers causal LM) to the folder ``out`` as its family's transformers MoE
-    class, tokenizer and generation files copied from ``source_folder`` (the dense source, when it is a folder);
+    class (sharded above ``max_shard_size``), tokenizer and generation files copied from ``source_folder`` (the
+    dense source, when it is a folder);
     the written folder is loaded back with ``AutoModelForCausalLM`` and must reproduce moe-cli's logits. Returns
     (folder, class name, max |difference|)."""
     model = ckpt.model
@@ -149,7 +151,7 @@ def export_transformers(ckpt: Checkpoint, out: Path, source_folder: Path | None 
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
-        native.save_pretrained(tmp)
+        native.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         (tmp / "README.md").write_text(native_card(ckpt, out.name, target))  # `moe push DIR` uploads it as is
         for name in COPIED if source_folder is not None else ():
             if (source_folder / name).is_file() and not (tmp / name).is_file():

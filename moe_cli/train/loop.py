@@ -331,7 +331,7 @@ def train(
     tensors = par.full_state_dict(model)
     write_checkpoint(tensors)
     if dd.main:
-        final = save(ckpt, out / FINAL, tensors=tensors)
+        final = save(ckpt, out / FINAL, tensors=tensors, max_shard_size=t.max_shard_size)
         summary = {"step": step, **{k: v for k, v in last_eval.items() if k not in ("step", "split")}}
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     reporter.close()

@@ -30,6 +30,7 @@ BEST, HISTORY = "best", "checkpoints"  # train.keep_best, train.keep_last
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.epochs", "train.eval_every", "train.ckpt_every", "train.log_every",
                         "train.compile", "train.compile_backend", "train.parallel", "train.expert_parallel",
                         "train.keep_last", "train.log_to", "train.activation_checkpointing",
+                        "train.max_shard_size",
                         "data.num_workers", "schedule", "output", "then")
 # train.batch_size may change with the number of processes as long as the global batch (batch_size x processes)
 # stays the same: a run resumes on another world size
