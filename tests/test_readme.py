@@ -101,3 +101,19 @@ def test_readme_blocks_run_in_order(tmp_path, monkeypatch):
         assert "Traceback" not in r.stderr, f"README block at line {line}:\n{r.stderr[-3000:]}"
         ran += 1
     assert ran >= 10
+
+
+def test_quick_start_figures_are_ranges_that_hold_a_single_run():
+    """The README states each quick-start figure as mean ± spread over seeds (CPU training is not bit-reproducible
+    across processors), and what one run printed (seed 0, the quick start itself) lies within it."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Results on digits (CPU)", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (dense ViT|upcycled)[^|]*\| [^|]+ \| ([\d.]+)% ± ([\d.]+)% \| ([\d.]+) ± ([\d.]+) \|$",
+                      section, flags=re.M)
+    assert [r[0] for r in rows] == ["dense ViT", "upcycled"], section
+    seed0 = re.search(r"seed 0 ([\d.]+)% / ([\d.]+) and ([\d.]+)% / ([\d.]+)", section)
+    assert seed0 is not None and "three seeds" in section
+    printed = [(float(seed0.group(1)), float(seed0.group(2))), (float(seed0.group(3)), float(seed0.group(4)))]
+    for (_, acc, acc_sd, ce, ce_sd), (got_acc, got_ce) in zip(rows, printed, strict=True):
+        assert abs(got_acc - float(acc)) <= 2 * float(acc_sd) + 1e-9, (got_acc, acc, acc_sd)
+        assert abs(got_ce - float(ce)) <= 2 * float(ce_sd) + 1e-9, (got_ce, ce, ce_sd)

@@ -283,8 +283,9 @@ def create_model(name: str, kwargs: dict) -> nn.Module:
     return create_timm(name, kwargs)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Rebuild the exact model saved by :func:`save` from the file alone."""
+def load_checkpoint(path: str | os.PathLike, weights: bool = True) -> Checkpoint:
+    """Rebuild the exact model saved by :func:`save` from the file alone (``weights`` False: its architecture and
+    metadata only, for a caller that fills the weights itself)."""
     target = weights_path(path)
     meta = read_metadata(target)
     if meta.get("format") != FORMAT:
@@ -312,6 +313,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
         layout = MoELayout.from_dict(moe_dict, label)
         apply_moe(model, layout, shapes_only=True)
-    load_weights(model, target)  # a 16-bit export loads into the fp32 model: runs use their own precision
+    if weights:
+        load_weights(model, target)  # a 16-bit export loads into the fp32 model: runs use their own precision
     return Checkpoint(model.eval(), arch, meta.get("source", ""), meta.get("task", "classify"), extra,
                       task_config, init=layout.init if moe_dict is not None else "copy", data_config=data_config)

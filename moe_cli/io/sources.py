@@ -258,7 +258,8 @@ def load_source(spec: str, pretrained: bool = True, arch: str | None = None,
         if hf_models.is_transformers_config(config) and arch is None:
             task = hf_models.task_of(config, str(path))
             processor = _json_file(path / PROCESSOR) if task == "classify" else None
-            return _from_transformers(str(path), str(path), config, pretrained, kwargs, processor)
+            # a folder's weights are what the user gave (model.pretrained is about timm and Hub names)
+            return _from_transformers(str(path), str(path), config, True, kwargs, processor)
         return _from_file(path, arch, kwargs)
     if path.suffix == ".safetensors" or "/" in spec or spec.startswith("."):
         raise ModelSourceError(f"file not found: {spec}")

@@ -28,10 +28,11 @@ from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
 from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.recorder import RoutingHealth, RoutingRecorder
 from moe_cli.recipe import Recipe
-from moe_cli.runtime import atomic_write, autocast, init_distributed, pick_device
+from moe_cli.runtime import Parallel, atomic_write, autocast, init_distributed, pick_device
 from moe_cli.tasks import Task
 from moe_cli.train.build import build_model
 from moe_cli.train.loggers import Loggers
+from moe_cli.train.meta_build import plan_meta_build
 from moe_cli.train.optim import lr_lambda, make_optimizer
 from moe_cli.train.parallel import Parallelism, checkpoint_activations, plan
 from moe_cli.train.run_folder import (
@@ -143,11 +144,18 @@ def train(
     # ---- model, data, optimizer
     task = task or recipe.make_task()
     torch.manual_seed(t.seed)  # same initial model on every rank
-    ckpt = load_checkpoint(last) if last is not None else ckpt or build_model(recipe, task)
+    # fsdp: the structure only (parameters on meta), each rank filling its own shards after sharding, when the
+    # source's weights can be read in slices (moe_cli.train.meta_build); else the whole model on every rank
+    meta = plan_meta_build(recipe, task, par.ep, last) if par.sharded and par.mode == Parallel.fsdp and \
+        ckpt is None else None
+    if meta is not None:
+        ckpt = meta.ckpt
+    else:
+        ckpt = load_checkpoint(last) if last is not None else ckpt or build_model(recipe, task)
     torch.manual_seed(t.seed + dd.rank)  # per-rank dropout / noise
     random.seed(t.seed + dd.rank)
     loss_fn = loss_fn or task.loss
-    model = ckpt.model.to(dev).train()
+    model = (ckpt.model if meta is not None else ckpt.model.to(dev)).train()
     train_ds, val_ds = build_datasets(recipe.data, model, ckpt.data_config)
     if last is None:  # what the checkpoints of this run were trained on and how (a resumed one has it already)
         ckpt.extra = {**ckpt.extra, "data": data_record(recipe.data, train_ds),
@@ -158,6 +166,15 @@ def train(
         p.requires_grad_(trainable is None or trainable(n, p))
     checkpoint_activations(model, t.activation_checkpointing)  # forwards wrapped in place: names unchanged
     train_model = par.wrap(model, dev)  # DDP wrapper, or the model itself sharded in place (fsdp, experts)
+    if meta is not None:
+        meta.materialize(model, dev)  # this rank's shards only, read from the source's files
+        if dd.main:
+            reporter.message(f"built on the meta device and sharded: each process read only its shards of "
+                             f"{ckpt.source}")
+        if meta.checked and dd.main:
+            worst = max(d for _, d in meta.checked)
+            reporter.message(f"verify: {len(meta.checked)} upcycled layers each reproduce their dense FFN "
+                             f"(max |dense - moe| = {worst:.3e}, layer by layer)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total))
