@@ -96,4 +96,5 @@ def test_fsdp_builds_on_meta_and_matches_one_process(tmp_path):
         b = safetensors.torch.load_file(str(tmp_path / f"{name}_w2" / "final" / "model.safetensors"))
         assert a.keys() == b.keys()
         for key, value in a.items():
-            torch.testing.assert_close(b[key], value, rtol=1e-4, atol=2e-5, msg=lambda m, k=key, n=name: f"{n} {k}: {m}")
+            torch.testing.assert_close(b[key], value, rtol=1e-4, atol=2e-5,
+                                       msg=lambda m, k=key, n=name: f"{n} {k}: {m}")
