@@ -9,6 +9,16 @@ tensors, DTensors counted by their local shard; activations and FSDP's transient
 and of it the experts'. Step time: the median of ``--steps`` timed steps after one warm-up step, slowest rank.
 
     python bench/scale.py [--worlds 1 2 4] [--steps 3] [--batch 8] [--out bench/RESULTS.md]
+
+``--memory``: peak resident memory per rank, model construction included, through `moe finetune`'s own loop: a
+dense ViT-B/16 moe-cli checkpoint upcycled to 8 experts top-2 in every block (about 2 GB of fp32 weights) and
+trained one step under fsdp on 1, 2 and 4 gloo processes (built on the meta device, each rank reading its shards),
+one row with activation checkpointing, and ddp (the whole model on every rank) for comparison, and a bare process
+(torch, timm and moe-cli imported, nothing built). "start-up" is the peak before the first step (model built,
+sharded, optimizer made), then after the first step (AdamW state made), then at the end (rank 0 gathers the
+whole model to write final/).
+
+    python bench/scale.py --memory [--out bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -100,6 +110,115 @@ def _worker(rank: int, world: int, port: int, layout: str, args, out: str) -> No
             f.write(" ".join(map(str, worst)))
 
 
+class _Peaks:
+    """A loop reporter that writes this rank's peak RSS when training starts and when it ends."""
+
+    def __init__(self, path: str):
+        self.path, self.start_peak, self.step_peak = path, 0, 0
+
+    def start(self, total_steps: int, step: int) -> None:
+        self.start_peak = _peak_rss()
+
+    def log(self, record: dict) -> None:
+        self.step_peak = self.step_peak or _peak_rss()  # the first step, before the final checkpoint is gathered
+
+    def close(self) -> None:
+        with open(self.path, "w") as f:
+            f.write(f"{self.start_peak} {self.step_peak} {_peak_rss()}")
+
+    def evaluated(self, record: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+    def warning(self, text: str) -> None: ...
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _memory_worker(rank: int, world: int, port: int, recipe: str, out: str) -> None:
+    import moe_cli.train.loop as loop
+    from moe_cli.recipe import load_recipe
+    from moe_cli.train.loop import train
+
+    loop.Reporter = lambda: _Peaks(f"{out}.{rank}")  # the loop reports on rank 0 only: every rank measures here
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="bench")
+    torch.set_num_threads(1)
+    try:
+        train(load_recipe(recipe), device="cpu", reporter=_Peaks(f"{out}.{rank}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def memory(args) -> list[str]:
+    """Peak RSS per rank (start-up and after one step) of the layouts in the module docstring."""
+    import numpy as np
+    import timm
+    import yaml
+    from PIL import Image
+
+    from moe_cli.io.checkpoint import Checkpoint, save
+    from moe_cli.io.sources import model_data_config
+
+    tmp = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_base_patch16_224", num_classes=2)
+    save(Checkpoint(dense, {"name": "vit_base_patch16_224", "kwargs": {"num_classes": 2}}, source="bench",
+                    data_config=model_data_config(dense)), f"{tmp}/dense")
+    del dense
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):  # a tiny image folder: the run's evaluation costs next to nothing
+        os.makedirs(f"{tmp}/imgs/{c}")
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(f"{tmp}/imgs/{c}/{i}.png")
+    rows = ["| processes | layout | peak RSS / rank: start-up | after the first step | at the end (rank 0 gathers "
+            "final/) | upcycled weights |", "|---|---|---|---|---|---|"]
+    runs = [(world, "fsdp", {"parallel": "fsdp"}) for world in args.worlds] + \
+        [(2, "fsdp + activation checkpointing", {"parallel": "fsdp", "activation_checkpointing": "blocks"}),
+         (2, "ddp (whole model per rank)", {})]
+    base_rss = _bare_process_rss()
+    rows.append(f"| 1 | bare process (imports only) | {base_rss / 2**30:.2f} GiB | - | - | - |")
+    for world, name, layout in runs:
+        recipe = f"{tmp}/r_{world}_{len(rows)}.yaml"
+        with open(recipe, "w") as f:
+            yaml.safe_dump({"model": {"source": f"{tmp}/dense", "upcycle": {"experts": 8, "k": 2}},
+                            "data": {"name": "", "root": f"{tmp}/imgs"},
+                            "train": {"steps": 1, "batch_size": 2, "log_every": 1, "max_shard_size": None,
+                                      **layout},
+                            "output": f"{tmp}/run_{world}_{len(rows)}"}, f)
+        base = f"{tmp}/peak_{world}_{len(rows)}"
+        mp.spawn(_memory_worker, args=(world, _free_port(), recipe, base), nprocs=world, join=True)
+        peaks = [tuple(map(int, open(f"{base}.{r}").read().split())) for r in range(world)]
+        start, step, end = (max(p[i] for p in peaks) / 2**30 for i in range(3))
+        rows.append(f"| {world} | {name} | {start:.2f} GiB | {step:.2f} GiB | {end:.2f} GiB | "
+                    f"{_upcycled_bytes() / 2**30:.2f} GiB |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _bare_process_rss() -> int:
+    import subprocess
+    import sys
+
+    code = ("import resource, torch, timm, moe_cli.train.loop; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def _upcycled_bytes() -> int:
+    """fp32 bytes of ViT-B/16 with 8 copies of every FFN (the model the memory rows train)."""
+    import timm
+
+    with torch.device("meta"):
+        m = timm.create_model("vit_base_patch16_224", num_classes=2)
+    ffn = sum(p.numel() for n, p in m.named_parameters() if ".mlp." in n)
+    return 4 * (sum(p.numel() for p in m.parameters()) + 7 * ffn)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,7 +232,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="global batch (split over the ranks)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=None, help="append the table to this Markdown file")
+    ap.add_argument("--memory", action="store_true", help="peak RSS per rank, construction included (see above)")
     args = ap.parse_args()
+    if args.memory:
+        rows = memory(args)
+        print("\n".join(rows))
+        if args.out:
+            cmd = f"python bench/scale.py --memory --worlds {' '.join(map(str, args.worlds))}"
+            where = f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+            with open(args.out, "a") as f:
+                f.write(f"\n### Peak memory per rank, model construction included ({where}, torch "
+                        f"{torch.__version__})\n\nCommand: `{cmd}`\n\n" + "\n".join(rows) + "\n")
+        return
     rows = ["| processes | layout | state MB / rank | of it experts | step s |", "|---|---|---|---|---|"]
     tmp = tempfile.mkdtemp()
     for world in args.worlds:
