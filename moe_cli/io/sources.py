@@ -275,7 +275,8 @@ def open_checkpoint(spec: str | os.PathLike, top_k: int | None = None, capacity_
     spec = str(spec)
     if spec.startswith("hf-hub:"):
         ckpt = load_source(spec)  # a moe-cli repository loads as the checkpoint it is; others as dense sources
-    elif is_moe_checkpoint(spec) or Path(spec).suffix == ".safetensors" and not Path(spec).exists() \
+    elif is_moe_checkpoint(spec) or not Path(spec).exists() and ("/" in spec or spec.startswith(".") or
+                                                              Path(spec).suffix == ".safetensors") \
             or Path(spec).is_file() and Path(spec).suffix != ".safetensors":
         ckpt = load_checkpoint(spec)  # (and the one-line errors for a missing or foreign file)
     elif Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
