@@ -182,6 +182,8 @@ def memory(args) -> list[str]:
          (2, "ddp (whole model per rank)", {})]
     base_rss = _bare_process_rss()
     rows.append(f"| 1 | bare process (imports only) | {base_rss / 2**30:.2f} GiB | - | - | - |")
+    import shutil
+
     for world, name, layout in runs:
         recipe = f"{tmp}/r_{world}_{len(rows)}.yaml"
         with open(recipe, "w") as f:
@@ -193,10 +195,12 @@ def memory(args) -> list[str]:
         base = f"{tmp}/peak_{world}_{len(rows)}"
         mp.spawn(_memory_worker, args=(world, _free_port(), recipe, base), nprocs=world, join=True)
         peaks = [tuple(map(int, open(f"{base}.{r}").read().split())) for r in range(world)]
+        shutil.rmtree(f"{tmp}/run_{world}_{len(rows)}")  # final/ and last/ of a 2 GB model: gigabytes each
         start, step, end = (max(p[i] for p in peaks) / 2**30 for i in range(3))
         rows.append(f"| {world} | {name} | {start:.2f} GiB | {step:.2f} GiB | {end:.2f} GiB | "
                     f"{_upcycled_bytes() / 2**30:.2f} GiB |")
         print(rows[-1], flush=True)
+    shutil.rmtree(tmp)
     return rows
 
 
