@@ -219,8 +219,9 @@ def routing_stats(model: nn.Module, loader, device: torch.device, autocast=None,
 
 
 def recomputing() -> bool:
-    """Whether this forward runs inside the backward pass (activation checkpointing recomputing a block)."""
-    return torch._C._current_graph_task_id() != -1
+    """Whether this forward runs inside the backward pass (activation checkpointing recomputing a block). Under
+    torch.compile the hooks are traced into the forward graph, which a recompute does not run through Python."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class RoutingHealth:

@@ -22,7 +22,7 @@ VIT = ["vit_tiny_patch16_224", "--no-pretrained", *model_args("vit")]
 
 
 def eval_json(cli, ckpt) -> dict:
-    r = cli("eval", str(ckpt), "--metric", "accuracy,routing", "--json")
+    r = cli("eval", str(ckpt), "--data", "digits", "--metric", "accuracy,routing", "--json")
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -61,7 +61,7 @@ def test_uneven_prune_round_trips_through_eval_and_inspect(cli, tmp_path):
     assert torch.equal(b.router.weight, a.router.weight[[0, 2, 3]])
     out = eval_json(cli, tmp_path / "p")
     assert [len(v["load"]) for v in out["routing"].values()] == [3, 4]
-    r = cli("inspect", str(tmp_path / "p"), "--out", str(tmp_path / "insp"), "--images", "2")
+    r = cli("inspect", str(tmp_path / "p"), "--data", "digits", "--out", str(tmp_path / "insp"), "--images", "2")
     assert r.exit_code == 0, r.output
 
 
@@ -88,14 +88,14 @@ def test_split_checkpoints_prune_and_merge_back_to_the_dense_ffn(cli, tmp_path):
     """Before: prune/merge of split experts wrote unloadable checkpoints, merge --experts 1 crashed."""
     assert cli("upcycle", *VIT, "--experts", "4", "--k", "2", "--init", "split",
                "--out", str(tmp_path / "s")).exit_code == 0
-    r = cli("prune", str(tmp_path / "s"), "--keep", "2", "-o", str(tmp_path / "p"))
+    r = cli("prune", str(tmp_path / "s"), "--keep", "2", "--calib", "digits", "-o", str(tmp_path / "p"))
     assert r.exit_code == 0, r.output
     pruned = load_checkpoint(tmp_path / "p")
     assert {m.experts.w1.shape for _, m in moe_layers(pruned.model)} == {(2, 192, 192)}  # slices of 768 / 4
     eval_json(cli, tmp_path / "p")
-    r = cli("merge", str(tmp_path / "s"), "--experts", "2", "-o", str(tmp_path / "m2"))
+    r = cli("merge", str(tmp_path / "s"), "--experts", "2", "--calib", "digits", "-o", str(tmp_path / "m2"))
     assert r.exit_code == 2 and "split experts" in r.stderr and not (tmp_path / "m2").exists()
-    r = cli("merge", str(tmp_path / "s"), "--experts", "1", "-o", str(tmp_path / "dense"))
+    r = cli("merge", str(tmp_path / "s"), "--experts", "1", "--calib", "digits", "-o", str(tmp_path / "dense"))
     assert r.exit_code == 0, r.output
     name, kw = "vit_tiny_patch16_224", {"depth": 2, "img_size": 32, "num_classes": 10}
     bare = timm.create_model(name, **kw).eval()

@@ -171,11 +171,13 @@ def test_a_few_steps_on_digits_lower_the_loss(tmp_path, cli):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model:\n  source: {tmp_path / 'vit'}\n  kwargs: {{num_classes: 10}}\n"
                       "  upcycle: {experts: 4, k: 2}\ndata:\n  name: digits\noptim: {name: adamw, lr: 3.0e-3}\n"
-                      f"train:\n  steps: 30\n  batch_size: 64\n  eval_every: 30\n  log_every: 1\n"
+                      f"train:\n  steps: 100\n  batch_size: 64\n  eval_every: 100\n  log_every: 1\n"
                       f"output: {tmp_path / 'run'}\n")
     r = cli("finetune", str(recipe))
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in rows if "loss" in row]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    losses = [row["loss"] for row in rows if row.get("split") == "train"]
+    final = next(row for row in rows if row.get("split") == "val")
+    # learning: the loss falls and the model beats chance (10 classes: CE log 10 = 2.30, accuracy 10%)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.02 and final["accuracy"] > 0.2 and final["ce"] < 2.2
     assert load_checkpoint(tmp_path / "run" / "final").model.num_classes == 10

@@ -94,7 +94,7 @@ def test_top_p_routes_to_the_fewest_experts_reaching_p():
 
 def test_merge_to_one_expert_is_the_dense_model_and_loads_in_bare_timm(cli, tmp_path):
     assert cli("upcycle", *VIT, "--out", str(tmp_path / "moe")).exit_code == 0
-    r = cli("merge", str(tmp_path / "moe"), "--experts", "1", "--out", str(tmp_path / "dense"))
+    r = cli("merge", str(tmp_path / "moe"), "--experts", "1", "--calib", "digits", "--out", str(tmp_path / "dense"))
     assert r.exit_code == 0, r.output
     name, kw = "vit_tiny_patch16_224", {"depth": 2, "img_size": 32, "num_classes": 10}
     bare = timm.create_model(name, **kw).eval()
@@ -102,15 +102,18 @@ def test_merge_to_one_expert_is_the_dense_model_and_loads_in_bare_timm(cli, tmp_
     moe = load_checkpoint(tmp_path / "moe").model
     x = torch.randn(2, 3, 32, 32)
     assert_close_scaled(bare(x), moe(x))
-    assert cli("merge", str(tmp_path / "moe"), "--experts", "2", "--out", str(tmp_path / "two")).exit_code == 0
+    assert cli("merge", str(tmp_path / "moe"), "--experts", "2", "--calib", "digits",
+               "--out", str(tmp_path / "two")).exit_code == 0
     two = load_checkpoint(tmp_path / "two")
     assert two.moe.experts == 2 and two.model(x).shape == (2, 10)
 
 
 def test_prune_shrinks_and_keep_all_is_the_identity(cli, tmp_path):
     assert cli("upcycle", *VIT, "--experts", "4", "--k", "1", "--out", str(tmp_path / "m")).exit_code == 0
-    assert cli("prune", str(tmp_path / "m"), "--keep", "4", "--out", str(tmp_path / "all")).exit_code == 0
-    assert cli("prune", str(tmp_path / "m"), "--keep", "2", "--out", str(tmp_path / "two")).exit_code == 0
+    assert cli("prune", str(tmp_path / "m"), "--keep", "4", "--calib", "digits",
+               "--out", str(tmp_path / "all")).exit_code == 0
+    assert cli("prune", str(tmp_path / "m"), "--keep", "2", "--calib", "digits",
+               "--out", str(tmp_path / "two")).exit_code == 0
     size = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("m", "all", "two")}
     assert size["two"] < size["m"] and math.isclose(size["all"], size["m"], rel_tol=0.01)
     x = torch.randn(2, 3, 32, 32)
@@ -139,7 +142,7 @@ def test_reduce_errors_are_one_line(cli, tmp_path):
                          (["prune", "--keep", "9"], "between 1 and 4"),
                          (["prune", "--drop-experts", "7:0"], "layer 7 does not exist"),
                          (["prune", "--keep", "1"], "fewer than k=2")):
-        r = cli(args[0], str(tmp_path / "m"), *args[1:], "--out", str(tmp_path / "o"))
+        r = cli(args[0], str(tmp_path / "m"), *args[1:], "--calib", "digits", "--out", str(tmp_path / "o"))
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, (args, r.output)
         assert not (tmp_path / "o").exists()
 
