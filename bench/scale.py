@@ -138,11 +138,8 @@ def _peak_rss() -> int:
 
 
 def _memory_worker(rank: int, world: int, port: int, recipe: str, out: str) -> None:
-    import moe_cli.train.loop as loop
     from moe_cli.recipe import load_recipe
     from moe_cli.train.loop import train
-
-    loop.Reporter = lambda: _Peaks(f"{out}.{rank}")  # the loop reports on rank 0 only: every rank measures here
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="bench")

@@ -8,6 +8,7 @@ is the busiest expert's tokens over the mean per expert (1.00: perfectly even), 
 
 from __future__ import annotations
 
+import os
 import time
 
 from rich.markup import escape
@@ -37,9 +38,11 @@ class RichReporter(Reporter):
         self.explained = False
         self.plain = False  # not a terminal: plain lines
         self.first = 0
+        # under torchrun every process trains, rank 0 alone reports (one bar, one legend, one set of lines)
+        self.other_rank = os.environ.get("RANK", "0") not in ("", "0")
 
     def start(self, total_steps: int, step: int) -> None:
-        if STATE["quiet"]:
+        if STATE["quiet"] or self.other_rank:
             return
         self.total = total_steps
         self.first = step
@@ -96,13 +99,17 @@ class RichReporter(Reporter):
         self.message(f"step {record['step']} val: {text}")
 
     def message(self, text: str) -> None:
+        if self.other_rank:
+            return
         if self.progress is not None:
             self.progress.console.print(text)
         elif not STATE["quiet"]:
             console.print(text)
 
     def warning(self, text: str) -> None:
-        """One line, also with --quiet (on stderr)."""
+        """One line, also with --quiet (on stderr); rank 0's under torchrun."""
+        if self.other_rank:
+            return
         line = f"[bold yellow]warning:[/] {escape(text)}"
         if self.progress is not None:
             self.progress.console.print(line, soft_wrap=True)

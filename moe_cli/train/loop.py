@@ -135,8 +135,6 @@ def train(
     t = recipe.train
     dev = pick_device(device)
     dd, dev = init_distributed(dev)
-    if not dd.main:  # one progress display under torchrun: rank 0's
-        reporter = Reporter()
     par = plan(recipe, dd, dev)
     out = Path(out_dir or recipe.output)
     last, state = start_or_resume(out, recipe, resume, overwrite, can_resume, dd.main, dd.world)
