@@ -31,7 +31,7 @@ def hub_config(ckpt: Checkpoint) -> dict:
         return cfg
     kwargs = dict(ckpt.architecture.get("kwargs", {}))
     num_classes = getattr(ckpt.model, "num_classes", kwargs.get("num_classes"))
-    pretrained_cfg = {k: v for k, v in (ckpt.data_config or {}).items()}
+    pretrained_cfg = dict(ckpt.data_config or {})
     if hasattr(ckpt.model, "pretrained_cfg") and "input_size" in ckpt.model.pretrained_cfg:
         pretrained_cfg["input_size"] = list(ckpt.model.pretrained_cfg["input_size"])
     classes = (ckpt.extra.get("data") or {}).get("classes")

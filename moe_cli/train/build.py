@@ -28,9 +28,14 @@ def upcycle_checkpoint(ckpt: Checkpoint, cfg: UpcycleCfg, *, seed: int = 0, veri
         if cfg.router_init != "random" else None
     up = upcycle_verified(ckpt.model, cfg, seed=seed, verify=verify, tolerance=tolerance, calibration=calib)
     ckpt.model, ckpt.init = up.model, cfg.init
-    step = {"upcycle": {"source": ckpt.source, "settings": changed_settings(cfg)}}
-    ckpt.extra = {**ckpt.extra, "dense_params": up.dense_params, "made_with": [*ckpt.extra.get("made_with", []), step]}
+    record_upcycle(ckpt, cfg, up.dense_params)
     return up
+
+
+def record_upcycle(ckpt: Checkpoint, cfg: UpcycleCfg, dense_params: int) -> None:
+    """Note in ``ckpt``'s metadata the dense size and the upcycling step of its chain (the model card's)."""
+    step = {"upcycle": {"source": ckpt.source, "settings": changed_settings(cfg)}}
+    ckpt.extra = {**ckpt.extra, "dense_params": dense_params, "made_with": [*ckpt.extra.get("made_with", []), step]}
 
 
 def changed_settings(cfg: UpcycleCfg) -> dict:

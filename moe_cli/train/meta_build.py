@@ -223,16 +223,10 @@ def plan_meta_build(recipe, task, expert_parallel: int, resume_from: Path | None
         build.verify = must_match(up)
         apply_moe(ckpt.model, build.layout, shapes_only=True)
         ckpt.init = up.init
-        step = {"upcycle": {"source": ckpt.source, "settings": _settings(up)}}
-        ckpt.extra = {**ckpt.extra, "dense_params": dense_params,
-                      "made_with": [*ckpt.extra.get("made_with", []), step]}
+        from moe_cli.train.build import record_upcycle
+
+        record_upcycle(ckpt, up, dense_params)
     ckpt.task = recipe.task
     assert all(p.device.type == "meta" for p in ckpt.model.parameters())
     assert moe_layers(ckpt.model) or up is None
     return build
-
-
-def _settings(up) -> dict:
-    from moe_cli.train.build import changed_settings
-
-    return changed_settings(up)
