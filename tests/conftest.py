@@ -1,4 +1,6 @@
 import os
+import random
+import socket
 import subprocess
 import sys
 
@@ -8,6 +10,10 @@ if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl")
     os.environ["TRITON_INTERPRET"] = "1"
 # training and eval in tests run on CPU also where a GPU is present (tiny models; CUDA tests pick their device)
 os.environ.setdefault("MOE_DEVICE", "cpu")
+# under pytest-xdist (the default, pyproject's addopts) the workers already share the cores: one BLAS thread each,
+# also for the processes the tests start
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import timm
@@ -17,6 +23,31 @@ from typer.testing import CliRunner
 from moe_cli.cli.app import app
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER is not None:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` first: the parallel workers then finish together (longest jobs first)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
+def free_port() -> int:
+    """A free TCP port for a process group's rendezvous. Each pytest-xdist worker draws from a range of its own
+    (the kernel's bind(0) hands out even ports only, so a residue rule would starve odd workers), so two workers
+    never pick the same one; a port another program holds is skipped."""
+    index = int(WORKER[2:]) if WORKER else 0
+    rng = random.Random(os.getpid())
+    while True:
+        port = 20000 + 1000 * index + rng.randrange(1000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
 
 # tiny configurations of real timm families, each with a different FFN type
 TINY = {

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,7 @@ def test_every_block_that_is_not_runnable_here_says_what_it_needs():
             assert any(word in need for word in ("network", "GPU", "your")), f"README line {line}: {need}"
 
 
+@pytest.mark.long
 def test_readme_blocks_run_in_order(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     for f in (tmp_path / "recipes").glob("*.yaml"):

@@ -127,7 +127,7 @@ def test_a_failing_hub_fetch_returns_in_seconds(monkeypatch, tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(ModelSourceError, match="the Hub is unreachable or offline"):
         load_source("vit_tiny_patch16_224", pretrained=True, model_kwargs={"depth": 1})
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 15  # with retries it took 55 s
     assert constants.HF_HUB_OFFLINE is False  # the offline switch is undone afterwards
 
 
@@ -195,6 +195,7 @@ def test_a_hub_source_without_weights_explains_it_still_needs_the_config(monkeyp
         load_source("hf-hub:1x-technologies/GENIE_35M", pretrained=False)
 
 
+@pytest.mark.long
 def test_a_dense_push_loads_in_plain_timm_and_names_its_base_model(cli, tmp_path):
     import timm
 

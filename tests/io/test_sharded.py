@@ -32,6 +32,7 @@ def run(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.long
 def test_a_large_final_is_sharded_and_every_command_reads_it(run, cli, tmp_path):
     final = run / "final"
     index = json.loads((final / INDEX_NAME).read_text())

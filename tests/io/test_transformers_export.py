@@ -149,6 +149,7 @@ def test_a_native_moe_folder_reads_back_as_a_moe_cli_moe_and_exports_again(cli, 
                             torch.float32, ulps=256)
 
 
+@pytest.mark.long
 def test_the_export_has_a_transformers_card_and_pushes_as_it_is(cli, tmp_path):
     from huggingface_hub import ModelCard
 

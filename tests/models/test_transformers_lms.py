@@ -75,6 +75,7 @@ def test_dense_logits_are_transformers_and_upcycling_keeps_them(tmp_path, family
     assert (head is embed) == tied, family
 
 
+@pytest.mark.long
 def test_moe_upcycle_of_a_transformers_folder_and_a_hub_repo_proves_equivalence(tmp_path):
     tiny_lm("qwen2", tmp_path / "dense")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "MOE_DEVICE": "cpu"}

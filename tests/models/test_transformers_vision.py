@@ -133,6 +133,7 @@ def test_the_preprocessor_config_is_the_data_config(tmp_path):
     assert x.shape == (3, 32, 32) and float(x.min()) >= (0 - 0.3) / 0.6 - 1e-5  # (0 - mean) / std of channel 2
 
 
+@pytest.mark.long
 def test_hub_repo_through_the_cache_and_bad_inputs_are_one_line(tmp_path, cli):
     tiny("clip-vision", tmp_path / "clip")
     transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}

@@ -4,11 +4,11 @@ Outputs, input gradients, router gradients (summed over ranks) and each rank's e
 layer run on each rank's tokens, for every gate, with dropped tokens and with an expert that gets no token."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from tolerance import assert_close_scaled
 
 from moe_cli.errors import ConfigError
@@ -24,12 +24,6 @@ CASES = {
     "shared_glu": {"gate": "topk", "k": 1, "shared_experts": 1},
 }
 WORLD, E, D, H = 2, 4, 6, 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layer(case: str) -> MoEMlp:
@@ -87,7 +81,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_expert_parallel_matches_the_whole_layer_for_every_gate(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = {r: torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)}
     for rank, cases in results.items():
         assert "cannot split 3 experts evenly" in cases.pop("refused")

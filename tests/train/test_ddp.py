@@ -1,7 +1,6 @@
 """2-process DDP with gloo on CPU: both ranks end with identical weights (and they did change)."""
 
 import os
-import socket
 import sys
 
 import pytest
@@ -9,17 +8,11 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import write_recipe
+from conftest import free_port, write_recipe
 
 from moe_cli.recipe import load_recipe
 from moe_cli.train.build import build_model
 from moe_cli.train.loop import train
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, recipe_path: str, dump: str) -> None:
@@ -32,10 +25,11 @@ def _worker(rank: int, world: int, port: int, recipe_path: str, dump: str) -> No
     dist.destroy_process_group()
 
 
+@pytest.mark.long
 def test_two_rank_gloo_weights_identical(tmp_path):
     f = write_recipe(tmp_path / "r.yaml", tmp_path / "out", model={"upcycle": {"experts": 4, "k": 2}},
                      train={"steps": 4, "batch_size": 8})
-    mp.spawn(_worker, args=(2, _free_port(), f, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), f, str(tmp_path)), nprocs=2, join=True)
     r0 = safetensors.torch.load_file(str(tmp_path / "rank0.safetensors"))
     r1 = safetensors.torch.load_file(str(tmp_path / "rank1.safetensors"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
@@ -47,12 +41,13 @@ def test_two_rank_gloo_weights_identical(tmp_path):
         assert not torch.equal(start[key], r0[key]), f"{key} did not train"
 
 
+@pytest.mark.long
 def test_aux_free_biases_stay_identical_on_both_ranks(tmp_path):
     """Each rank routes its own batches; the loads are summed over the ranks before the bias update."""
     f = write_recipe(tmp_path / "r.yaml", tmp_path / "out", model={"upcycle": {
         "experts": 4, "k": 1, "balance": "aux_free", "bias_update": 0.05}}, moe={"load_balance": 0.0},
         train={"steps": 4, "batch_size": 8})
-    mp.spawn(_worker, args=(2, _free_port(), f, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), f, str(tmp_path)), nprocs=2, join=True)
     r0 = safetensors.torch.load_file(str(tmp_path / "rank0.safetensors"))
     r1 = safetensors.torch.load_file(str(tmp_path / "rank1.safetensors"))
     bias = [k for k in r0 if k.endswith("router.expert_bias")]
@@ -60,6 +55,7 @@ def test_aux_free_biases_stay_identical_on_both_ranks(tmp_path):
     assert all(r0[k].abs().max() > 0 for k in bias)  # the biases moved
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("override", ["train.parallel=bogus", "train.expert_parallel=0"])
 def test_a_recipe_error_under_torchrun_is_printed_once(tmp_path, override):
     """Every rank reads the same recipe before the processes join their group: rank 0 says what is wrong, once

@@ -33,6 +33,7 @@ def test_plain_lines_at_log_steps_when_not_a_terminal(tmp_path, cli):
     assert "━" not in r.stdout  # no bar drawn into a file
 
 
+@pytest.mark.long
 def test_one_progress_display_under_torchrun(tmp_path):
     f = write_recipe(tmp_path / "r.yaml", tmp_path / "out", model=MOE, train={"steps": 4, "log_every": 2})
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"

@@ -46,6 +46,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, cli):
     assert cli("finetune", f, "--overwrite").exit_code == 0
 
 
+@pytest.mark.long
 def test_kill_and_resume_is_exact(tmp_path):
     steps = {"steps": 24, "ckpt_every": 4, "log_every": 1}
     model = {"upcycle": {"experts": 4, "k": 2}, "kwargs": {**_tiny_kwargs(), "drop_rate": 0.1}}

@@ -6,14 +6,13 @@ copies: the random draws match)."""
 
 import json
 import os
-import socket
 
 import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import write_recipe
+from conftest import free_port, write_recipe
 
 from moe_cli.recipe import load_recipe
 from moe_cli.train.loop import Reporter, train
@@ -23,11 +22,6 @@ LLAMA = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidd
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
          "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Messages(Reporter):
@@ -70,6 +64,7 @@ def _sources(tmp_path) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.long
 def test_fsdp_builds_on_meta_and_matches_one_process(tmp_path):
     recipes = {}
     for name, sections in _sources(tmp_path).items():
@@ -82,7 +77,7 @@ def test_fsdp_builds_on_meta_and_matches_one_process(tmp_path):
     for name in ("vit", "llama"):
         train(load_recipe(recipes[(name, 1)]), device="cpu")
     log = tmp_path / "messages.txt"
-    mp.spawn(_worker, args=(2, _free_port(), [recipes[("vit", 2)], recipes[("llama", 2)]], str(log)), nprocs=2,
+    mp.spawn(_worker, args=(2, free_port(), [recipes[("vit", 2)], recipes[("llama", 2)]], str(log)), nprocs=2,
              join=True)
     said = log.read_text()
     assert said.count("built on the meta device and sharded") == 2, said

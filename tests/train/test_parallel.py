@@ -9,14 +9,13 @@ processes
 whole file every command reads."""
 
 import os
-import socket
 
 import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import write_recipe
+from conftest import free_port, write_recipe
 
 from moe_cli.recipe import load_recipe
 from moe_cli.train.loop import Reporter, train
@@ -25,11 +24,6 @@ GLOBAL_BATCH, STEPS = 8, 4
 LAYOUTS = {"fsdp": {"parallel": "fsdp"}, "ep2": {"expert_parallel": 2},
            "fsdp_ep2": {"parallel": "fsdp", "expert_parallel": 2}}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _recipe(tmp, name: str, world: int, scope: str = "global", **train) -> str:
@@ -102,15 +96,16 @@ def _losses(run) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
 
 
+@pytest.mark.long
 def test_sharded_layouts_match_one_process(tmp_path):
     one = train(load_recipe(_recipe(tmp_path, "one", 1)), device="cpu")
     want_losses = _losses(one.out_dir)
     want = safetensors.torch.load_file(str(one.final))
     assert sorted(want_losses) == list(range(1, STEPS + 1))
     for world in (4, 2):
-        mp.spawn(_worker, args=(world, _free_port(), _recipes(tmp_path, world)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), _recipes(tmp_path, world)), nprocs=world, join=True)
     # one torchrun process joins a group of one and shards over it (the one-GPU NCCL smoke test's path)
-    mp.spawn(_one_torchrun_process, args=(_free_port(), _recipe(tmp_path, "fsdp_w1", 1, parallel="fsdp")), nprocs=1)
+    mp.spawn(_one_torchrun_process, args=(free_port(), _recipe(tmp_path, "fsdp_w1", 1, parallel="fsdp")), nprocs=1)
     # the load-balance loss counted on each process's own tokens is another loss: the check can tell
     per_process = _losses(tmp_path / "per_process_w2")
     assert max(abs(per_process[s] - want_losses[s]) for s in want_losses) > 1e-4, (per_process, want_losses)
@@ -145,12 +140,13 @@ def _densify_worker(rank: int, world: int, port: int, recipe: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.long
 def test_densify_stages_run_sharded_and_stage2_trains_only_the_gates(tmp_path):
     f = write_recipe(tmp_path / "d.yaml", tmp_path / "d2s", train={"batch_size": 8, "parallel": "fsdp",
                                                                   "expert_parallel": 2},
                      densify={"experts": 4, "k": 1, "stage1": {"steps": 2}, "stage2": {"steps": 2, "lr": 1e-2},
                               "stage3": {"steps": 2}})
-    mp.spawn(_densify_worker, args=(2, _free_port(), f), nprocs=2, join=True)
+    mp.spawn(_densify_worker, args=(2, free_port(), f), nprocs=2, join=True)
     s1, s2 = (safetensors.torch.load_file(str(tmp_path / "d2s" / f"stage{i}" / "final" / "model.safetensors"))
               for i in (1, 2))
     gates = [k for k in s2 if k.endswith("router.weight")]
@@ -168,6 +164,7 @@ def _densify_recipe(tmp, name: str, world: int, **train) -> str:
                                  "stage2": {"steps": 2, "lr": 1e-2, "task": 0.5}, "stage3": {"steps": 2}})
 
 
+@pytest.mark.long
 def test_densify_under_expert_parallel_matches_one_process(tmp_path):
     """ddp + 2-way EP ran stage 1 and then died in stage 2 (the distillation KL was looked up under DDP's
     `module.` names and found nothing); now all three stages run and equal the one-process run."""
@@ -175,7 +172,7 @@ def test_densify_under_expert_parallel_matches_one_process(tmp_path):
 
     densify_to_sparse(load_recipe(_densify_recipe(tmp_path, "one", 1)), device="cpu")
     f = _densify_recipe(tmp_path, "ep2", 2, expert_parallel=2)
-    mp.spawn(_densify_worker, args=(2, _free_port(), f), nprocs=2, join=True)
+    mp.spawn(_densify_worker, args=(2, free_port(), f), nprocs=2, join=True)
     for stage in ("stage1", "stage2", "stage3"):
         want, got = _losses(tmp_path / "one" / stage), _losses(tmp_path / "ep2" / stage)
         assert sorted(got) == sorted(want) == [1, 2], stage
@@ -239,13 +236,14 @@ def _lm_worker(rank: int, world: int, port: int, recipes: list[str]) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.long
 def test_an_upcycled_llama_trains_sharded_as_on_one_process(tmp_path):
     """A transformers Llama, upcycled, under ddp + EP and fsdp + EP on 2 processes: the one-process losses."""
     pytest.importorskip("transformers")
     one = train(load_recipe(_lm_recipe(tmp_path, "one", 1)), device="cpu")
     want = _losses(one.out_dir)
     runs = {"ep2": {"expert_parallel": 2}, "fsdp_ep2": {"parallel": "fsdp", "expert_parallel": 2}}
-    mp.spawn(_lm_worker, args=(2, _free_port(), [_lm_recipe(tmp_path, n, 2, **t) for n, t in runs.items()]),
+    mp.spawn(_lm_worker, args=(2, free_port(), [_lm_recipe(tmp_path, n, 2, **t) for n, t in runs.items()]),
              nprocs=2, join=True)
     for name in runs:
         got = _losses(tmp_path / name)
