@@ -4,6 +4,8 @@
 # the CUDA machine. Usage: bash bench/gpu_suite.sh [RESULTS_FILE]
 #   1. the MoE layer at ViT-S/B/L FFN shapes, E=8 k=2, T=12,608 tokens (a ViT-B/16 batch of 64), bf16,
 #      for the triton and the grouped dispatchers (target: whole layer fwd+bwd <= 1.3x ideal at ViT-B E8 k2)
+#   1b. the sweep over E (4..128, ViT-B FFN, k 2) and fine-grained experts (E 64, k 8, H 384 each), every
+#      dispatcher and transformers' experts side by side (target: <= 1.3x ideal at E8 k2 and at E64 k8)
 #   2. whole training steps, dense vs upcycled E4 k2, ViT-S and ViT-B, bf16 (target: ViT-S >= 0.55x dense img/s)
 #   3. `moe finetune` against a bare loop on the GPU
 #   4. the NCCL smoke test: one torchrun process, FSDP2 over a group of one, bf16, 20 steps
@@ -34,6 +36,10 @@ for impl in triton grouped; do  # the SwiGLU FFN of a 1-2B LLM (D 2048, H 8192),
   run 90 python bench/moe_layer.py --device cuda --dtype bf16 --shapes llm_1b --experts 8 --k 2 \
     --routing balanced --tokens 8192 --impl "$impl" --out "$RESULTS"
 done
+run 120 python bench/moe_layer.py --sweep E --values 4 8 16 32 64 128 --device cuda --dtype bf16 --shapes vit_b \
+  --tokens 12608 --out "$RESULTS"
+run 60 python bench/moe_layer.py --sweep k --values 2 8 --experts 64 --hidden 384 --device cuda --dtype bf16 \
+  --shapes vit_b --tokens 12608 --out "$RESULTS"
 for model in vit_small_patch16_224 vit_base_patch16_224; do
   run 90 python bench/moe_layer.py --model "$model" --device cuda --dtype bf16 --batch 128 --experts 4 --k 2 \
     --steps 20 --out "$RESULTS"

@@ -6,6 +6,16 @@ one-hot/where/index_add_ loop, forward and forward+backward, for ViT FFN shapes 
     python bench/moe_layer.py --device cuda --dtype bf16 --shapes vit_b --experts 8 --k 2
     python bench/moe_layer.py --device cuda --dtype bf16 --shapes llm_1b --experts 8 --k 2 --tokens 8192   # LLM
     python bench/moe_layer.py --model vit_small_patch16_224 --device cuda --dtype bf16 --batch 128   # train step
+    python bench/moe_layer.py --sweep E        # ratio to the ideal for E = 4..128 (k 2, T 2048), with peers
+    python bench/moe_layer.py --sweep T        # T = 512..8192 at E 8 k 2;  --sweep k: k 1..8 at E 64
+    python bench/moe_layer.py --sweep k --experts 64 --hidden 96    # fine-grained experts (H 96 each)
+    python bench/moe_layer.py --host-memory    # training steps of an E 128 layer: glibc default vs reuse
+
+`--sweep E|T|k` times forward+backward of the dispatch + experts of every moe-cli dispatcher that runs here,
+`auto`'s choice, and the peers side by side, each as a ratio to the ideal measured in the same run: transformers'
+experts integration (`grouped_mm_experts_forward`, the code behind its Mixtral / Qwen-MoE blocks; the same
+weights), torchtitan's `GroupedExperts` where torchtitan is installed (SwiGLU FFNs only; it computes in bf16),
+and the naive loop. Parameter gradients are reset to None after each backward, as an optimizer's zero_grad does.
 
 Routing is fixed (balanced: token t -> experts t, t+1, ... mod E; skewed: Zipf(1.5) over experts) so the
 expert loads are controlled for the dispatch + experts columns; the `layer` columns time the whole MoEMlp
@@ -33,6 +43,7 @@ from moe_cli.moe.dispatchers import DISPATCHERS
 from moe_cli.moe.layer import MoEMlp
 from moe_cli.moe.routing import Routing
 from moe_cli.moe.upcycling import from_dense
+from moe_cli.runtime import reuse_freed_memory
 
 # (model dim, FFN hidden, FFN): the ViT GELU MLPs, and the SwiGLU MLPs of 1-2B and 7-8B language models
 SHAPES = {"vit_s": (384, 1536, "mlp"), "vit_b": (768, 3072, "mlp"), "vit_l": (1024, 4096, "mlp"),
@@ -66,12 +77,15 @@ def naive(x, expert, weight, ex):
     return out
 
 
-def timed_interleaved(fns: dict, backward: bool, repeats: int, sync) -> dict[str, float]:
-    """Median seconds per call of each fn; the fns take turns in every repeat so drift hits all alike."""
+def timed_interleaved(fns: dict, backward: bool, repeats: int, sync, reset=None) -> dict[str, float]:
+    """Median seconds per call of each fn; the fns take turns in every repeat so drift hits all alike.
+    ``reset`` runs after each backward (inside the timing: an optimizer's zero_grad)."""
     def once(fn):
         out = fn()
         if backward:
             out.backward(torch.ones_like(out))
+            if reset is not None:
+                reset()
         sync()
 
     for fn in fns.values():
@@ -162,6 +176,204 @@ def bench_model(name: str, E: int, k: int, batch: int, img: int, device, dtype, 
     return out
 
 
+SWEEPS = {"E": [4, 16, 32, 64, 128], "T": [512, 2048, 8192], "k": [1, 2, 4, 8]}
+
+
+def hf_experts(ex):
+    """transformers' experts integration (the grouped_mm / fallback forward behind its MoE blocks) over the
+    same weights as ``ex``, or None where transformers is not installed."""
+    try:
+        from transformers.integrations.moe import use_experts_implementation
+    except ImportError:
+        return None
+    from types import SimpleNamespace
+
+    @use_experts_implementation(has_gate=ex.glu, has_bias=ex.b1 is not None)
+    class Experts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts, self.act_fn = ex.num_experts, ex.act
+            if ex.glu:  # [gate; up] in one (E, 2H, D) tensor, as Mixtral stores it
+                self.gate_up_proj = torch.nn.Parameter(torch.cat([ex.wg.detach(), ex.w1.detach()], 1))
+                if ex.b1 is not None:
+                    self.gate_up_proj_bias = torch.nn.Parameter(torch.cat([ex.bg.detach(), ex.b1.detach()], 1))
+            else:
+                self.up_proj = torch.nn.Parameter(ex.w1.detach().clone())
+                self.up_proj_bias = torch.nn.Parameter(ex.b1.detach().clone()) if ex.b1 is not None else None
+            self.down_proj = torch.nn.Parameter(ex.w2.detach().clone())
+            self.down_proj_bias = torch.nn.Parameter(ex.b2.detach().clone()) if ex.b2 is not None else None
+
+    return Experts(SimpleNamespace(_experts_implementation="grouped_mm"))
+
+
+def titan_experts(ex):
+    """torchtitan's GroupedExperts over the same (SwiGLU, bias-free) weights, or None (not installed, or an FFN
+    it cannot express)."""
+    try:
+        from torchtitan.models.common.moe import GroupedExperts
+    except Exception:  # not installed, or its distributed dependencies missing
+        return None
+    if not ex.glu or ex.b1 is not None:
+        return None
+    H, D, _ = ex.dims
+    m = GroupedExperts(GroupedExperts.Config(dim=D, hidden_dim=H, num_experts=ex.num_experts))
+    with torch.no_grad():  # torchtitan: silu(x w1) * (x w3), ours: act(x wg) * (x w1)
+        m.w1_EFD.copy_(ex.wg)
+        m.w3_EFD.copy_(ex.w1)
+        m.w2_EDF.copy_(ex.w2)
+    return m
+
+
+def titan_forward(m, x, expert, weight):
+    """torchtitan's dispatch as its LocalTokenDispatcher does it: sort the slots by expert, run, scatter back."""
+    T, k = expert.shape
+    flat = expert.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=m.num_experts)
+    y = m(x.index_select(0, order // k), counts)
+    out = torch.zeros(T * k, y.shape[-1], dtype=y.dtype, device=y.device).index_copy(0, order, y)
+    return (out.view(T, k, -1) * weight.unsqueeze(-1).to(y.dtype)).sum(1)
+
+
+def sweep_one(D, H, ffn, E, k, T, device, dtype, repeats):
+    """Seconds of forward+backward per path (dispatch + experts, fixed balanced routing) and of the ideal."""
+    torch.manual_seed(0)
+    make = (lambda: Mlp(D, H)) if ffn == "mlp" else (lambda: SwiGLU(D, H, bias=False))
+    moe = from_dense(make(), E, k).to(device)
+    ex = moe.experts
+    dense = make().to(device)
+    expert, weight = routing("balanced", T, E, k, device)
+    x = torch.randn(T, D, device=device, requires_grad=True)
+    xk = torch.randn(k * T, D, device=device, requires_grad=True)
+    enabled = dtype != torch.float32
+    empty = torch.empty(0, device=device)
+    routed = Routing(expert, weight, empty, empty)
+    with torch.autocast(device.type, dtype=dtype, enabled=enabled):
+        auto = moe.dispatcher(x).name
+    fns = {"ideal": lambda: dense(xk)}
+    for name, d in DISPATCHERS.items():
+        if d.supports(x) and not (name == "triton" and device.type == "cpu"):  # the interpreter is no timing
+            fns[name] = lambda d=d: d(x, routed, ex)[0]
+    hf, titan = hf_experts(ex), titan_experts(ex)
+    if hf is not None:
+        hf.to(device)
+        fns["transformers"] = lambda: hf(x, expert, weight)
+    if titan is not None:
+        titan.to(device)
+        fns["torchtitan"] = lambda: titan_forward(titan, x, expert, weight)
+    if E <= 32:  # the naive loop takes minutes beyond
+        fns["naive"] = lambda: naive(x, expert, weight, ex)
+    params = [x, xk, *dense.parameters(), *ex.parameters(), *(hf.parameters() if hf is not None else ()),
+              *(titan.parameters() if titan is not None else ())]
+
+    def reset():
+        for p in params:
+            p.grad = None
+
+    def amp(fn):
+        def call():
+            with torch.autocast(device.type, dtype=dtype, enabled=enabled):
+                return fn()
+        return call
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    runs = {}
+    for n, f in fns.items():  # a peer that cannot run this dtype / device is left out, saying why
+        try:
+            amp(f)().float().sum().backward()
+            runs[n] = amp(f)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {n} left out: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+        reset()
+    return auto, timed_interleaved(runs, True, repeats, sync, reset)
+
+
+def sweep_mode(args, argv, device, dtype, name) -> None:
+    D, H, ffn = SHAPES[args.shapes[0]]
+    H = args.hidden or H
+    axis = args.sweep
+    base = {"E": args.experts[0] if args.experts_given else {"E": 4, "T": 8, "k": 64}[axis],
+            "k": args.k[0] if args.k_given else (2 if axis != "k" else 1), "T": args.tokens}
+    values = args.values or SWEEPS[axis]
+    cols = ["auto", "loop", "grouped", "triton", "transformers", "torchtitan", "naive"]
+    rows, seen = [], set()
+    for v in values:
+        point = {**base, axis: v}
+        auto, t = sweep_one(D, H, ffn, point["E"], point["k"], point["T"], device, dtype, args.repeats)
+        ratio = {n: t[n] / t["ideal"] for n in t if n != "ideal"}
+        ratio["auto"] = ratio[auto]
+        seen.update(ratio)
+        rows.append((point, auto, t["ideal"], ratio))
+        print(f"{axis}={v}: ideal {t['ideal'] * 1e3:.1f} ms, auto={auto}, "
+              + ", ".join(f"{n} {r:.2f}" for n, r in ratio.items()), flush=True)
+    cols = [c for c in cols if c in seen]
+    header = "| E | k | T | ideal ms | " + " | ".join(c if c != "auto" else "auto (path)" for c in cols) + " |"
+    lines = [header, "|" + "---|" * (4 + len(cols))]
+    for point, auto, ideal, ratio in rows:
+        cells = [f"{ratio[c]:.2f}" + (f" ({auto})" if c == "auto" else "") if c in ratio else "-" for c in cols]
+        lines.append(f"| {point['E']} | {point['k']} | {point['T']} | {ideal * 1e3:.1f} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    if args.out:
+        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+        with open(args.out, "a") as f:
+            alloc = ", glibc default allocator" if args.glibc_default else ""
+            f.write(f"\n### Sweep over {axis}: {name}, {args.dtype}, {ffn} D {D} H {H}, fwd+bwd / ideal, torch "
+                    f"{torch.__version__}{alloc}\n\nCommand: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+
+
+def host_memory_child(mode: str, E: int, steps: int) -> dict:
+    """Training steps of one ViT-S-sized layer of E experts (forward, backward, SGD step, zero_grad to None) in
+    this process: median step seconds and peak resident bytes."""
+    import resource
+
+    if mode == "reuse":
+        reuse_freed_memory()
+    torch.manual_seed(0)
+    moe = from_dense(Mlp(384, 1536), E, 2)
+    opt = torch.optim.SGD(moe.experts.parameters(), lr=1e-3)
+    expert, weight = routing("balanced", 2048, E, 2, torch.device("cpu"))
+    empty = torch.empty(0)
+    routed = Routing(expert, weight, empty, empty)
+    x = torch.randn(2048, 384, requires_grad=True)
+    dispatcher = moe.dispatcher(x)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        y = dispatcher(x, routed, moe.experts)[0]
+        y.backward(torch.ones_like(y))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        x.grad = None
+        times.append(time.perf_counter() - t0)
+    return {"step": statistics.median(times[steps // 2:]),
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def host_memory_mode(args, argv, name) -> None:
+    """glibc's default allocator against reuse_freed_memory, each in a fresh process."""
+    import json
+    import subprocess
+
+    E = args.experts[0] if args.experts_given else 128
+    header = "| E | allocator | step ms (median, 2nd half) | peak RSS |"
+    lines = [header, "|---|---|---|---|"]
+    res = {}
+    for mode in ("default", "reuse"):
+        out = subprocess.run([sys.executable, __file__, "--host-memory-child", mode, "--experts", str(E),
+                              "--steps", str(args.steps)], capture_output=True, text=True, check=True).stdout
+        res[mode] = json.loads(out.strip().splitlines()[-1])
+        label = "glibc default" if mode == "default" else "reuse_freed_memory (training commands on CPU)"
+        lines.append(f"| {E} | {label} | {res[mode]['step'] * 1e3:.0f} | {res[mode]['peak'] / 2**30:.2f} GiB |")
+    lines.append(f"\nreuse / default: step time {res['reuse']['step'] / res['default']['step']:.2f}x, peak RSS "
+                 f"{res['reuse']['peak'] / res['default']['peak']:.2f}x")
+    print("\n".join(lines))
+    if args.out:
+        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+        with open(args.out, "a") as f:
+            f.write(f"\n### Host memory reuse: {name}, fp32, ViT-S FFN, k 2, 2,048 tokens, {args.steps} steps, torch "
+                    f"{torch.__version__}\n\nCommand: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["vit_s", "vit_b"], choices=list(SHAPES))
@@ -178,12 +390,33 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sweep", choices=list(SWEEPS), help="ratio-to-ideal table over E, T or k, with the peers")
+    ap.add_argument("--values", nargs="+", type=int, help="--sweep: the values (default: E 4..128, T 512..8192, "
+                                                              "k 1..8)")
+    ap.add_argument("--hidden", type=int, help="--sweep: hidden features per expert (default: the shape's)")
+    ap.add_argument("--host-memory", action="store_true", help="training steps of an E 128 layer (--experts) with "
+                    "glibc's default allocator and with reuse_freed_memory: step time and peak RSS")
+    ap.add_argument("--host-memory-child", choices=["default", "reuse"], help=argparse.SUPPRESS)
+    ap.add_argument("--glibc-default", action="store_true", help="keep glibc's default of unmapping freed large "
+                    "blocks (the training commands turn it off: moe_cli.runtime.reuse_freed_memory)")
     args = ap.parse_args(argv)
+    raw = argv if argv is not None else sys.argv[1:]
+    args.experts_given, args.k_given = "--experts" in raw, "--k" in raw
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     if args.model:
         return model_mode(args, argv, device, dtype, name)
+    if args.host_memory_child:
+        import json
+
+        return print(json.dumps(host_memory_child(args.host_memory_child, args.experts[0], args.steps)))
+    if args.host_memory:
+        return host_memory_mode(args, argv, name)
+    if not args.glibc_default:
+        reuse_freed_memory()  # as `moe finetune` does
+    if args.sweep:
+        return sweep_mode(args, argv, device, dtype, name)
     header = ("| shape | E | k | routing | path | fwd ms | fwd / ideal | fwd / naive | fwd+bwd ms | fwd+bwd / ideal "
               "| fwd+bwd / naive | layer fwd+bwd ms | layer / ideal |")
     lines = [header, "|" + "---|" * 13]

@@ -1,11 +1,14 @@
-"""The grouped dispatcher: all experts in grouped GEMMs (``F.grouped_mm``) over expert-sorted rows, bf16 on
-CUDA (SM >= 80); in fp32, :func:`segment_linear` (one matmul per expert inside one op torch.compile does not
-look into), so it is also the graph-break-free fp32 path under torch.compile. No host synchronisation in the
-traced graph: dropped slots ride along in the last expert's group and are zeroed. Per-expert biases and norm
-scales are added by one-hot matmuls, so their gradients are matmuls, not atomic scatters."""
+"""The grouped dispatcher: all experts over expert-sorted rows in one op per linear map. bf16/fp16 on CUDA (SM >=
+80) runs ``F.grouped_mm``; everything else — CPU in any dtype, fp32 on CUDA — :func:`segment_linear`: one matmul
+per expert written in place, input, weight and bias gradients expert by expert in one backward op, inside torch
+custom ops the compiler does not look into (so it is also the graph-break-free fp32 path under torch.compile).
+No host synchronisation in the traced graph. Dropped slots: segment_linear leaves them zero; for grouped_mm they
+ride along in the last expert's group and are zeroed. With grouped_mm, per-expert biases and norm scales are
+added by one-hot matmuls, so their gradients are matmuls, not atomic scatters."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,44 +29,87 @@ def _group_sizes(offsets: torch.Tensor) -> list[int]:
     return torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
 
 
+def _groups(offsets: torch.Tensor):
+    """(expert, rows) of each group that has rows."""
+    start = 0
+    for e, n in enumerate(_group_sizes(offsets)):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+def _rows_after(offsets: torch.Tensor) -> int:
+    """The first row past the last group (host side)."""
+    return int(offsets[-1]) if offsets.numel() else 0
+
+
 @torch.library.custom_op("moe_cli::segment_linear", mutates_args=())
-def segment_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows [offsets[e-1], offsets[e]) of ``x`` (R, I) times ``w[e]`` (E, O, I) transposed: a grouped linear map
-    in any dtype, one matmul per group. An opaque op to torch.compile (the group sizes are read on the host inside
-    it), so fp32 models compile without a graph break where ``F.grouped_mm`` takes 16-bit inputs only."""
-    sizes = _group_sizes(offsets)
-    w_t = w.transpose(1, 2)
-    outs = [chunk @ w_t[e] for e, chunk in enumerate(x.split(sizes)) if sizes[e]]
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+def segment_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows [offsets[e-1], offsets[e]) of ``x`` (R, I) times ``w[e]`` (E, O, I) transposed, plus ``b[e]``; rows
+    past the last group give zeros: a grouped linear map in any dtype. One matmul per group with rows, written in
+    place into the output (no concatenation, no copy of the weights). An opaque op to torch.compile (the group
+    sizes are read on the host inside it), so fp32 models compile without a graph break where ``F.grouped_mm``
+    takes 16-bit CUDA inputs only."""
+    out = x.new_empty(x.shape[0], w.shape[1])
+    out[_rows_after(offsets):].zero_()  # rows of no group (dropped slots)
+    for e, rows in _groups(offsets):
+        if b is None:
+            torch.mm(x[rows], w[e].T, out=out[rows])
+        else:
+            torch.addmm(b[e], x[rows], w[e].T, out=out[rows])
+    return out
 
 
 @segment_linear.register_fake
-def _(x, w, offsets):
+def _(x, w, b, offsets):
     return x.new_empty(x.shape[0], w.shape[1])
 
 
-@torch.library.custom_op("moe_cli::segment_weight_grad", mutates_args=())
-def segment_weight_grad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """dW[e] = dy[group e]^T x[group e]: (E, O, I)."""
-    sizes = _group_sizes(offsets)
-    return torch.stack([a.T @ b for a, b in zip(dy.split(sizes), x.split(sizes), strict=True)])
+@torch.library.custom_op("moe_cli::segment_linear_backward", mutates_args=())
+def segment_linear_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                            need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (R, I), dW (E, O, I), db (E, O)) of :func:`segment_linear`, each one computed where ``need`` says
+    (else an empty tensor): dx[g] = dy[g] w[e], dW[e] = dy[g]^T x[g], db[e] = sum of dy[g], group by group while
+    the expert's weights and rows are in cache, written in place; experts without rows get zero gradients."""
+    E, O, I = w.shape  # noqa: E741
+    dx = x.new_empty(x.shape) if need[0] else x.new_empty(0)
+    dx[_rows_after(offsets):].zero_() if need[0] else None
+    dw = w.new_empty(E, O, I) if need[1] else w.new_empty(0)
+    db = w.new_empty(E, O) if need[2] else w.new_empty(0)
+    empty = set(range(E))
+    for e, rows in _groups(offsets):
+        empty.discard(e)
+        g = dy[rows]
+        if need[0]:
+            torch.mm(g, w[e], out=dx[rows])
+        if need[1]:
+            torch.mm(g.T, x[rows], out=dw[e])
+        if need[2]:
+            torch.sum(g, 0, out=db[e])
+    for e in empty:
+        dw[e:e + 1].zero_() if need[1] else None
+        db[e:e + 1].zero_() if need[2] else None
+    return dx, dw, db
 
 
-@segment_weight_grad.register_fake
-def _(dy, x, offsets):
-    return dy.new_empty(offsets.shape[0], dy.shape[1], x.shape[1])
+@segment_linear_backward.register_fake
+def _(dy, x, w, offsets, need):
+    E, O, I = w.shape  # noqa: E741
+    return (x.new_empty(x.shape) if need[0] else x.new_empty(0), w.new_empty(E, O, I) if need[1] else w.new_empty(0),
+            w.new_empty(E, O) if need[2] else w.new_empty(0))
 
 
 def _segment_setup(ctx, inputs, output):
-    x, w, offsets = inputs
+    x, w, b, offsets = inputs
+    ctx.has_bias = b is not None
     ctx.save_for_backward(x, w, offsets)
 
 
 def _segment_backward(ctx, dy):
     x, w, offsets = ctx.saved_tensors
-    dx = segment_linear(dy, w.transpose(1, 2).contiguous(), offsets) if ctx.needs_input_grad[0] else None
-    dw = segment_weight_grad(dy, x, offsets) if ctx.needs_input_grad[1] else None
-    return dx, dw, None
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    dx, dw, db = segment_linear_backward(dy.contiguous(), x, w, offsets, need)
+    return tuple(g if n else None for g, n in zip((dx, dw, db), need, strict=True)) + (None,)
 
 
 segment_linear.register_autograd(_segment_backward, setup_context=_segment_setup)
@@ -72,18 +118,24 @@ segment_linear.register_autograd(_segment_backward, setup_context=_segment_setup
 @dataclass(frozen=True)
 class GroupedPlan(GroupedOps):
     counts: torch.Tensor  # (E + 1,), index 0 = dropped
-    offsets: torch.Tensor  # (E,) int32 end row of each group (dropped rows in the last)
-    one_hot_RE: torch.Tensor  # (R, E) expert of each row in the compute dtype (all zero for dropped rows)
+    offsets: torch.Tensor  # (E,) int32 end row of each group; dropped rows after the last (segment) or in it
+    row_expert: torch.Tensor  # (R,) expert of each row, E for dropped rows
     order: torch.Tensor  # (T*S,) slot index of each sorted position
     dtype: torch.dtype
+    segment: bool  # segment_linear (dropped rows come out zero) rather than grouped_mm
+
+    @functools.cached_property
+    def one_hot_RE(self) -> torch.Tensor:
+        """(R, E) expert of each row in the compute dtype (all zero for dropped rows)."""
+        return F.one_hot(self.row_expert, self.counts.shape[0])[:, :-1].to(self.dtype)
 
     def linear(self, x_RI, w_EOI, b_EO, first):
         x, w = x_RI.to(self.dtype), w_EOI.to(self.dtype)
-        if self.dtype in (torch.bfloat16, torch.float16):
-            y = F.grouped_mm(x, w.transpose(-2, -1), offs=self.offsets)
-        else:  # fp32: grouped_mm takes 16 bit (and torch.compile traces it so)
-            y = segment_linear(x, w, self.offsets)
-        return y + self.one_hot_RE @ b_EO.to(self.dtype) if b_EO is not None else y
+        b = b_EO.to(self.dtype) if b_EO is not None else None
+        if self.segment:
+            return segment_linear(x, w, b, self.offsets)
+        y = F.grouped_mm(x, w.transpose(-2, -1), offs=self.offsets)
+        return y + self.one_hot_RE @ b if b is not None else y
 
     def scale_shift(self, h_RH, w_EH, b_EH):
         return h_RH * (self.one_hot_RE @ w_EH.to(self.dtype)) + self.one_hot_RE @ b_EH.to(self.dtype)
@@ -98,33 +150,35 @@ def grouped_supported(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
     return all(d % 8 == 0 for d in dims)
 
 
+CPU_FROM_EXPERTS = 16  # auto on CPU: from this many experts on (bench/RESULTS.md, the sweep over E)
+
+
 class GroupedDispatcher(Dispatcher):
     name = "grouped"
 
-    def supports(self, x):
-        return hasattr(F, "grouped_mm")
-
     def preferred(self, x, experts):
-        """bf16 on a GPU that has grouped GEMMs; under torch.compile everywhere (no host sync in the traced graph:
-        16 bit runs grouped GEMMs, fp32 the opaque :func:`segment_linear`)."""
-        dtype = compute_dtype(x)
-        if dtype == torch.bfloat16 and grouped_supported(x, experts.dims):
+        """bf16 on a GPU that has grouped GEMMs; on CPU from :data:`CPU_FROM_EXPERTS` experts on (below, the loop
+        is as fast, measured; above, its autograd graph per expert costs more with every expert); under
+        torch.compile everywhere (no host sync in the traced graph)."""
+        if compute_dtype(x) == torch.bfloat16 and grouped_supported(x, experts.dims):
             return True
-        return torch.compiler.is_compiling() and self.supports(x)
+        if x.device.type == "cpu" and experts.num_experts >= CPU_FROM_EXPERTS:
+            return True
+        return torch.compiler.is_compiling()
 
     def dispatch(self, x_TD, expert_TS, experts):
         T, S = expert_TS.shape
         E = experts.num_experts
         counts, key, order = sort_dropped_last(expert_TS, E)
-        row_expert = key.index_select(0, order)
         x_RD = x_TD.index_select(0, torch.div(order, S, rounding_mode="floor"))
-        offsets = counts[1:].cumsum(0)
-        offsets[-1] += counts[0]
         dtype = compute_dtype(x_TD)
-        one_hot = F.one_hot(row_expert, E + 1)[:, :E].to(dtype)  # dropped rows (E) get no expert
-        return x_RD, GroupedPlan(counts, offsets.to(torch.int32), one_hot, order, dtype)
+        segment = not (dtype in (torch.bfloat16, torch.float16) and grouped_supported(x_TD, experts.dims))
+        offsets = counts[1:].cumsum(0)
+        if not segment:  # grouped_mm leaves rows past the last group unwritten: the dropped rows ride in it
+            offsets[-1] += counts[0]
+        return x_RD, GroupedPlan(counts, offsets.to(torch.int32), key.index_select(0, order), order, dtype, segment)
 
     def combine(self, y_RO, plan: GroupedPlan, weight_TS):
-        kept = plan.one_hot_RE.sum(-1, keepdim=True) > 0  # dropped rows ran through the last expert: zero them
-        y_RO = torch.where(kept, y_RO, 0.0)
+        if not plan.segment:  # dropped rows ran through the last expert: zero them
+            y_RO = torch.where((plan.row_expert < plan.offsets.shape[0]).unsqueeze(-1), y_RO, 0.0)
         return weighted_sum(y_RO.index_select(0, inverse_permutation(plan.order)), weight_TS)
