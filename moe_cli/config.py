@@ -68,6 +68,7 @@ class DataCfg(Checked):
     stride: int = 15  # genie: images between the frames of a clip (15: 2 Hz from the 30 Hz recordings)
     download: bool = False  # timm `torch/...` datasets (torch/cifar100, ...): download into `root` if missing
     data_dir: str | None = None  # hfds/imagefolder, hfds/parquet, ...: the folder of files to read
+    data_files: dict | None = None  # or the files of each split: {train: a/*.parquet, validation: [b, c]}
     # preprocessing; null: the model's own (timm's data config of the source model, kept in its checkpoints)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -88,11 +89,25 @@ class DataCfg(Checked):
         check(self.img_size is None or self.img_size >= 1, label("img_size"), "an integer >= 1 or null (the model's)",
               self.img_size)
         check(self.stride >= 1, label("stride"), "an integer >= 1", self.stride)
-        check(self.data_dir is None or self.name.startswith("hfds/"), label("data_dir"),
-              "set only with `data.name: hfds/<builder>` (e.g. hfds/imagefolder, hfds/parquet)", self.data_dir)
+        for key in ("data_dir", "data_files"):
+            check(getattr(self, key) is None or self.name.startswith("hfds/"), label(key),
+                  "set only with `data.name: hfds/<builder>` (e.g. hfds/imagefolder, hfds/parquet)", getattr(self, key))
+        check(self.data_files is None or self.data_dir is None, label("data_files"),
+              "left out when `data.data_dir` is set (one or the other)", self.data_files)
+        check(self.data_files is None or _split_files(self.data_files), label("data_files"),
+            "a mapping of split names to a file (or glob) or a list of them, e.g. {train: a/*.parquet, validation: "
+            "b.parquet}", self.data_files)
         check(is_int(self.seq_len) and self.seq_len >= 2, label("seq_len"), "an integer >= 2", self.seq_len)
         check_preprocessing(self.preprocessing(), label)
         return self
+
+
+def _split_files(value) -> bool:
+    """A mapping of split names to a path or a non-empty list of paths (globs allowed)."""
+    def paths(v) -> bool:
+        return isinstance(v, str) or (isinstance(v, list) and bool(v) and all(isinstance(f, str) for f in v))
+
+    return isinstance(value, dict) and bool(value) and all(isinstance(k, str) and paths(v) for k, v in value.items())
 
 
 PREPROCESS_FIELDS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
@@ -193,7 +208,8 @@ class TrainCfg(Checked):
     keep_last: int | None = None  # keep the last N periodic checkpoints as <output>/checkpoints/step-N/ (None: last/)
     log_to: tuple[str, ...] = ("tensorboard",)  # loggers besides metrics.jsonl: tensorboard, wandb (optional extra)
     activation_checkpointing: Checkpointing = Checkpointing("none")  # recompute activations in backward (memory)
-    max_shard_size: str | None = "5GB"  # final/ above this is written as Hugging Face's sharded layout (null: never)
+    max_shard_size: str | None = "5GB"  # last/, final/, best/ above it: Hugging Face's sharded layout (null: never)
+    reuse_host_memory: bool = True  # CPU runs: keep freed memory for the next step (faster, higher resident memory)
 
     def validate(self, label: Label) -> TrainCfg:
         check(self.steps is None or self.steps >= 1, label("steps"), "an integer >= 1", self.steps)

@@ -124,6 +124,31 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=Precision(precision).dtype)
 
 
+def reuse_freed_memory() -> bool:
+    """Keep the host memory this process frees for its next allocations instead of handing it back to the OS
+    (glibc's allocator; elsewhere nothing changes). Returns whether the setting took.
+
+    glibc serves every block above 32 MB with a fresh ``mmap`` and unmaps it on free, so each training step's
+    weight gradients of a many-expert layer (E x H x D floats each) are new pages the kernel faults in and zeroes
+    again: at E = 128 that was 40% of the layer's CPU forward+backward (bench/RESULTS.md). With mmap off and no
+    trimming, freed blocks go back to the heap and the next step reuses them. Process-wide, so the training
+    commands (``moe finetune``, ``moe densify-to-sparse``) call it when they train on the CPU, not the library;
+    resident memory then stays near the run's peak rather than falling between steps (on a GPU host that would
+    keep the host copy of a loaded checkpoint, so it is not done there)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def memory_bytes(device: torch.device | None = None) -> int | None:
     """Memory of ``device`` (CUDA: the GPU's; else what this process may use: the machine's RAM, lowered by what
     is left of an address-space limit (``ulimit -v``) or by a cgroup memory limit), or None when unknown."""
