@@ -4,11 +4,15 @@ create_dataset/create_transform."""
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from moe_cli.config import DataCfg
@@ -20,6 +24,7 @@ from moe_cli.errors import ConfigError
 from moe_cli.models.causal_lm import CausalLM
 from moe_cli.models.probe import input_size, model_data_config
 from moe_cli.models.protocols import is_token_model
+from moe_cli.runtime import atomic_write
 
 
 def preprocessing(cfg: DataCfg, model: torch.nn.Module, stored: dict | None = None) -> dict:
@@ -124,6 +129,8 @@ def data_record(cfg: DataCfg, ds: Dataset) -> dict:
     for key in ("root", "data_dir"):
         if rec.get(key) is not None and Path(rec[key]).exists():
             rec[key] = str(Path(rec[key]).resolve())
+    if cfg.data_files is not None:
+        rec["data_files"] = absolute_files(cfg.data_files)
     return {**rec, "classes": class_names(ds)}
 
 
@@ -221,10 +228,16 @@ PACKAGED = ("imagefolder", "parquet", "csv", "json", "arrow", "webdataset", "aud
 
 
 def _hfds_name(cfg: DataCfg) -> str:
-    """The timm dataset name for ``hfds/<builder>``: a packaged builder reads ``data.data_dir`` (the datasets library
-    infers the builder from the folder's files), refused in one line without it; a Hub dataset name as it is."""
+    """The timm dataset name for ``hfds/<builder>``: a packaged builder reads ``data.data_dir`` or the files of
+    ``data.data_files`` (the datasets library infers the builder from the files), refused in one line without
+    either; a Hub dataset name as it is."""
     builder = cfg.name.split("/", 1)[1]
     _quiet_datasets()
+    if cfg.data_files is not None:
+        if builder not in PACKAGED:
+            raise ConfigError(f"`data.data_files` names local files, read by a packaged builder (hfds/"
+                              f"{', hfds/'.join(PACKAGED[:3])}, ...), not the Hub dataset `{builder}`")
+        return "hfds/" + str(_files_config(cfg.data_files))
     if cfg.data_dir is not None:
         if builder not in PACKAGED:
             raise ConfigError(f"`data.data_dir` names local files, read by a packaged builder (hfds/"
@@ -234,10 +247,39 @@ def _hfds_name(cfg: DataCfg) -> str:
         return "hfds/" + str(Path(cfg.data_dir).resolve())
     if builder in PACKAGED:
         raise ConfigError(f"`data.name: {cfg.name}` reads the files it is pointed at: set `data.data_dir` to the "
-                          f"folder of {builder} files (train/, validation/ subfolders or file names per split); "
+                          f"folder of {builder} files (train/, validation/ subfolders or file names per split) or "
+                          "`data.data_files` to the files of each split; "
                           "`data.root` is the datasets cache. Without it the datasets library reads whatever sits "
                           "under the current directory")
     return cfg.name
+
+
+def absolute_files(data_files: dict) -> dict[str, list[str]]:
+    """``data.data_files`` with every path or glob made absolute (from the current directory), each split's as a
+    list; a pattern that matches no file is refused in one line."""
+    out = {}
+    for split, given in data_files.items():
+        out[split] = []
+        for pattern in [given] if isinstance(given, str) else given:
+            path = str(Path(pattern).expanduser().absolute())
+            if not glob.glob(path, recursive=True):
+                raise ConfigError(f"`data.data_files.{split}` {pattern} matches no file")
+            out[split].append(path)
+    return out
+
+
+def _files_config(data_files: dict) -> Path:
+    """A dataset folder for the datasets library whose README.md maps each split to its files (the library's own
+    manual configuration: ``configs: data_files``), rewritten on every call under the temp folder; named by the
+    files, so the library's cache of the prepared data is found again."""
+    files = absolute_files(data_files)
+    card = {"configs": [{"config_name": "default",
+                         "data_files": [{"split": split, "path": paths} for split, paths in files.items()]}]}
+    text = "---\n" + yaml.safe_dump(card, sort_keys=False) + "---\n"
+    folder = Path(tempfile.gettempdir()) / f"moe-cli-data-files-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    folder.mkdir(exist_ok=True)
+    atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(text))
+    return folder
 
 
 def _quiet_datasets() -> None:
