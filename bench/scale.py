@@ -15,8 +15,8 @@ dense ViT-B/16 moe-cli checkpoint upcycled to 8 experts top-2 in every block (ab
 trained one step under fsdp on 1, 2 and 4 gloo processes (built on the meta device, each rank reading its shards),
 one row with activation checkpointing, and ddp (the whole model on every rank) for comparison, and a bare process
 (torch, timm and moe-cli imported, nothing built). "start-up" is the peak before the first step (model built,
-sharded, optimizer made), then after the first step (AdamW state made), then at the end (rank 0 gathers the
-whole model to write final/).
+sharded, optimizer made), then after the first step (AdamW state made), then at the end (last/ and final/
+written as 200 MB shards, each file by one rank from the ranks' shards).
 
     python bench/scale.py --memory [--out bench/RESULTS.md]
 """
@@ -172,8 +172,8 @@ def memory(args) -> list[str]:
         os.makedirs(f"{tmp}/imgs/{c}")
         for i in range(2):
             Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(f"{tmp}/imgs/{c}/{i}.png")
-    rows = ["| processes | layout | peak RSS / rank: start-up | after the first step | at the end (rank 0 gathers "
-            "final/) | upcycled weights |", "|---|---|---|---|---|---|"]
+    rows = ["| processes | layout | peak RSS / rank: start-up | after the first step | at the end (last/, final/ "
+            "written) | upcycled weights |", "|---|---|---|---|---|---|"]
     runs = [(world, "fsdp", {"parallel": "fsdp"}) for world in args.worlds] + \
         [(2, "fsdp + activation checkpointing", {"parallel": "fsdp", "activation_checkpointing": "blocks"}),
          (2, "ddp (whole model per rank)", {})]
@@ -186,7 +186,7 @@ def memory(args) -> list[str]:
         with open(recipe, "w") as f:
             yaml.safe_dump({"model": {"source": f"{tmp}/dense", "upcycle": {"experts": 8, "k": 2}},
                             "data": {"name": "", "root": f"{tmp}/imgs"},
-                            "train": {"steps": 1, "batch_size": 2, "log_every": 1, "max_shard_size": None,
+                            "train": {"steps": 1, "batch_size": 2, "log_every": 1, "max_shard_size": "200MB",
                                       **layout},
                             "output": f"{tmp}/run_{world}_{len(rows)}"}, f)
         base = f"{tmp}/peak_{world}_{len(rows)}"

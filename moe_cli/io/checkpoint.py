@@ -106,26 +106,46 @@ def save(ckpt: Checkpoint, path: str | os.PathLike, dtype: str | None = None,
         out[name] = t.contiguous().cpu()
     meta = ckpt.metadata() | ({"dtype": dtype} if dtype else {})
     if max_shard is not None:
-        from huggingface_hub import split_torch_state_dict_into_shards
-
-        split = split_torch_state_dict_into_shards(out, max_shard_size=max_shard)
+        split = shard_plan({k: t.numel() * t.element_size() for k, t in out.items()}, max_shard)
         if split.is_sharded:
-            return _save_shards(path, out, split, meta)
+            for name, keys in split.filename_to_tensors.items():
+                write_shard(path, name, {k: out[k] for k in keys})
+            return write_index(path, meta, split)
+    if path.suffix != ".safetensors":
+        return write_single(path, out, meta)
     atomic_write(target, lambda tmp: safetensors.torch.save_file(out, tmp, metadata=meta))
-    for stale in (path / INDEX_NAME, *path.glob("model-*-of-*.safetensors")) if path.suffix != ".safetensors" else ():
-        stale.unlink(missing_ok=True)  # an earlier sharded save in the same folder
     return target
 
 
-def _save_shards(folder: Path, tensors: dict[str, torch.Tensor], split, meta: dict[str, str]) -> Path:
-    """Each shard (each written to a temporary name and renamed), then the index: a reader sees the old
-    checkpoint or the new one, never half of one."""
-    for name, keys in split.filename_to_tensors.items():
-        part = {k: tensors[k] for k in keys}
-        atomic_write(folder / name, lambda tmp, part=part: safetensors.torch.save_file(part, tmp,
-                                                                                      metadata={"format": "pt"}))
-    index = {"metadata": {**meta, "total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": split.tensor_to_filename}
+def shard_plan(sizes: dict[str, int], max_shard_size: int):
+    """Hugging Face's split of a state dict into shard files (huggingface_hub's splitter: tensors in order,
+    a new file when the next would pass ``max_shard_size``), from each tensor's size in bytes alone, so processes
+    that each hold a part of a model plan the same files."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    return split_state_dict_into_shards_factory(sizes, get_storage_size=int, max_shard_size=max_shard_size,
+                                                filename_pattern="model{suffix}.safetensors")
+
+
+def write_single(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """A folder's one weights file holding the metadata; an earlier sharded save in the folder is removed after
+    it."""
+    target = folder / WEIGHTS_NAME
+    atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    for stale in (folder / INDEX_NAME, *folder.glob("model-*-of-*.safetensors")):
+        stale.unlink(missing_ok=True)
+    return target
+
+
+def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """One shard file of a sharded save (written to a temporary name and renamed)."""
+    atomic_write(folder / name, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def write_index(folder: Path, meta: dict[str, str], split) -> Path:
+    """The index of a sharded save, written after every shard: a reader sees the old checkpoint or the new one,
+    never half of one. The moe-cli metadata lives in it; files of an earlier save in the folder are removed."""
+    index = {"metadata": {**meta, "total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
     atomic_write(folder / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     (folder / WEIGHTS_NAME).unlink(missing_ok=True)  # an earlier unsharded save in the same folder
     for stale in folder.glob("model-*-of-*.safetensors"):

@@ -9,6 +9,7 @@ log / eval / checkpoint steps (divergence is tracked on the device in between).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -24,7 +25,7 @@ from torch import nn
 
 from moe_cli.data.loaders import ResumableSampler, build_datasets, data_record, make_loader
 from moe_cli.errors import CheckpointError, MoeError
-from moe_cli.io.checkpoint import Checkpoint, load_checkpoint, save
+from moe_cli.io.checkpoint import Checkpoint, load_checkpoint
 from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.recorder import RoutingHealth, RoutingRecorder
 from moe_cli.recipe import Recipe
@@ -72,8 +73,14 @@ class TrainResult:
     eval: dict
     out_dir: Path
     final: Path | None
-    ckpt: Checkpoint | None = None
+    trained: Checkpoint | None = None  # the trained model; None after a sharded run (ckpt reads final/)
     history: list[dict] = field(default_factory=list)
+
+    @functools.cached_property
+    def ckpt(self) -> Checkpoint:
+        """The trained model, whole, as from a one-process run: a sharded run's is read from final/ when first
+        asked for (so that no rank holds the whole model unless a caller needs it)."""
+        return self.trained if self.trained is not None else load_checkpoint(self.out_dir / FINAL)
 
 
 def prefetch(loader, device: torch.device):
@@ -144,7 +151,7 @@ def train(
     torch.manual_seed(t.seed)  # same initial model on every rank
     # fsdp: the structure only (parameters on meta), each rank filling its own shards after sharding, when the
     # source's weights can be read in slices (moe_cli.train.meta_build); else the whole model on every rank
-    meta = plan_meta_build(recipe, task, par.ep, last) if par.sharded and par.mode == Parallel.fsdp and \
+    meta = plan_meta_build(recipe, task, last) if par.sharded and par.mode == Parallel.fsdp and \
         ckpt is None else None
     if meta is not None:
         ckpt = meta.ckpt
@@ -224,11 +231,13 @@ def train(
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world": dd.world, "recipe": recipe.to_dict(),
                 "best": best}
 
-    def write_checkpoint(tensors: dict | None, periodic: bool = False) -> None:
-        """`last/`: the whole model (``tensors``, gathered on rank 0), the optimizer (sharded) and the training
-        state; a periodic one also kept in `checkpoints/` under ``train.keep_last``. Every rank calls it."""
+    def write_checkpoint(periodic: bool = False) -> None:
+        """`last/`: the model (each rank its files of it, :meth:`Parallelism.save_model`), the optimizer (sharded)
+        and the training state; a periodic one also kept in `checkpoints/` under ``train.keep_last``. Every rank
+        calls it."""
         state = checkpoint_state()
-        save_last(out, ckpt, state, tensors, lambda path: par.save_optimizer(path, model, optimizer), dd.main,
+        save_last(out, state, lambda path: par.save_model(ckpt, path, model, max_shard_size=t.max_shard_size),
+                  lambda path: par.save_optimizer(path, model, optimizer), dd.main,
                   dist.barrier if dd.world > 1 else lambda: None)
         if periodic and t.keep_last and dd.main:
             keep_history(out, step, t.keep_last)
@@ -256,10 +265,9 @@ def train(
             better = flag[0]
         if not better:
             return
-        tensors = par.full_state_dict(model)
+        par.save_model(ckpt, out / BEST, model, max_shard_size=t.max_shard_size)
         if dd.main:
             best = {"metric": t.keep_best, "value": value, "step": step}
-            save(ckpt, out / BEST, tensors=tensors)
             atomic_write(out / BEST / "best.json", lambda p: Path(p).write_text(json.dumps(best, indent=2)))
 
     # ---- the loop
@@ -332,7 +340,7 @@ def train(
                 if at_eval:
                     last_eval = evaluate()
                 if at_ckpt:
-                    write_checkpoint(par.full_state_dict(model), periodic=True)
+                    write_checkpoint(periodic=True)
                 if step >= total:
                     break
             else:
@@ -342,11 +350,9 @@ def train(
     check_finite(first_bad, None, out, par, params)
     last_eval = evaluate()
     check_finite(first_bad, None, out, par, metrics=last_eval)
-    final = None
-    tensors = par.full_state_dict(model)
-    write_checkpoint(tensors)
+    write_checkpoint()
+    final = par.save_model(ckpt, out / FINAL, model, max_shard_size=t.max_shard_size)
     if dd.main:
-        final = save(ckpt, out / FINAL, tensors=tensors, max_shard_size=t.max_shard_size)
         summary = {"step": step, **{k: v for k, v in last_eval.items() if k not in ("step", "split")}}
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     reporter.close()
@@ -354,6 +360,5 @@ def train(
         loggers.close()
     if dd.world > 1:
         dist.barrier()
-    if par.sharded:  # callers (the next stage, the CLI) get the whole model, as from a one-process run
-        ckpt = load_checkpoint(out / FINAL)
-    return TrainResult(step, last_eval, out, final, ckpt, history)
+    # callers (the next stage) get the whole model, as from a one-process run: after a sharded run, read from final/
+    return TrainResult(step, last_eval, out, final, None if par.sharded else ckpt, history)

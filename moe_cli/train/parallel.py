@@ -15,10 +15,11 @@ Gradients are those of the mean loss over the global batch, as one process with 
 experts' gradients, which the token exchange sums over the ``ep`` group's batches, are averaged over the dp ranks
 and divided by N (:meth:`Parallelism.finish_grads`).
 
-Checkpoints: :meth:`Parallelism.full_state_dict` gathers the whole model into one state dict on rank 0 (the one
-``model.safetensors`` file every command reads); the optimizer state is written sharded with
-``torch.distributed.checkpoint`` (experts as one tensor over all experts), so a run resumes on another world size
-or EP degree.
+Checkpoints: :meth:`Parallelism.save_model` writes the weights in the layout every command reads (one
+``model.safetensors``, or Hugging Face's shards + index above ``train.max_shard_size``), a sharded model from the
+ranks' shards, each shard file by one rank, never the whole model on one rank; the optimizer state is written
+sharded with ``torch.distributed.checkpoint`` (experts as one tensor over all experts), so a run resumes on
+another world size or EP degree.
 """
 
 from __future__ import annotations
@@ -36,10 +37,20 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from moe_cli.errors import CheckpointError, ConfigError
+from moe_cli.io.checkpoint import (
+    WEIGHTS_NAME,
+    Checkpoint,
+    save,
+    shard_plan,
+    tied_names,
+    write_index,
+    write_shard,
+    write_single,
+)
 from moe_cli.moe.experts import PARAMS
 from moe_cli.moe.layer import moe_layers
 from moe_cli.recipe import Recipe
-from moe_cli.runtime import Dist, Parallel, Precision
+from moe_cli.runtime import Dist, Parallel, Precision, parse_size
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -193,15 +204,61 @@ class Parallelism:
         experts = self._expert_names(model)
         out = {}
         for key, t in model.state_dict().items():
-            if isinstance(t, DTensor):
-                t = t.full_tensor()
-            if key in experts:
-                parts = [torch.empty_like(t) for _ in range(self.ep)]
-                dist.all_gather(parts, t.contiguous(), group=self.mesh["ep"].get_group())
-                t = torch.cat(parts)
+            t = self._whole(key, t, experts)
             if self.dist.main:
                 out[key] = t.detach().cpu()
         return out if self.dist.main else None
+
+    def _whole(self, key: str, t: torch.Tensor, experts: set[str]) -> torch.Tensor:
+        """The whole tensor ``key`` on every rank, from the ranks' shards (all ranks must call it)."""
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        if key in experts:
+            parts = [torch.empty_like(t) for _ in range(self.ep)]
+            dist.all_gather(parts, t.contiguous(), group=self.mesh["ep"].get_group())
+            t = torch.cat(parts)
+        return t
+
+    @torch.no_grad()
+    def save_model(self, ckpt: Checkpoint, folder: Path, model: nn.Module,
+                   max_shard_size: str | int | None = None) -> Path | None:
+        """Write the model's weights into ``folder`` as :func:`~moe_cli.io.checkpoint.save` does (Hugging Face's
+        sharded layout above ``max_shard_size``); all ranks call it, rank 0 gets the weights file or the index.
+        A sharded model is written from the ranks' shards: the files are planned from the tensors' whole shapes,
+        each written by one rank (round robin), which keeps only its own files' tensors, gathered one at a time;
+        no rank holds the whole model (unless it fits one file)."""
+        if not self.sharded:
+            tensors = self.full_state_dict(model)
+            return save(ckpt, folder, tensors=tensors, max_shard_size=max_shard_size) if self.dist.main else None
+        tied = tied_names(model)
+        state = {k: t for k, t in model.state_dict().items() if k not in tied}
+        experts = self._expert_names(model)
+        sizes = {k: t.numel() * t.element_size() * (self.ep if k in experts else 1) for k, t in state.items()}
+        max_shard = parse_size(max_shard_size)
+        split = shard_plan(sizes, max_shard) if max_shard is not None else None
+        files = split.filename_to_tensors if split is not None and split.is_sharded else {WEIGHTS_NAME: list(state)}
+        owner = {name: i % self.dist.world for i, name in enumerate(files)}
+        file_of = {key: name for name, keys in files.items() for key in keys}
+        left = {name: len(keys) for name, keys in files.items()}
+        meta = ckpt.metadata() if self.dist.main else {}
+        mine: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in state.items():
+            t = self._whole(key, t, experts)
+            name = file_of[key]
+            if owner[name] == self.dist.rank:
+                mine.setdefault(name, {})[key] = t.detach().contiguous().cpu()
+            left[name] -= 1
+            if not left[name] and name in mine:  # this rank's file is complete: write it, free it
+                part = mine.pop(name)
+                if name == WEIGHTS_NAME:
+                    write_single(Path(folder), part, meta)
+                else:
+                    write_shard(Path(folder), name, part)
+            del t
+        dist.barrier()
+        if not self.dist.main:
+            return None
+        return write_index(Path(folder), meta, split) if WEIGHTS_NAME not in files else Path(folder) / WEIGHTS_NAME
 
     def _optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer state by parameter name; expert entries as one tensor over all experts (a DTensor sharded

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from moe_cli.errors import CheckpointError, ConfigError
-from moe_cli.io.checkpoint import Checkpoint, save
 from moe_cli.recipe import Recipe
 from moe_cli.runtime import atomic_write
 
@@ -109,19 +108,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_last(out: Path, ckpt: Checkpoint, state: dict, tensors: dict | None, write_optimizer: Callable[[Path], None],
+def save_last(out: Path, state: dict, write_model: Callable[[Path], None], write_optimizer: Callable[[Path], None],
               main: bool, barrier: Callable[[], None] = lambda: None) -> None:
-    """Write the model (``tensors``: the whole state dict, on rank 0), the optimizer (each rank its part, through
-    ``write_optimizer``) and scheduler/RNG/data position into a fresh folder, then swap it in for `last` (rank 0).
-    Every rank calls it."""
+    """Write the model and the optimizer (each rank its part, through ``write_model`` and ``write_optimizer``) and
+    scheduler/RNG/data position into a fresh folder, then swap it in for `last` (rank 0). Every rank calls it."""
     tmp, last, old = out / f".{LAST}.tmp", out / LAST, out / f".{LAST}.old"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    write_optimizer(tmp / OPTIMIZER_DIR)
+    write_model(tmp)  # first: reading an FSDP2 model's state dict reshards parameters a forward left whole, which
+    write_optimizer(tmp / OPTIMIZER_DIR)  # the optimizer's state dict needs
     if main:
-        save(ckpt, tmp, tensors=tensors)
         torch.save(state, tmp / STATE_FILE)
         if last.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -8,6 +8,7 @@ processes
 (fsdp, 4-way EP) resumes on 2 (fsdp, 2-way EP) and continues the uninterrupted run. The final checkpoint is one
 whole file every command reads."""
 
+import json
 import os
 
 import pytest
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port, write_recipe
 
+from moe_cli.io.checkpoint import INDEX_NAME, shard_files, weights_path
 from moe_cli.recipe import load_recipe
 from moe_cli.train.loop import Reporter, train
 
@@ -54,7 +56,9 @@ def _recipes(tmp, world: int) -> list[str]:
                             **LAYOUTS["fsdp_ep2"]))
         runs.append(_recipe(tmp, "per_process_w2", world, scope="micro_batch"))
         runs.append(_recipe(tmp, "recomputed_w2", world, activation_checkpointing="blocks", **LAYOUTS["fsdp_ep2"]))
-    return runs + [_recipe(tmp, "resumed", world, parallel="fsdp", expert_parallel=world, ckpt_every=2)]
+    # the resumed run's last/ and final/ above max_shard_size: Hugging Face's shards, each file written by one rank
+    return runs + [_recipe(tmp, "resumed", world, parallel="fsdp", expert_parallel=world, ckpt_every=2,
+                           max_shard_size="60KB")]
 
 
 def _worker(rank: int, world: int, port: int, recipes: list[str]) -> None:
@@ -89,9 +93,15 @@ def _one_torchrun_process(rank: int, port: int, recipe: str) -> None:
         dist.destroy_process_group()
 
 
-def _losses(run) -> dict[int, float]:
-    import json
+def _weights(folder) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's tensors, one file or Hugging Face's shards."""
+    out = {}
+    for file in shard_files(weights_path(folder)):
+        out.update(safetensors.torch.load_file(str(file)))
+    return out
 
+
+def _losses(run) -> dict[int, float]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
 
@@ -117,13 +127,17 @@ def test_sharded_layouts_match_one_process(tmp_path):
         for step, loss in want_losses.items():
             assert abs(losses[step] - loss) <= 1e-5 * max(1.0, abs(loss)), f"{run} step {step}: {losses[step]} " \
                                                                             f"vs one process {loss}"
-        got = safetensors.torch.load_file(str(tmp_path / run / "final" / "model.safetensors"))
+        got = _weights(tmp_path / run / "final")
         assert got.keys() == want.keys(), run
         for key, value in want.items():
             assert got[key].shape == value.shape, f"{run} {key}"
             torch.testing.assert_close(got[key], value, rtol=1e-4, atol=2e-5,
                                        msg=lambda m, k=key, r=run: f"{r} {k}: {m}")
-    # the resumed run's last checkpoint was written by 2 processes with 2-way EP
+    # the resumed run's last checkpoint was written by 2 processes with 2-way EP, its weights sharded as final/
+    for folder in ("last", "final"):
+        index = json.loads((tmp_path / "resumed" / folder / INDEX_NAME).read_text())
+        assert len(set(index["weight_map"].values())) >= 4, index["weight_map"]
+        assert not (tmp_path / "resumed" / folder / "model.safetensors").exists()
     state = torch.load(tmp_path / "resumed" / "last" / "train_state.pt", weights_only=True)
     assert state["world"] == 2 and state["recipe"]["train"]["expert_parallel"] == 2 and state["step"] == STEPS
 
