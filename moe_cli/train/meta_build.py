@@ -3,10 +3,11 @@
 read from the source's safetensors files slice by slice (``safe_open(...).get_slice``), the experts of each MoE
 layer made from the dense FFN by the upcycling rule, one layer at a time. No process ever holds the whole model.
 
-Used when the source is a moe-cli checkpoint or a transformers causal-LM folder (weights in safetensors) and
-there is no expert parallelism; otherwise (random initial weights, expert parallelism, a data-driven router
-init) the model is built whole on each process as before. The upcycling proof runs layer by layer: each upcycled
-layer must compute what its dense FFN did on random tokens (as ``moe upcycle`` proves the whole model).
+Used when the source is a moe-cli checkpoint or a transformers causal-LM folder (weights in safetensors), also
+with expert parallelism (a rank reads and fills only its experts' rows); otherwise (random initial weights, a
+data-driven router init) the model is built whole on each process as before. The upcycling proof runs layer by
+layer: each upcycled layer must compute what its dense FFN did on random tokens (as ``moe upcycle`` proves the
+whole model).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from moe_cli.io.checkpoint import INDEX_NAME, WEIGHTS_NAME, Checkpoint, is_moe_c
 from moe_cli.io.checkpoint import shard_files as checkpoint_files
 from moe_cli.models.upcycle import TOLERANCE, UpcycleMismatch, must_match
 from moe_cli.moe.config import MoELayout
+from moe_cli.moe.experts import PARAMS
 from moe_cli.moe.layer import moe_layers
 from moe_cli.moe.upcycling import from_dense
 
@@ -95,6 +97,9 @@ class MetaBuild:
                 if name in buffers:  # the MoE layers' own come with them below
                     b.copy_(buffers[name])
             own = dict(model.named_parameters())
+            # expert parallelism: a rank's expert tensors are its experts' rows of the whole layer's
+            experts = {f"{n}.experts.{p}": m.expert_shard.experts for n, m in moe_layers(model)
+                       if m.expert_shard is not None for p in PARAMS}
             done = set()
             gen = torch.Generator().manual_seed(self.seed)  # routers drawn as apply_moe draws them: layer by layer
             for name, (dense, index) in sorted(self.upcycle.items(), key=lambda kv: kv[1][1]):
@@ -103,6 +108,8 @@ class MetaBuild:
                 for key, value in state.items():
                     full = f"{name}.{key}"
                     if full in own:
+                        if full in experts:
+                            value = value[experts[full].start:experts[full].stop]
                         _fill(own[full], lambda a, b, v=value: v[a:b])
                         done.add(full)
                     else:  # a buffer of the layer (aux-free biases)
@@ -112,7 +119,10 @@ class MetaBuild:
                     continue
                 if full not in self.weights:
                     raise ConfigError(f"`{full}` is not in the source's weights ({self.ckpt.source})")
-                _fill(param, lambda a, b, n=full: self.weights.rows(n, a, b))
+                rows = lambda a, b, n=full: self.weights.rows(n, a, b)  # noqa: E731
+                if full in experts:
+                    rows = _offset(rows, experts[full])
+                _fill(param, rows)
             for full, b in model.named_buffers():
                 if full in self.weights and not any(full.startswith(n + ".") for n in self.upcycle):
                     b.copy_(self.weights.rows(full))
@@ -160,6 +170,14 @@ def _fill(param: torch.Tensor, rows) -> None:
     local[: shape[0]].copy_(value.to(local.dtype))
 
 
+def _offset(rows, experts: range):
+    """``rows(a, b)`` of the whole expert tensor, as rows of this rank's experts ``experts`` alone."""
+    def local(a, b):
+        return rows(experts.start + (a or 0), experts.start + (b if b is not None else len(experts)))
+
+    return local
+
+
 def _source_files(source: str) -> tuple[list[Path], str, dict] | None:
     """(safetensors files, name prefix, transformers config) of a source whose weights can be read in slices: a
     moe-cli checkpoint, or a transformers causal-LM folder; None for any other."""
@@ -185,7 +203,7 @@ def _source_files(source: str) -> tuple[list[Path], str, dict] | None:
     return None
 
 
-def plan_meta_build(recipe, task, expert_parallel: int, resume_from: Path | None = None) -> MetaBuild | None:
+def plan_meta_build(recipe, task, resume_from: Path | None = None) -> MetaBuild | None:
     """The skeleton of the recipe's model (or of the checkpoint ``resume_from``) and how to fill it, when it can be
     built that way (see the module); None when it cannot."""
     from moe_cli.models import causal_lm
@@ -195,7 +213,7 @@ def plan_meta_build(recipe, task, expert_parallel: int, resume_from: Path | None
     up = m.upcycle if resume_from is None else None
     if resume_from is not None:
         m = dataclasses.replace(m, source=str(resume_from), upcycle=None)
-    if expert_parallel > 1 or (up is not None and up.router_init != "random") or m.kwargs:
+    if (up is not None and up.router_init != "random") or m.kwargs:
         return None
     found = _source_files(m.source)
     if found is None:

@@ -2,7 +2,7 @@
 rank reads only its shards from the source's files (experts made from the dense FFN by the upcycling rule, layer
 by layer, each layer proved to reproduce its FFN): the run equals the one-process run that built the whole
 model — for a moe-cli checkpoint (exact copies, proved layer by layer) and a transformers Llama folder (noisy
-copies: the random draws match)."""
+copies: the random draws match), also with expert parallelism (each rank fills only its experts' rows)."""
 
 import json
 import os
@@ -68,28 +68,28 @@ def _sources(tmp_path) -> dict[str, dict]:
 def test_fsdp_builds_on_meta_and_matches_one_process(tmp_path):
     recipes = {}
     for name, sections in _sources(tmp_path).items():
-        for world in (1, 2):
-            train_cfg = {"steps": 3, "batch_size": 8 // world, "log_every": 1, "seed": 3,
-                         **({"parallel": "fsdp"} if world == 2 else {})}
-            recipes[(name, world)] = write_recipe(tmp_path / f"{name}{world}.yaml", tmp_path / f"{name}_w{world}",
-                                                  moe={"load_balance": 0.01}, train=train_cfg, **sections)
-        assert plan_meta_build(load_recipe(recipes[(name, 2)]), load_recipe(recipes[(name, 2)]).make_task(), 1)
+        for run, world, layout in ((1, 1, {}), (2, 2, {"parallel": "fsdp"}),
+                                   ("ep", 2, {"parallel": "fsdp", "expert_parallel": 2})):  # each rank its experts
+            train_cfg = {"steps": 3, "batch_size": 8 // world, "log_every": 1, "seed": 3, **layout}
+            recipes[(name, run)] = write_recipe(tmp_path / f"{name}{run}.yaml", tmp_path / f"{name}_w{run}",
+                                                moe={"load_balance": 0.01}, train=train_cfg, **sections)
+        assert plan_meta_build(load_recipe(recipes[(name, 2)]), load_recipe(recipes[(name, 2)]).make_task())
     for name in ("vit", "llama"):
         train(load_recipe(recipes[(name, 1)]), device="cpu")
     log = tmp_path / "messages.txt"
-    mp.spawn(_worker, args=(2, free_port(), [recipes[("vit", 2)], recipes[("llama", 2)]], str(log)), nprocs=2,
-             join=True)
+    mp.spawn(_worker, args=(2, free_port(), [recipes[(n, r)] for n in ("vit", "llama") for r in (2, "ep")], str(log)),
+             nprocs=2, join=True)
     said = log.read_text()
-    assert said.count("built on the meta device and sharded") == 2, said
-    assert said.count("verify: 2 upcycled layers each reproduce their dense FFN") == 1, said  # the exact copies
-    for name in ("vit", "llama"):
-        want, got = _losses(tmp_path / f"{name}_w1"), _losses(tmp_path / f"{name}_w2")
+    assert said.count("built on the meta device and sharded") == 4, said
+    assert said.count("verify: 2 upcycled layers each reproduce their dense FFN") == 2, said  # the exact copies
+    for name, run in (("vit", 2), ("llama", 2), ("vit", "ep"), ("llama", "ep")):
+        want, got = _losses(tmp_path / f"{name}_w1"), _losses(tmp_path / f"{name}_w{run}")
         assert sorted(got) == sorted(want) == [1, 2, 3]
         for step, loss in want.items():
-            assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (name, step, got[step], loss)
+            assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (name, run, step, got[step], loss)
         a = safetensors.torch.load_file(str(tmp_path / f"{name}_w1" / "final" / "model.safetensors"))
-        b = safetensors.torch.load_file(str(tmp_path / f"{name}_w2" / "final" / "model.safetensors"))
+        b = safetensors.torch.load_file(str(tmp_path / f"{name}_w{run}" / "final" / "model.safetensors"))
         assert a.keys() == b.keys()
         for key, value in a.items():
             torch.testing.assert_close(b[key], value, rtol=1e-4, atol=2e-5,
-                                       msg=lambda m, k=key, n=name: f"{n} {k}: {m}")
+                                       msg=lambda m, k=key, n=name, r=run: f"{n} {r} {k}: {m}")
