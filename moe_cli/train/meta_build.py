@@ -178,9 +178,33 @@ def _offset(rows, experts: range):
     return local
 
 
-def _source_files(source: str) -> tuple[list[Path], str, dict] | None:
+def _hub_folder(source: str) -> Path | None:
+    """The local snapshot folder of ``hf-hub:org/name`` with its safetensors weights (every shard) and config.json
+    (fetched, or from the cache when offline); None when it has no safetensors weights there to read in slices."""
+    from huggingface_hub import hf_hub_download
+
+    from moe_cli.errors import MoeError
+    from moe_cli.io.hub import download, quiet_hub
+
+    hub_id = source.split(":", 1)[1]
+    try:
+        weights = download(hub_id)
+        with quiet_hub():
+            hf_hub_download(hub_id, "config.json")
+    except (MoeError, OSError, ValueError):  # no such files (a .bin-only repository, ...): the whole-model build
+        return None  # says what is wrong, if anything
+    return weights.parent
+
+
+def _source_files(source: str, pretrained: bool) -> tuple[list[Path], str, dict] | None:
     """(safetensors files, name prefix, transformers config) of a source whose weights can be read in slices: a
-    moe-cli checkpoint, or a transformers causal-LM folder; None for any other."""
+    moe-cli checkpoint or a transformers causal-LM folder, local or ``hf-hub:`` (with ``pretrained``: without,
+    a Hub source is its architecture alone); None for any other."""
+    if source.startswith("hf-hub:"):
+        folder = _hub_folder(source) if pretrained else None
+        if folder is None:
+            return None
+        source = str(folder)
     p = Path(source)
     if is_moe_checkpoint(p):
         weights = p if p.suffix == ".safetensors" or p.name == INDEX_NAME else \
@@ -215,7 +239,7 @@ def plan_meta_build(recipe, task, resume_from: Path | None = None) -> MetaBuild 
         m = dataclasses.replace(m, source=str(resume_from), upcycle=None)
     if (up is not None and up.router_init != "random") or m.kwargs:
         return None
-    found = _source_files(m.source)
+    found = _source_files(m.source, m.pretrained)
     if found is None:
         return None
     files, prefix, hf_config = found
@@ -224,7 +248,9 @@ def plan_meta_build(recipe, task, resume_from: Path | None = None) -> MetaBuild 
             lm = causal_lm.build(causal_lm.PREFIX + causal_lm.CAUSAL_LMS[hf_config["model_type"]], hf_config)
             ckpt = Checkpoint(lm, causal_lm.architecture(lm), source=m.source, task="causal-lm")
         else:
-            ckpt = load_checkpoint(m.source, weights=False)
+            ckpt = load_checkpoint(files[0].parent if m.source.startswith("hf-hub:") else m.source, weights=False)
+    if m.source.startswith("hf-hub:") and ckpt.moe is None:  # as the whole-model build records a Hub source
+        ckpt.extra.setdefault("base_model", m.source.split(":", 1)[1])
     ckpt = task.prepare(ckpt, m, recipe.data)
     build = MetaBuild(ckpt, Weights(files, prefix), seed=recipe.train.seed)
     if up is not None:

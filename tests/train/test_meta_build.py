@@ -7,12 +7,13 @@ copies: the random draws match), also with expert parallelism (each rank fills o
 import json
 import os
 
+import huggingface_hub
 import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port, write_recipe
+from conftest import free_port, seed_hub_cache, write_recipe
 
 from moe_cli.recipe import load_recipe
 from moe_cli.train.loop import Reporter, train
@@ -62,6 +63,26 @@ def _sources(tmp_path) -> dict[str, dict]:
                               "upcycle": {"experts": 4, "k": 2, "noise_std": 0.01}},
                     "data": {"name": "lm-synthetic"}, "task": "causal-lm", "causal_lm": {"eval_max_batches": 2}}
     return out
+
+
+def test_a_hub_repository_builds_on_meta_too(tmp_path, monkeypatch):
+    """An `hf-hub:` source (a transformers LM repository, here from a seeded cache, offline) is read in slices
+    from its snapshot's safetensors, and records its repository as the base model; without pretrained weights
+    (its architecture alone) it is built whole."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(tmp_path / "llama")
+    seed_hub_cache(tmp_path / "hub", "org/tiny-llama", tmp_path / "llama")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    sections = {"model": {"source": "hf-hub:org/tiny-llama", "pretrained": True, "kwargs": {},
+                          "upcycle": {"experts": 4, "k": 2}}, "data": {"name": "lm-synthetic"}, "task": "causal-lm"}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "out", train={"parallel": "fsdp"}, **sections))
+    build = plan_meta_build(recipe, recipe.make_task())
+    assert build is not None and build.weights.where and build.ckpt.extra["base_model"] == "org/tiny-llama"
+    assert all(p.device.type == "meta" for p in build.ckpt.model.parameters())
+    sections["model"]["pretrained"] = False
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "out", train={"parallel": "fsdp"}, **sections))
+    assert plan_meta_build(recipe, recipe.make_task()) is None
 
 
 @pytest.mark.long
