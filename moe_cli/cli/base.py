@@ -4,9 +4,11 @@ import only this."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+import time
 
 import typer
 from rich.console import Console
@@ -43,9 +45,15 @@ def _silent_rank() -> bool:
     return not (dist is not None and dist.is_available() and dist.is_initialized())
 
 
+SILENT_RANK_GRACE_S = 10.0  # a silent rank outlives rank 0 by up to this: torchrun stops the others when one exits
+
+
 def fail(message: str, code: int = 2):
     if not _silent_rank():
         error_line(message)
+    else:  # rank 0 says it; exiting first would let torchrun stop rank 0 before it has (seen under load)
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(SILENT_RANK_GRACE_S)
     raise typer.Exit(code)
 
 
