@@ -292,8 +292,11 @@ def sweep_mode(args, argv, device, dtype, name) -> None:
     D, H, ffn = SHAPES[args.shapes[0]]
     H = args.hidden or H
     axis = args.sweep
-    base = {"E": args.experts[0] if args.experts_given else {"E": 4, "T": 8, "k": 64}[axis],
-            "k": args.k[0] if args.k_given else (2 if axis != "k" else 1), "T": args.tokens}
+    base = {"E": 64 if axis == "k" else 8, "k": 2, "T": args.tokens}  # the fixed point of each sweep
+    if args.experts_given:
+        base["E"] = args.experts[0]
+    if args.k_given:
+        base["k"] = args.k[0]
     values = args.values or SWEEPS[axis]
     cols = ["auto", "loop", "grouped", "triton", "transformers", "torchtitan", "naive"]
     rows, seen = [], set()

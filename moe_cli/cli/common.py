@@ -20,7 +20,7 @@ from moe_cli.cli.base import (  # noqa: F401  (the plumbing every command module
     user_errors,
 )
 from moe_cli.errors import ConfigError
-from moe_cli.runtime import Precision
+from moe_cli.runtime import Precision, pick_device, reuse_freed_memory
 
 CheckpointArg = Annotated[Path, typer.Argument(help="moe-cli checkpoint folder, .safetensors file or "
                                                "hf-hub:org/name.",
@@ -69,3 +69,10 @@ def layer_labels(names) -> dict[str, str]:
 
 def gflops(value: float) -> str:
     return f"{value:.4f}" if value >= 0.01 else f"{value:.3g}"  # a tiny LM's per-token figure keeps 3 digits
+
+
+def prepare_host(recipe) -> None:
+    """What a training command sets up in its own process before it trains: on the CPU, unless the recipe says
+    `train.reuse_host_memory: false`, freed memory is kept for the next step (not on a GPU host)."""
+    if recipe.train.reuse_host_memory and pick_device(STATE["device"]).type == "cpu":
+        reuse_freed_memory()

@@ -16,12 +16,12 @@ from moe_cli.cli.common import (
     console,
     gflops,
     layer_labels,
+    prepare_host,
     read_recipe,
     say,
     user_errors,
 )
 from moe_cli.cli.progress import RichReporter
-from moe_cli.runtime import pick_device, reuse_freed_memory
 from moe_cli.train.stages import densify_to_sparse
 
 
@@ -37,8 +37,7 @@ def densify(
 ) -> None:
     """Dense MoE with inverse-CV losses -> sparse gates distilled from the dense gate -> fine-tune."""
     r = read_recipe(recipe, set_, out, output)
-    if r.train.reuse_host_memory and pick_device(STATE["device"]).type == "cpu":  # not on a GPU host
-        reuse_freed_memory()  # CPU steps reuse the pages of the last step's gradients
+    prepare_host(r)
     report = densify_to_sparse(r, from_stage=from_stage, init=init, device=STATE["device"], overwrite=overwrite,
                                reporter=RichReporter, on_stage=lambda _i, msg: say(msg))
     console.print(report_table(report))

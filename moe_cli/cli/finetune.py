@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from moe_cli.cli.common import STATE, OutputAliasOpt, OutputDirOpt, RecipeArg, SetOpt, console, read_recipe, user_errors
+from moe_cli.cli.common import (
+    STATE,
+    OutputAliasOpt,
+    OutputDirOpt,
+    RecipeArg,
+    SetOpt,
+    console,
+    prepare_host,
+    read_recipe,
+    user_errors,
+)
 from moe_cli.cli.progress import RichReporter
-from moe_cli.runtime import pick_device, reuse_freed_memory
 from moe_cli.train.chain import train_chain
 
 
@@ -22,8 +31,7 @@ def finetune(
     """Train (fine-tune, or from scratch) the recipe's model, then its `then:` runs; each writes last/, final/,
     metrics.jsonl and summary.json in its output folder."""
     r = read_recipe(recipe, set_, out, output)
-    if r.train.reuse_host_memory and pick_device(STATE["device"]).type == "cpu":  # not on a GPU host
-        reuse_freed_memory()  # CPU steps reuse the pages of the last step's gradients
+    prepare_host(r)
     for title, run, result in train_chain(r, recipe.name, device=STATE["device"], resume=resume, overwrite=overwrite,
                                           reporter=RichReporter):
         if result is None:

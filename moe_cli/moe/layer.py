@@ -25,7 +25,7 @@ from moe_cli.moe.config import ROUTER_STD, MoEConfig
 from moe_cli.moe.dispatch import Dispatcher
 from moe_cli.moe.dispatchers import dispatchers
 from moe_cli.moe.expert_parallel import ExpertShard, expert_parallel
-from moe_cli.moe.experts import Experts
+from moe_cli.moe.experts import PARAMS, Experts
 from moe_cli.moe.router import Router, make_router
 
 DISPATCHERS = dispatchers()
@@ -197,3 +197,10 @@ class MoEMlp(nn.Module):
 def moe_layers(model: nn.Module) -> list[tuple[str, MoEMlp]]:
     """(name, layer) of every MoE layer of ``model``, in definition order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEMlp)]
+
+
+def expert_shards(model: nn.Module) -> dict[str, range]:
+    """Expert parallelism: parameter name -> the global indices of the experts this rank holds, for every stacked
+    expert tensor of a layer whose experts are split over ranks (:meth:`MoEMlp.shard_experts`)."""
+    return {f"{n}.experts.{p}": m.expert_shard.experts for n, m in moe_layers(model) if m.expert_shard is not None
+            for p in PARAMS}

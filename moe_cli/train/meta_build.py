@@ -28,8 +28,7 @@ from moe_cli.io.checkpoint import INDEX_NAME, WEIGHTS_NAME, Checkpoint, is_moe_c
 from moe_cli.io.checkpoint import shard_files as checkpoint_files
 from moe_cli.models.upcycle import TOLERANCE, UpcycleMismatch, must_match
 from moe_cli.moe.config import MoELayout
-from moe_cli.moe.experts import PARAMS
-from moe_cli.moe.layer import moe_layers
+from moe_cli.moe.layer import expert_shards, moe_layers
 from moe_cli.moe.upcycling import from_dense
 
 
@@ -97,9 +96,7 @@ class MetaBuild:
                 if name in buffers:  # the MoE layers' own come with them below
                     b.copy_(buffers[name])
             own = dict(model.named_parameters())
-            # expert parallelism: a rank's expert tensors are its experts' rows of the whole layer's
-            experts = {f"{n}.experts.{p}": m.expert_shard.experts for n, m in moe_layers(model)
-                       if m.expert_shard is not None for p in PARAMS}
+            experts = expert_shards(model)  # expert parallelism: this rank's rows of the whole layer's
             done = set()
             gen = torch.Generator().manual_seed(self.seed)  # routers drawn as apply_moe draws them: layer by layer
             for name, (dense, index) in sorted(self.upcycle.items(), key=lambda kv: kv[1][1]):

@@ -47,8 +47,7 @@ from moe_cli.io.checkpoint import (
     write_shard,
     write_single,
 )
-from moe_cli.moe.experts import PARAMS
-from moe_cli.moe.layer import moe_layers
+from moe_cli.moe.layer import expert_shards, moe_layers
 from moe_cli.recipe import Recipe
 from moe_cli.runtime import Dist, Parallel, Precision, parse_size
 
@@ -106,7 +105,7 @@ class Parallelism:
         return self.dist.world // self.ep
 
     def _expert_names(self, model: nn.Module) -> set[str]:
-        return {f"{n}.experts.{p}" for n, m in moe_layers(model) if m.expert_shard is not None for p in PARAMS}
+        return set(expert_shards(model))
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """Split ``model`` (whole, on ``device``) as the layout says; returns the module to train with (the same

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port, write_recipe
 
-from moe_cli.io.checkpoint import INDEX_NAME, shard_files, weights_path
+from moe_cli.io.checkpoint import INDEX_NAME, read_tensors, weights_path
 from moe_cli.recipe import load_recipe
 from moe_cli.train.loop import Reporter, train
 
@@ -93,14 +93,6 @@ def _one_torchrun_process(rank: int, port: int, recipe: str) -> None:
         dist.destroy_process_group()
 
 
-def _weights(folder) -> dict[str, torch.Tensor]:
-    """A checkpoint folder's tensors, one file or Hugging Face's shards."""
-    out = {}
-    for file in shard_files(weights_path(folder)):
-        out.update(safetensors.torch.load_file(str(file)))
-    return out
-
-
 def _losses(run) -> dict[int, float]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
@@ -127,7 +119,7 @@ def test_sharded_layouts_match_one_process(tmp_path):
         for step, loss in want_losses.items():
             assert abs(losses[step] - loss) <= 1e-5 * max(1.0, abs(loss)), f"{run} step {step}: {losses[step]} " \
                                                                             f"vs one process {loss}"
-        got = _weights(tmp_path / run / "final")
+        got = read_tensors(weights_path(tmp_path / run / "final"))  # one file or shards
         assert got.keys() == want.keys(), run
         for key, value in want.items():
             assert got[key].shape == value.shape, f"{run} {key}"

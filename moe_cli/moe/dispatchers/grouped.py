@@ -73,12 +73,11 @@ def segment_linear_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     the expert's weights and rows are in cache, written in place; experts without rows get zero gradients."""
     E, O, I = w.shape  # noqa: E741
     dx = x.new_empty(x.shape) if need[0] else x.new_empty(0)
-    dx[_rows_after(offsets):].zero_() if need[0] else None
     dw = w.new_empty(E, O, I) if need[1] else w.new_empty(0)
     db = w.new_empty(E, O) if need[2] else w.new_empty(0)
-    empty = set(range(E))
+    if need[0]:
+        dx[_rows_after(offsets):].zero_()  # rows of no group (dropped slots)
     for e, rows in _groups(offsets):
-        empty.discard(e)
         g = dy[rows]
         if need[0]:
             torch.mm(g, w[e], out=dx[rows])
@@ -86,9 +85,11 @@ def segment_linear_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
             torch.mm(g.T, x[rows], out=dw[e])
         if need[2]:
             torch.sum(g, 0, out=db[e])
-    for e in empty:
-        dw[e:e + 1].zero_() if need[1] else None
-        db[e:e + 1].zero_() if need[2] else None
+    without_rows = [e for e, n in enumerate(_group_sizes(offsets)) if not n]
+    if without_rows:
+        for grad in (dw, db):
+            if grad.numel():  # computed (else the empty placeholder)
+                grad[without_rows] = 0
     return dx, dw, db
 
 
