@@ -10,6 +10,7 @@ one-hot/where/index_add_ loop, forward and forward+backward, for ViT FFN shapes 
     python bench/moe_layer.py --sweep T        # T = 512..8192 at E 8 k 2;  --sweep k: k 1..8 at E 64
     python bench/moe_layer.py --sweep k --experts 64 --hidden 96    # fine-grained experts (H 96 each)
     python bench/moe_layer.py --host-memory    # training steps of an E 128 layer: glibc default vs reuse
+    python bench/moe_layer.py --gemm-floor     # the GEMMs of many experts vs one dense GEMM: where the time goes
 
 `--sweep E|T|k` times forward+backward of the dispatch + experts of every moe-cli dispatcher that runs here,
 `auto`'s choice, and the peers side by side, each as a ratio to the ideal measured in the same run: transformers'
@@ -377,6 +378,64 @@ def host_memory_mode(args, argv, name) -> None:
                     f"{torch.__version__}\n\nCommand: `{cmd}`\n\n" + "\n".join(lines) + "\n")
 
 
+def gemm_floor_mode(args, argv, name) -> None:
+    """Where the time of many experts goes: the three GEMMs of one expert linear map (y = x W^T, dx = dy W,
+    dW = dy^T x) for k*T rows split evenly over E experts, timed as one dense GEMM on all rows (the ideal's),
+    per expert against one shared weight (small GEMMs, weights in cache), per expert against E weights (what
+    segment_linear runs: each expert's weights streamed from memory), and one bmm over the equal groups; with
+    the bytes of E weights (read twice, gradient written once) at this machine's copy bandwidth."""
+    D, H, _ = SHAPES[args.shapes[0]]
+    R = args.tokens * 2
+    big = torch.empty(2**27)  # 512 MiB
+    dst = torch.empty_like(big)
+    dst.copy_(big)
+    t0 = time.perf_counter()
+    dst.copy_(big)
+    bandwidth = 2 * big.numel() * 4 / (time.perf_counter() - t0)  # bytes read + written per second
+    del big, dst
+    header = ("| E | rows / expert | dense GEMMs ms | per expert, one weight | per expert, E weights | bmm, E weights "
+              "| E weights MB | traffic ms at copy bandwidth |")
+    lines = [header, "|" + "---|" * 8]
+    for E in args.values or SWEEPS["E"]:
+        C = R // E
+        x, g = torch.randn(E, C, D), torch.randn(E, C, H)
+        w, out, dx, dw = torch.randn(E, H, D), torch.empty(E, C, H), torch.empty(E, C, D), torch.empty(E, H, D)
+        xs, gs, ws = x.view(E * C, D), g.view(E * C, H), w[0]
+
+        def dense(xs=xs, gs=gs, ws=ws, out=out, dx=dx, dw=dw, E=E, C=C):
+            torch.mm(xs, ws.T, out=out.view(E * C, H))
+            torch.mm(gs, ws, out=dx.view(E * C, D))
+            torch.mm(gs.T, xs, out=dw[0])
+
+        def per_expert(shared, x=x, g=g, w=w, out=out, dx=dx, dw=dw, E=E):
+            for e in range(E):
+                we = w[0] if shared else w[e]
+                torch.mm(x[e], we.T, out=out[e])
+                torch.mm(g[e], we, out=dx[e])
+                torch.mm(g[e].T, x[e], out=dw[e])
+
+        def bmm(x=x, g=g, w=w, out=out, dx=dx, dw=dw):
+            torch.bmm(x, w.transpose(1, 2), out=out)
+            torch.bmm(g, w, out=dx)
+            torch.bmm(g.transpose(1, 2), x, out=dw)
+
+        fns = {"dense": dense, "one": lambda f=per_expert: f(True), "many": lambda f=per_expert: f(False), "bmm": bmm}
+        t = timed_interleaved(fns, False, args.repeats, lambda: None)
+        weight_bytes = E * H * D * 4
+        traffic = 3 * weight_bytes / bandwidth  # the weights read twice and their gradient written once
+        lines.append(f"| {E} | {C} | {t['dense'] * 1e3:.1f} | {t['one'] / t['dense']:.2f}x | "
+                     f"{t['many'] / t['dense']:.2f}x | {t['bmm'] / t['dense']:.2f}x | {weight_bytes / 1e6:.0f} | "
+                     f"{traffic * 1e3:.1f} |")
+        print(lines[-1], flush=True)
+    lines.append(f"\nCopy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write of 512 MiB)")
+    print(lines[-1])
+    if args.out:
+        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+        with open(args.out, "a") as f:
+            f.write(f"\n### GEMM floor of many experts: {name}, fp32, one linear map D {D} -> H {H}, {R} rows, "
+                    f"torch {torch.__version__}\n\nCommand: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["vit_s", "vit_b"], choices=list(SHAPES))
@@ -399,6 +458,8 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, help="--sweep: hidden features per expert (default: the shape's)")
     ap.add_argument("--host-memory", action="store_true", help="training steps of an E 128 layer (--experts) with "
                     "glibc's default allocator and with reuse_freed_memory: step time and peak RSS")
+    ap.add_argument("--gemm-floor", action="store_true", help="the GEMMs of one expert linear map over E experts "
+                    "(--values) against the dense GEMM on the same rows: small-GEMM rate and weight traffic")
     ap.add_argument("--host-memory-child", choices=["default", "reuse"], help=argparse.SUPPRESS)
     ap.add_argument("--glibc-default", action="store_true", help="keep glibc's default of unmapping freed large "
                     "blocks (the training commands turn it off: moe_cli.runtime.reuse_freed_memory)")
@@ -416,6 +477,8 @@ def main(argv=None) -> None:
         return print(json.dumps(host_memory_child(args.host_memory_child, args.experts[0], args.steps)))
     if args.host_memory:
         return host_memory_mode(args, argv, name)
+    if args.gemm_floor:
+        return gemm_floor_mode(args, argv, name)
     if not args.glibc_default:
         reuse_freed_memory()  # as `moe finetune` does
     if args.sweep:

@@ -29,18 +29,10 @@ def _group_sizes(offsets: torch.Tensor) -> list[int]:
     return torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).tolist()
 
 
-def _groups(offsets: torch.Tensor):
-    """(expert, rows) of each group that has rows."""
-    start = 0
-    for e, n in enumerate(_group_sizes(offsets)):
-        if n:
-            yield e, slice(start, start + n)
-        start += n
-
-
-def _rows_after(offsets: torch.Tensor) -> int:
-    """The first row past the last group (host side)."""
-    return int(offsets[-1]) if offsets.numel() else 0
+def _segments(sizes: list[int], *row_tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Each tensor's rows split by the group sizes (views, one split per tensor): the tuple of each group, then
+    the tuple of the rows past the last group (dropped slots)."""
+    return list(zip(*(t.split([*sizes, t.shape[0] - sum(sizes)]) for t in row_tensors), strict=True))
 
 
 @torch.library.custom_op("moe_cli::segment_linear", mutates_args=())
@@ -51,12 +43,15 @@ def segment_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, off
     sizes are read on the host inside it), so fp32 models compile without a graph break where ``F.grouped_mm``
     takes 16-bit CUDA inputs only."""
     out = x.new_empty(x.shape[0], w.shape[1])
-    out[_rows_after(offsets):].zero_()  # rows of no group (dropped slots)
-    for e, rows in _groups(offsets):
-        if b is None:
-            torch.mm(x[rows], w[e].T, out=out[rows])
-        else:
-            torch.addmm(b[e], x[rows], w[e].T, out=out[rows])
+    sizes = _group_sizes(offsets)
+    *groups, (_, rest) = _segments(sizes, x, out)
+    rest.zero_()  # rows of no group (dropped slots)
+    w_t, b_e = w.transpose(1, 2).unbind(0), (b.unbind(0) if b is not None else None)
+    for e, (n, (x_g, out_g)) in enumerate(zip(sizes, groups, strict=True)):
+        if n and b_e is None:
+            torch.mm(x_g, w_t[e], out=out_g)
+        elif n:
+            torch.addmm(b_e[e], x_g, w_t[e], out=out_g)
     return out
 
 
@@ -75,17 +70,20 @@ def segment_linear_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     dx = x.new_empty(x.shape) if need[0] else x.new_empty(0)
     dw = w.new_empty(E, O, I) if need[1] else w.new_empty(0)
     db = w.new_empty(E, O) if need[2] else w.new_empty(0)
-    if need[0]:
-        dx[_rows_after(offsets):].zero_()  # rows of no group (dropped slots)
-    for e, rows in _groups(offsets):
-        g = dy[rows]
+    sizes = _group_sizes(offsets)
+    *groups, (_, _, rest) = _segments(sizes, dy, x, dx if need[0] else x.new_empty(x.shape[0], 0))
+    rest.zero_()  # dx of the rows of no group (dropped slots)
+    ws, dws, dbs = w.unbind(0), (dw.unbind(0) if need[1] else ()), (db.unbind(0) if need[2] else ())
+    for e, (n, (g, x_g, dx_g)) in enumerate(zip(sizes, groups, strict=True)):
+        if not n:
+            continue
         if need[0]:
-            torch.mm(g, w[e], out=dx[rows])
+            torch.mm(g, ws[e], out=dx_g)
         if need[1]:
-            torch.mm(g.T, x[rows], out=dw[e])
+            torch.mm(g.T, x_g, out=dws[e])
         if need[2]:
-            torch.sum(g, 0, out=db[e])
-    without_rows = [e for e, n in enumerate(_group_sizes(offsets)) if not n]
+            torch.sum(g, 0, out=dbs[e])
+    without_rows = [e for e, n in enumerate(sizes) if not n]
     if without_rows:
         for grad in (dw, db):
             if grad.numel():  # computed (else the empty placeholder)
@@ -151,21 +149,16 @@ def grouped_supported(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
     return all(d % 8 == 0 for d in dims)
 
 
-CPU_FROM_EXPERTS = 16  # auto on CPU: from this many experts on (bench/RESULTS.md, the sweep over E)
-
-
 class GroupedDispatcher(Dispatcher):
     name = "grouped"
 
     def preferred(self, x, experts):
-        """bf16 on a GPU that has grouped GEMMs; on CPU from :data:`CPU_FROM_EXPERTS` experts on (below, the loop
-        is as fast, measured; above, its autograd graph per expert costs more with every expert); under
-        torch.compile everywhere (no host sync in the traced graph)."""
+        """bf16 on a GPU that has grouped GEMMs; on CPU always (segment_linear: as fast as the loop at 2-8 experts,
+        faster from 16 on and at small batches, bit-identical to it; bench/RESULTS.md, the sweeps over E and T);
+        under torch.compile everywhere (no host sync in the traced graph)."""
         if compute_dtype(x) == torch.bfloat16 and grouped_supported(x, experts.dims):
             return True
-        if x.device.type == "cpu" and experts.num_experts >= CPU_FROM_EXPERTS:
-            return True
-        return torch.compiler.is_compiling()
+        return x.device.type == "cpu" or torch.compiler.is_compiling()
 
     def dispatch(self, x_TD, expert_TS, experts):
         T, S = expert_TS.shape
