@@ -10,7 +10,7 @@ import importlib
 
 REGISTRY = {  # name -> (module:class, help), in auto's order of preference
     "triton": ("triton:TritonDispatcher", "fused Triton kernels (CUDA)"),
-    "grouped": ("grouped:GroupedDispatcher", "one grouped GEMM over the experts (grouped_mm)"),
+    "grouped": ("grouped:GroupedDispatcher", "grouped GEMMs over all experts (CPU default)"),
     "loop": ("loop:LoopDispatcher", "F.linear per expert; runs anywhere, auto's last resort"),
 }
 DISPATCHER_NAMES = tuple(REGISTRY)

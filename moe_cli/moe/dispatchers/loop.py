@@ -1,5 +1,6 @@
-"""The loop dispatcher: one ``F.linear`` per expert over its contiguous rows. Runs anywhere (the CPU default);
-reads the group sizes on the host (one sync per layer, and a graph break under torch.compile)."""
+"""The loop dispatcher: one ``F.linear`` per expert over its contiguous rows. Runs anywhere (the reference the
+other dispatchers are tested against); reads the group sizes on the host (one sync per layer, and a graph break
+under torch.compile)."""
 
 from __future__ import annotations
 
