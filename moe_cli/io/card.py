@@ -93,6 +93,9 @@ def made_with(ckpt: Checkpoint) -> list[str]:
         elif "finetune" in step:
             lines += ["then trained with `moe finetune recipe.yaml`:" if lines else "`moe finetune recipe.yaml`:", "",
                       "```yaml", _recipe_yaml(step["finetune"]), "```", ""]
+        elif "merge" in step or "prune" in step:  # moe merge / moe prune of the checkpoint made so far
+            (command, settings), = step.items()
+            lines += [f"then `moe {command} CKPT {_flags(settings)}`.", ""]
     if lines or ckpt.moe is None:
         return lines
     m = ckpt.moe  # a checkpoint written before moe-cli recorded its chain: its layout

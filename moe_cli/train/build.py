@@ -34,8 +34,13 @@ def upcycle_checkpoint(ckpt: Checkpoint, cfg: UpcycleCfg, *, seed: int = 0, veri
 
 def record_upcycle(ckpt: Checkpoint, cfg: UpcycleCfg, dense_params: int) -> None:
     """Note in ``ckpt``'s metadata the dense size and the upcycling step of its chain (the model card's)."""
-    step = {"upcycle": {"source": ckpt.source, "settings": changed_settings(cfg)}}
-    ckpt.extra = {**ckpt.extra, "dense_params": dense_params, "made_with": [*ckpt.extra.get("made_with", []), step]}
+    ckpt.extra = {**ckpt.extra, "dense_params": dense_params}
+    record_step(ckpt, "upcycle", {"source": ckpt.source, "settings": changed_settings(cfg)})
+
+
+def record_step(ckpt: Checkpoint, command: str, settings: dict) -> None:
+    """Append one step (``{command: settings}``) to the chain of steps that made ``ckpt`` (the model card's)."""
+    ckpt.extra = {**ckpt.extra, "made_with": [*ckpt.extra.get("made_with", []), {command: settings}]}
 
 
 def changed_settings(cfg: UpcycleCfg) -> dict:
@@ -72,10 +77,11 @@ def merge_checkpoint(ckpt: Checkpoint, experts: int, calib: str | None = None, c
     it). Returns it and the expert groups per layer."""
     groups = merge(ckpt.model, experts, lambda model: expert_usage(model, calibration(ckpt, calib, calib_batches)),
                    label)
-    if experts == 1:
+    record_step(ckpt, "merge", {"experts": experts})
+    if experts == 1:  # the dense architecture; what it was trained on and how it was made stay recorded
         arch = ckpt.architecture
         dense = densify(ckpt.model, create_model(arch["name"], arch.get("kwargs", {})))
-        ckpt = Checkpoint(dense.eval(), arch, ckpt.source, ckpt.task, {}, ckpt.task_config,
+        ckpt = Checkpoint(dense.eval(), arch, ckpt.source, ckpt.task, ckpt.extra, ckpt.task_config,
                           data_config=ckpt.data_config)
     return ckpt, groups
 
@@ -84,5 +90,7 @@ def prune_checkpoint(ckpt: Checkpoint, keep: int | None = None, drop_experts: st
                      calib: str | None = None, calib_batches: int = 4, label: Label = argument) -> dict[str, list[int]]:
     """Remove experts from ``ckpt`` for good (in place): all but the ``keep`` most used per layer (usage on the
     calibration data), or those ``drop_experts`` names ('layer:expert,...'). Returns the kept experts per layer."""
-    return prune(ckpt.model, keep, drop_experts, lambda model: expert_usage(model, calibration(ckpt, calib,
+    kept = prune(ckpt.model, keep, drop_experts, lambda model: expert_usage(model, calibration(ckpt, calib,
                                                                                             calib_batches)), label)
+    record_step(ckpt, "prune", {"keep": keep, "drop_experts": drop_experts})
+    return kept

@@ -233,3 +233,20 @@ def test_a_dense_push_loads_in_plain_timm_and_names_its_base_model(cli, tmp_path
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "apache-2.0"]
+
+
+def test_merged_and_pruned_checkpoints_keep_their_data_and_chain(cli, tmp_path):
+    """`moe merge` (to one expert: the dense architecture) and `moe prune` keep what the checkpoint was trained on
+    (so `moe eval` needs no --data) and add their step to the chain the model card shows."""
+    f = write_recipe(tmp_path / "r.yaml", tmp_path / "run", model={"upcycle": {"experts": 2, "k": 1}},
+                     train={"steps": 2, "batch_size": 16})
+    assert cli("finetune", f).exit_code == 0
+    for command, flags in (("merge", ["--experts", "1"]), ("prune", ["--keep", "1"])):
+        out = tmp_path / command
+        assert cli(command, str(tmp_path / "run" / "final"), *flags, "-o", str(out)).exit_code == 0
+        r = cli("eval", str(out), "--metric", "accuracy")
+        assert r.exit_code == 0 and "digits" in r.stdout, r.output
+        assert cli("push", str(out), f"me/{command}", "--dry-run", str(tmp_path / f"dry-{command}")).exit_code == 0
+        card = (tmp_path / f"dry-{command}" / "README.md").read_text()
+        made = card.split("## How it was made", 1)[1]
+        assert "```yaml" in made and f"then `moe {command} CKPT {' '.join(flags)}`." in made, made
