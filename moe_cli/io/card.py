@@ -152,8 +152,9 @@ def model_card(ckpt: Checkpoint, repo_id: str, results: dict | None = None, figu
         lines.append("")
     if figure:
         lines += ["## Routing", "", f"![expert load per layer]({figure})", ""]
+    kind = "MoE" if ckpt.moe else "dense"
     lines += ["## Use", "", "```bash", "pip install moe-cli", f"moe eval hf-hub:{repo_id}", "```", "", "```python",
-              "import moe_cli", "", f"model = moe_cli.load('hf-hub:{repo_id}')  # the MoE model, in eval mode",
+              "import moe_cli", "", f"model = moe_cli.load('hf-hub:{repo_id}')  # the {kind} model, in eval mode",
               "```", ""]
     if m is None and "pretrained_cfg" in hub_config(ckpt):
         lines += ["A dense timm model, so timm loads it too:", "", "```python", "import timm", "",

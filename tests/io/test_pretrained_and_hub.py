@@ -250,3 +250,4 @@ def test_merged_and_pruned_checkpoints_keep_their_data_and_chain(cli, tmp_path):
         card = (tmp_path / f"dry-{command}" / "README.md").read_text()
         made = card.split("## How it was made", 1)[1]
         assert "```yaml" in made and f"then `moe {command} CKPT {' '.join(flags)}`." in made, made
+        assert ("dense model, in eval mode" in card) == (command == "merge")
