@@ -6,16 +6,17 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_cli.moe.layer import moe_layers
+from moe_cli.moe.layer import moe_layers, op_by_op_dispatch
 
 
 @torch.no_grad()
 def gflops_per_image(model: nn.Module, images: torch.Tensor) -> float:
     """GFLOPs (2 x multiply-adds) per image of one forward over ``images``, counted by torch's FlopCounterMode
-    on the ops that really run: a top-k MoE layer counts only the experts its tokens went to."""
+    on the ops that really run: a top-k MoE layer counts only the experts its tokens went to (each expert's rows
+    through plain linear maps, whichever dispatcher the model runs otherwise)."""
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, op_by_op_dispatch():
         model(images)
     model.train(was_training)
     return counter.get_total_flops() / images.shape[0] / 1e9

@@ -15,7 +15,9 @@ Aux losses and routing statistics are collected from outside with :class:`moe_cl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -49,6 +51,21 @@ def _norm_eps(norm_layer, hidden: int) -> float | None:
     if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine:
         raise ValueError(f"hidden norm {type(norm).__name__} is not supported by MoE experts (LayerNorm or none)")
     return norm.eps
+
+
+_OP_BY_OP = contextvars.ContextVar("moe_cli_op_by_op_dispatch", default=False)
+
+
+@contextlib.contextmanager
+def op_by_op_dispatch() -> Iterator[None]:
+    """Inside, every MoE layer runs the loop dispatcher (plain ``F.linear`` per expert over its rows, the same
+    computation): what a FLOP counter needs, since the grouped and Triton paths run inside ops it cannot look
+    into (``torch.utils.flop_counter.FlopCounterMode`` counts aten ops; a custom op or a Triton kernel is none)."""
+    token = _OP_BY_OP.set(True)
+    try:
+        yield
+    finally:
+        _OP_BY_OP.reset(token)
 
 
 class MoEMlp(nn.Module):
@@ -163,7 +180,10 @@ class MoEMlp(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def dispatcher(self, x: torch.Tensor) -> Dispatcher:
-        """The configured dispatcher; ``auto``: the first of the registry that prefers ``x``."""
+        """The configured dispatcher; ``auto``: the first of the registry that prefers ``x``; the loop inside
+        :func:`op_by_op_dispatch`."""
+        if _OP_BY_OP.get():
+            return DISPATCHERS["loop"]
         if self.cfg.impl == "auto":
             return next(d for d in DISPATCHERS.values() if d.preferred(x, self.experts))
         d = DISPATCHERS[self.cfg.impl]
