@@ -3,6 +3,7 @@
     python bench/readme_figures.py                 # all tables (the longest part: the MAE pretraining runs)
     python bench/readme_figures.py --only digits   # one group: digits, densify, mae, tokens, inits, features, lm
     python bench/readme_figures.py --seeds 0       # one seed (a quick look; the README states three)
+    python bench/readme_figures.py --reuse --only inits   # the table again from the runs there (evals rerun)
 
 Each run writes where its recipe says, with `-s<seed>` appended (runs/...-s1); the script reads summary.json /
 report.json / `moe eval --json` and prints markdown: every figure that moves with the seed as mean ± standard
@@ -25,10 +26,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)  # the README's figures: mean and spread over these (seed 0 is what the quick start prints)
 CLOCK = {"s": 0.0}  # seconds of `moe` runs in the current group
+REUSE = {"on": False}  # --reuse: a command whose outputs are all there is not run again
+
+
+def outputs(args: tuple[str, ...]) -> list[str]:
+    """The folders a `moe` command line writes: --out / -o, --set output=..., --set then.output=..."""
+    found = [b for a, b in zip(args, args[1:], strict=False) if a in ("--out", "-o")]
+    return found + [a.split("=", 1)[1] for a in args if a.startswith(("output=", "then.output="))]
+
+
+def done(folder: str) -> bool:
+    return any((ROOT / folder / name).exists() for name in ("final", "model.safetensors", "report.json"))
 
 
 def moe(*args: str) -> None:
     """Run `moe ARGS` (the real CLI, quiet) from the repository root."""
+    if REUSE["on"] and outputs(args) and all(done(o) for o in outputs(args)):
+        return
     t0 = time.perf_counter()
     print("$ moe " + " ".join(args), file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "moe_cli", "--quiet", *args], cwd=ROOT, check=True,
@@ -268,7 +282,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=list(GROUPS), default=list(GROUPS))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    ap.add_argument("--reuse", action="store_true", help="do not rerun a command whose outputs exist (tables again "
+                    "from the runs there, evaluations rerun)")
     args = ap.parse_args()
+    REUSE["on"] = args.reuse
     for name in args.only:
         run, title, label, columns = GROUPS[name]
         table(title, label, columns, {seed: run(seed) for seed in args.seeds})
