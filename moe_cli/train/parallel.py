@@ -104,9 +104,6 @@ class Parallelism:
     def dp(self) -> int:
         return self.dist.world // self.ep
 
-    def _expert_names(self, model: nn.Module) -> set[str]:
-        return set(expert_shards(model))
-
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """Split ``model`` (whole, on ``device``) as the layout says; returns the module to train with (the same
         module for fsdp, which shards in place; a DDP wrapper for ddp)."""
@@ -118,7 +115,7 @@ class Parallelism:
             for _, layer in moe_layers(model):
                 layer.shard_experts(self.mesh["ep"].get_group())
         if self.mode == Parallel.ddp:  # the expert shards differ between ranks: DDP leaves them to finish_grads
-            ddp._set_params_and_buffers_to_ignore_for_model(model, sorted(self._expert_names(model)))
+            ddp._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_shards(model)))
             return ddp(model, device_ids=ids)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -195,20 +192,7 @@ class Parallelism:
 
     # ------------------------------------------------------------------ checkpoints
 
-    @torch.no_grad()
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """The whole model's state dict on CPU on rank 0 (None on the others; all ranks must call it)."""
-        if not self.sharded:
-            return {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.dist.main else None
-        experts = self._expert_names(model)
-        out = {}
-        for key, t in model.state_dict().items():
-            t = self._whole(key, t, experts)
-            if self.dist.main:
-                out[key] = t.detach().cpu()
-        return out if self.dist.main else None
-
-    def _whole(self, key: str, t: torch.Tensor, experts: set[str]) -> torch.Tensor:
+    def _whole(self, key: str, t: torch.Tensor, experts: dict[str, range]) -> torch.Tensor:
         """The whole tensor ``key`` on every rank, from the ranks' shards (all ranks must call it)."""
         if isinstance(t, DTensor):
             t = t.full_tensor()
@@ -226,12 +210,14 @@ class Parallelism:
         A sharded model is written from the ranks' shards: the files are planned from the tensors' whole shapes,
         each written by one rank (round robin), which keeps only its own files' tensors, gathered one at a time;
         no rank holds the whole model (unless it fits one file)."""
-        if not self.sharded:
-            tensors = self.full_state_dict(model)
-            return save(ckpt, folder, tensors=tensors, max_shard_size=max_shard_size) if self.dist.main else None
+        if not self.sharded:  # every rank holds the whole model: rank 0 writes it
+            if not self.dist.main:
+                return None
+            tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            return save(ckpt, folder, tensors=tensors, max_shard_size=max_shard_size)
         tied = tied_names(model)
         state = {k: t for k, t in model.state_dict().items() if k not in tied}
-        experts = self._expert_names(model)
+        experts = expert_shards(model)
         sizes = {k: t.numel() * t.element_size() * (self.ep if k in experts else 1) for k, t in state.items()}
         max_shard = parse_size(max_shard_size)
         split = shard_plan(sizes, max_shard) if max_shard is not None else None
@@ -264,9 +250,8 @@ class Parallelism:
         over the ep ranks) so the checkpoint does not depend on the layout."""
         osd = get_optimizer_state_dict(model, optimizer)
         if self.ep > 1:
-            experts = self._expert_names(model)
-            for name in sorted(experts & set(osd["state"])):  # new dicts (osd holds the optimizer's own)
-                osd["state"][name] = {
+            for name in sorted(expert_shards(model).keys() & osd["state"].keys()):
+                osd["state"][name] = {  # new dicts (osd holds the optimizer's own)
                     key: DTensor.from_local(t.full_tensor() if isinstance(t, DTensor) else t, self.mesh,
                                             [Replicate(), Shard(0)], run_check=False)
                     if isinstance(t, torch.Tensor) and t.dim() > 0 else t

@@ -47,10 +47,10 @@ def segment_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, off
     *groups, (_, rest) = _segments(sizes, x, out)
     rest.zero_()  # rows of no group (dropped slots)
     w_t, b_e = w.transpose(1, 2).unbind(0), (b.unbind(0) if b is not None else None)
-    for e, (n, (x_g, out_g)) in enumerate(zip(sizes, groups, strict=True)):
-        if n and b_e is None:
+    for e, (x_g, out_g) in enumerate(groups):  # an expert without rows: an empty product, nothing written
+        if b_e is None:
             torch.mm(x_g, w_t[e], out=out_g)
-        elif n:
+        else:
             torch.addmm(b_e[e], x_g, w_t[e], out=out_g)
     return out
 
@@ -74,20 +74,13 @@ def segment_linear_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
     *groups, (_, _, rest) = _segments(sizes, dy, x, dx if need[0] else x.new_empty(x.shape[0], 0))
     rest.zero_()  # dx of the rows of no group (dropped slots)
     ws, dws, dbs = w.unbind(0), (dw.unbind(0) if need[1] else ()), (db.unbind(0) if need[2] else ())
-    for e, (n, (g, x_g, dx_g)) in enumerate(zip(sizes, groups, strict=True)):
-        if not n:
-            continue
+    for e, (g, x_g, dx_g) in enumerate(groups):  # an expert without rows: products and sums over no rows, zeros
         if need[0]:
             torch.mm(g, ws[e], out=dx_g)
         if need[1]:
             torch.mm(g.T, x_g, out=dws[e])
         if need[2]:
             torch.sum(g, 0, out=dbs[e])
-    without_rows = [e for e, n in enumerate(sizes) if not n]
-    if without_rows:
-        for grad in (dw, db):
-            if grad.numel():  # computed (else the empty placeholder)
-                grad[without_rows] = 0
     return dx, dw, db
 
 
