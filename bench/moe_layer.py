@@ -382,8 +382,10 @@ def gemm_floor_mode(args, argv, name) -> None:
     """Where the time of many experts goes: the three GEMMs of one expert linear map (y = x W^T, dx = dy W,
     dW = dy^T x) for k*T rows split evenly over E experts, timed as one dense GEMM on all rows (the ideal's),
     per expert against one shared weight (small GEMMs, weights in cache), per expert against E weights (what
-    segment_linear runs: each expert's weights streamed from memory), and one bmm over the equal groups; with
-    the bytes of E weights (read twice, gradient written once) at this machine's copy bandwidth."""
+    segment_linear runs: each expert's weights streamed from memory), as one ``F.grouped_mm`` per GEMM (its CPU
+    kernel loops over the groups in C++; outputs allocated per call, as an op's are), and one bmm over the
+    equal groups; with the bytes of E weights (read twice, gradient written once) at this machine's copy
+    bandwidth."""
     D, H, _ = SHAPES[args.shapes[0]]
     R = args.tokens * 2
     big = torch.empty(2**27)  # 512 MiB
@@ -393,9 +395,9 @@ def gemm_floor_mode(args, argv, name) -> None:
     dst.copy_(big)
     bandwidth = 2 * big.numel() * 4 / (time.perf_counter() - t0)  # bytes read + written per second
     del big, dst
-    header = ("| E | rows / expert | dense GEMMs ms | per expert, one weight | per expert, E weights | bmm, E weights "
-              "| E weights MB | traffic ms at copy bandwidth |")
-    lines = [header, "|" + "---|" * 8]
+    header = ("| E | rows / expert | dense GEMMs ms | per expert, one weight | per expert, E weights | "
+              "F.grouped_mm, E weights | bmm, E weights | E weights MB | traffic ms at copy bandwidth |")
+    lines = [header, "|" + "---|" * 9]
     for E in args.values or SWEEPS["E"]:
         C = R // E
         x, g = torch.randn(E, C, D), torch.randn(E, C, H)
@@ -414,17 +416,25 @@ def gemm_floor_mode(args, argv, name) -> None:
                 torch.mm(g[e], we, out=dx[e])
                 torch.mm(g[e].T, x[e], out=dw[e])
 
+        offs = torch.arange(1, E + 1, dtype=torch.int32) * C
+
+        def grouped_mm(xs=xs, gs=gs, w=w, offs=offs):
+            F.grouped_mm(xs, w.transpose(1, 2), offs=offs)
+            F.grouped_mm(gs, w, offs=offs)
+            F.grouped_mm(gs.T, xs, offs=offs)
+
         def bmm(x=x, g=g, w=w, out=out, dx=dx, dw=dw):
             torch.bmm(x, w.transpose(1, 2), out=out)
             torch.bmm(g, w, out=dx)
             torch.bmm(g.transpose(1, 2), x, out=dw)
 
-        fns = {"dense": dense, "one": lambda f=per_expert: f(True), "many": lambda f=per_expert: f(False), "bmm": bmm}
+        fns = {"dense": dense, "one": lambda f=per_expert: f(True), "many": lambda f=per_expert: f(False),
+               "grouped_mm": grouped_mm, "bmm": bmm}
         t = timed_interleaved(fns, False, args.repeats, lambda: None)
         weight_bytes = E * H * D * 4
         traffic = 3 * weight_bytes / bandwidth  # the weights read twice and their gradient written once
-        lines.append(f"| {E} | {C} | {t['dense'] * 1e3:.1f} | {t['one'] / t['dense']:.2f}x | "
-                     f"{t['many'] / t['dense']:.2f}x | {t['bmm'] / t['dense']:.2f}x | {weight_bytes / 1e6:.0f} | "
+        ratios = " | ".join(f"{t[n] / t['dense']:.2f}x" for n in ("one", "many", "grouped_mm", "bmm"))
+        lines.append(f"| {E} | {C} | {t['dense'] * 1e3:.1f} | {ratios} | {weight_bytes / 1e6:.0f} | "
                      f"{traffic * 1e3:.1f} |")
         print(lines[-1], flush=True)
     lines.append(f"\nCopy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write of 512 MiB)")
@@ -477,10 +487,10 @@ def main(argv=None) -> None:
         return print(json.dumps(host_memory_child(args.host_memory_child, args.experts[0], args.steps)))
     if args.host_memory:
         return host_memory_mode(args, argv, name)
-    if args.gemm_floor:
-        return gemm_floor_mode(args, argv, name)
     if not args.glibc_default:
         reuse_freed_memory()  # as `moe finetune` does
+    if args.gemm_floor:
+        return gemm_floor_mode(args, argv, name)
     if args.sweep:
         return sweep_mode(args, argv, device, dtype, name)
     header = ("| shape | E | k | routing | path | fwd ms | fwd / ideal | fwd / naive | fwd+bwd ms | fwd+bwd / ideal "
