@@ -181,8 +181,9 @@ class MoEMlp(nn.Module):
 
     def dispatcher(self, x: torch.Tensor) -> Dispatcher:
         """The configured dispatcher; ``auto``: the first of the registry that prefers ``x``; the loop inside
-        :func:`op_by_op_dispatch`."""
-        if _OP_BY_OP.get():
+        :func:`op_by_op_dispatch` (never under torch.compile, whose tracer before torch 2.14 cannot read a
+        ContextVar: a FLOP count runs eagerly)."""
+        if not torch.compiler.is_compiling() and _OP_BY_OP.get():
             return DISPATCHERS["loop"]
         if self.cfg.impl == "auto":
             return next(d for d in DISPATCHERS.values() if d.preferred(x, self.experts))
