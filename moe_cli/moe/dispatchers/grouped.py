@@ -153,13 +153,18 @@ class GroupedDispatcher(Dispatcher):
             return True
         return x.device.type == "cpu" or torch.compiler.is_compiling()
 
+    def runs_grouped_mm(self, x, experts) -> bool:
+        """Whether the plan runs ``F.grouped_mm`` under autograd (16-bit on a CUDA GPU that has grouped GEMMs)
+        rather than :func:`segment_linear`."""
+        return compute_dtype(x) in (torch.bfloat16, torch.float16) and grouped_supported(x, experts.dims)
+
     def dispatch(self, x_TD, expert_TS, experts):
         T, S = expert_TS.shape
         E = experts.num_experts
         counts, key, order = sort_dropped_last(expert_TS, E)
         x_RD = x_TD.index_select(0, torch.div(order, S, rounding_mode="floor"))
         dtype = compute_dtype(x_TD)
-        segment = not (dtype in (torch.bfloat16, torch.float16) and grouped_supported(x_TD, experts.dims))
+        segment = not self.runs_grouped_mm(x_TD, experts)
         offsets = counts[1:].cumsum(0)
         if not segment:  # grouped_mm leaves rows past the last group unwritten: the dropped rows ride in it
             offsets[-1] += counts[0]
