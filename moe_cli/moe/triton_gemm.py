@@ -7,7 +7,8 @@ One kernel computes, for the rows ``i`` of the expert-sorted list,
 
 over blocks that each hold rows of one expert only (a block table built on the device, no host sync). A
 second kernel computes the weight (and bias) gradients expert by expert, dW[e] = sum_i dY[y_map(i)]^T
-X[x_map(i)], with no atomics, so results are deterministic. Inputs are bf16/fp16/fp32, accumulation fp32.
+X[x_map(i)], with no atomics, so results are deterministic. Inputs are bf16/fp16/fp32, accumulation fp32; fp32
+inputs multiply as torch's own fp32 matmuls do (:func:`dot_precision`: IEEE fp32 unless TF32 is allowed).
 
 Triton ships with the CUDA torch wheel; ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (tests).
 """
@@ -44,7 +45,7 @@ def _kernels():
     @triton.jit
     def scatter_gemm_kernel(x_ptr, s_xm, s_xk, w_ptr, s_we, s_wn, s_wk, b_ptr, s_be, s_bn, y_ptr, s_ym, s_yn,
                             x_map_ptr, y_map_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr, N, K,
-                            HAS_BIAS: tl.constexpr, X_MAP: tl.constexpr, Y_MAP: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, X_MAP: tl.constexpr, Y_MAP: tl.constexpr, DOT: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid_b = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -72,7 +73,7 @@ def _kernels():
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 wb = tl.load(w_ptr + e.to(tl.int64) * s_we + cols[None, :] * s_wn + ks[:, None] * s_wk,
                              mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc += tl.dot(xb, wb)
+                acc += tl.dot(xb, wb, input_precision=DOT)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + e.to(tl.int64) * s_be + cols * s_bn, mask=col_ok, other=0.0)
                 acc += bias[None, :].to(tl.float32)
@@ -82,7 +83,7 @@ def _kernels():
     @triton.jit
     def expert_wgrad_kernel(x_ptr, s_xm, s_xk, dy_ptr, s_dm, s_dn, dw_ptr, s_we, s_wn, s_wk, db_ptr, s_be, s_bn,
                             x_map_ptr, y_map_ptr, exp_start_ptr, exp_end_ptr, N, K,
-                            HAS_BIAS: tl.constexpr, X_MAP: tl.constexpr, Y_MAP: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, X_MAP: tl.constexpr, Y_MAP: tl.constexpr, DOT: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         e = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -110,7 +111,7 @@ def _kernels():
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             xb = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * s_xm + ks[None, :] * s_xk,
                          mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.dot(tl.trans(dy), xb)
+            acc += tl.dot(tl.trans(dy), xb, input_precision=DOT)
             if HAS_BIAS:
                 bacc += tl.sum(dy.to(tl.float32), axis=0)
         tl.store(dw_ptr + e.to(tl.int64) * s_we + cols[:, None] * s_wn + ks[None, :] * s_wk,
@@ -142,6 +143,13 @@ def block_m(rows: int, experts: int) -> int:
     """Rows per block of the block table, keyed on the problem shape: 128 once experts average 256 rows or more
     (fewer, fuller blocks), else 64 (less padding per expert)."""
     return 128 if rows >= 256 * experts else BLOCK_M
+
+
+def dot_precision() -> str:
+    """``tl.dot``'s precision for fp32 inputs, as torch's fp32 matmuls have it: ``ieee`` unless the user allowed
+    TF32 (``torch.set_float32_matmul_precision("high")`` or ``"medium"``); Triton's own default is TF32. 16-bit
+    inputs ignore it."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _tile_args(n: int, k: int) -> dict:
@@ -202,7 +210,7 @@ def scatter_gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, table
                  bb, bb.stride(0), bb.stride(-1), y, y.stride(0), y.stride(1),
                  x_map if x_map is not None else dummy, y_map if y_map is not None else dummy,
                  table.expert, table.start, table.end, N, K,
-                 HAS_BIAS=b is not None, X_MAP=x_map is not None, Y_MAP=y_map is not None,
+                 HAS_BIAS=b is not None, X_MAP=x_map is not None, Y_MAP=y_map is not None, DOT=dot_precision(),
                  BM=table.block_m, **tiles)
     return y
 
@@ -226,7 +234,8 @@ def expert_wgrad(x: torch.Tensor, dy: torch.Tensor, table: BlockTable, x_map, y_
         x, x.stride(0), x.stride(1), dy, dy.stride(0), dy.stride(1), dw, dw.stride(0), dw.stride(1), dw.stride(2),
         dbb, dbb.stride(0), dbb.stride(-1), x_map if x_map is not None else dummy,
         y_map if y_map is not None else dummy, table.expert_start, table.expert_end, N, K,
-        HAS_BIAS=has_bias, X_MAP=x_map is not None, Y_MAP=y_map is not None, BM=table.block_m, **tiles)
+        HAS_BIAS=has_bias, X_MAP=x_map is not None, Y_MAP=y_map is not None, DOT=dot_precision(), BM=table.block_m,
+        **tiles)
     return dw, db
 
 

@@ -1,7 +1,8 @@
 """On a CUDA machine (skipped elsewhere; bench/gpu_suite.sh runs them on a lent GPU): the grouped dispatcher's
 bf16 plan runs F.grouped_mm there and matches the fp32 loop; auto picks the Triton kernels once their self-check
-passes and matches the loop; a short upcycle-and-finetune run in bf16 on the GPU ends with finite losses and a
-checkpoint whose model gives the same outputs on the GPU and on the CPU."""
+passes and matches the loop; Triton in fp32 is as exact as torch's fp32 matmuls (no silent TF32); a short
+upcycle-and-finetune run in bf16 on the GPU ends with finite losses and a checkpoint whose model gives the same
+outputs on the GPU and on the CPU."""
 
 import json
 import math
@@ -55,6 +56,18 @@ def test_bf16_paths_on_cuda_match_the_fp32_loop(dense, impl):
     for name, a, b in zip(names, got, ref, strict=True):
         rtol, atol = tolerance(b, torch.bfloat16, ulps=8)  # K 64-128 sums in bf16, not yet seen on a GPU
         torch.testing.assert_close(a.float(), b, rtol=rtol, atol=atol, msg=name)
+
+
+def test_triton_fp32_on_cuda_is_ieee_fp32_like_torchs_matmuls():
+    """Triton's tl.dot defaults to TF32 for fp32 inputs (~1e-3 relative error); torch's fp32 matmuls are IEEE
+    unless the user allows TF32, and so are the kernels (dot_precision)."""
+    assert torch.get_float32_matmul_precision() == "highest"
+    moe = layer_pair(Mlp(64, 128))
+    x = torch.randn(300, 64, device="cuda")
+    ref, got = run(DISPATCHERS["loop"], moe, x, None), run(DISPATCHERS["triton"], moe, x, None)
+    for a, b in zip(got, ref, strict=True):
+        rtol, atol = tolerance(b, ulps=2**8)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 def test_upcycle_and_finetune_in_bf16_on_the_gpu(tmp_path, cli):
