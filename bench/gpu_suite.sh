@@ -3,8 +3,9 @@
 # bench/RESULTS.md need, each table appended to RESULTS with the device and its command, then the whole test
 # suite on the CUDA machine. The steps run in this order, each bounded by its own limit and by what is left of
 # SUITE_SECONDS (default 540, so that the whole call fits a 600 s device command):
-#   1. the CUDA tests (tests/moe/test_cuda.py: the grouped bf16 plan on F.grouped_mm, the Triton kernels, auto's
-#      choice, a bf16 finetune on the GPU; tests/moe/test_triton.py on CUDA, not the interpreter)
+#   1. the CUDA tests, up to 150 s with the Triton kernels' first compilations and autotuning
+#      (tests/moe/test_cuda.py: the grouped bf16 plan on F.grouped_mm, Triton in bf16 and fp32, auto's choice, a
+#      bf16 finetune on the GPU; tests/moe/test_triton.py on CUDA, not the interpreter)
 #   2. the MoE layer at ViT-S/B/L FFN shapes, E=8 k=2, T=12,608 tokens (a ViT-B/16 batch of 64), bf16, for the
 #      triton and grouped dispatchers (target: whole layer fwd+bwd <= 1.3x ideal at ViT-B E8 k2)
 #   3. the sweep over E (4..128, ViT-B FFN, k 2) and fine-grained experts (E 64, k 2 and 8, H 384 each), every
@@ -79,7 +80,7 @@ pytest_line() {  # a pytest run whose summary line goes into RESULTS and whose l
   [ -f "$LOGDIR/$name.log" ] && printf '\n`python -m pytest -q %s` on this GPU machine: %s\n' "$*" \
     "$(tail -1 "$LOGDIR/$name.log")" >> "$RESULTS"
 }
-pytest_line 90 gpu-cuda-tests -n 0 tests/moe/test_cuda.py tests/moe/test_triton.py
+pytest_line 150 gpu-cuda-tests -n 0 tests/moe/test_cuda.py tests/moe/test_triton.py
 layer() { run "$1" "$PY" bench/moe_layer.py --device "$DEV" --dtype bf16 --out "$RESULTS" "${@:2}"; }
 for impl in triton grouped; do
   layer 70 --shapes vit_s vit_b vit_l --experts 8 --k 2 --routing balanced skewed --tokens 12608 --impl "$impl"
