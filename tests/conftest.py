@@ -82,6 +82,20 @@ def run_moe(*args: str, env: dict | None = None, cwd=None) -> subprocess.Complet
                           env=full_env, cwd=cwd, timeout=300)
 
 
+def dispatcher_run(dispatcher, moe, x: torch.Tensor, amp: torch.dtype | None = None):
+    """One dispatcher on ``moe``'s routing of ``x`` (under ``amp`` autocast; None: fp32): (slots per expert,
+    {"y": output as fp32, "x": its gradient, "router": the router weight's, and each expert parameter's by
+    name}), the gradients of a fixed linear function of the output."""
+    xi = x.clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        y, counts = dispatcher(xi, moe.router(xi), moe.experts)
+    y = y.float()
+    g = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)
+    names, params = zip(*moe.experts.named_parameters(), strict=True)
+    grads = torch.autograd.grad((y * g).sum(), [xi, moe.router.weight, *params])
+    return counts, dict(zip(("y", "x", "router", *names), (y, *grads), strict=True))
+
+
 def one_line(r, needle, code=2):
     """A CliRunner result that is one `error:` line on stderr containing ``needle``, exit ``code``, no traceback."""
     assert r.exit_code == code, r.output

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import dispatcher_run, write_recipe
 from timm.layers import Mlp, SwiGLU
 from tolerance import tolerance
 
@@ -19,7 +20,7 @@ from moe_cli.moe.upcycling import from_dense
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def layer_pair(dense, capacity_factor=None):
+def perturbed_layer(dense, capacity_factor=None):
     torch.manual_seed(0)
     moe = from_dense(dense, 8, 2, capacity_factor=capacity_factor, normalize=False)
     with torch.no_grad():
@@ -29,50 +30,37 @@ def layer_pair(dense, capacity_factor=None):
     return moe.cuda()
 
 
-def run(dispatcher, moe, x, amp):
-    """(y, dx, router and expert gradients) of one dispatcher on the same routing."""
-    xi = x.clone().requires_grad_()
-    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-        y, _ = dispatcher(xi, moe.router(xi), moe.experts)
-    y = y.float()
-    g = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)
-    return [y, *torch.autograd.grad((y * g).sum(), [xi, moe.router.weight, *moe.experts.parameters()])]
-
-
 @pytest.mark.parametrize("dense", [Mlp(64, 128), SwiGLU(64, 128, norm_layer=torch.nn.LayerNorm)],
                          ids=["mlp", "swiglu_norm"])
 @pytest.mark.parametrize("impl", ["grouped", "triton", "auto"])
 def test_bf16_paths_on_cuda_match_the_fp32_loop(dense, impl):
-    moe = layer_pair(dense, capacity_factor=0.5)
+    moe = perturbed_layer(dense, capacity_factor=0.5)
     x = torch.randn(300, 64, device="cuda")
     d = DISPATCHERS[impl] if impl != "auto" else moe.dispatcher(x.bfloat16())
     if impl == "auto" and DISPATCHERS["triton"].supports(x):
         assert d.name == "triton"  # the self-check passed on this GPU
     if impl == "grouped" and grouped_supported(x, moe.experts.dims):
         assert DISPATCHERS["grouped"].runs_grouped_mm(x.bfloat16(), moe.experts)
-    ref = run(DISPATCHERS["loop"], moe, x, None)
-    got = run(d, moe, x, torch.bfloat16)
-    names = ["y", "x", "router", *(n for n, _ in moe.experts.named_parameters())]
-    for name, a, b in zip(names, got, ref, strict=True):
+    _, ref = dispatcher_run(DISPATCHERS["loop"], moe, x)
+    _, got = dispatcher_run(d, moe, x, torch.bfloat16)
+    for name, b in ref.items():
         rtol, atol = tolerance(b, torch.bfloat16, ulps=8)  # K 64-128 sums in bf16, not yet seen on a GPU
-        torch.testing.assert_close(a.float(), b, rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(got[name].float(), b, rtol=rtol, atol=atol, msg=name)
 
 
 def test_triton_fp32_on_cuda_is_ieee_fp32_like_torchs_matmuls():
     """Triton's tl.dot defaults to TF32 for fp32 inputs (~1e-3 relative error); torch's fp32 matmuls are IEEE
     unless the user allows TF32, and so are the kernels (dot_precision)."""
     assert torch.get_float32_matmul_precision() == "highest"
-    moe = layer_pair(Mlp(64, 128))
+    moe = perturbed_layer(Mlp(64, 128))
     x = torch.randn(300, 64, device="cuda")
-    ref, got = run(DISPATCHERS["loop"], moe, x, None), run(DISPATCHERS["triton"], moe, x, None)
-    for a, b in zip(got, ref, strict=True):
+    (_, ref), (_, got) = dispatcher_run(DISPATCHERS["loop"], moe, x), dispatcher_run(DISPATCHERS["triton"], moe, x)
+    for name, b in ref.items():
         rtol, atol = tolerance(b, ulps=2**8)
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        torch.testing.assert_close(got[name], b, rtol=rtol, atol=atol, msg=name)
 
 
 def test_upcycle_and_finetune_in_bf16_on_the_gpu(tmp_path, cli):
-    from conftest import write_recipe
-
     from moe_cli.io.checkpoint import load_checkpoint
 
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", model={"upcycle": {"experts": 4, "k": 2}},
