@@ -289,6 +289,15 @@ def sweep_one(D, H, ffn, E, k, T, device, dtype, repeats):
     return auto, timed_interleaved(runs, True, repeats, sync, reset)
 
 
+def append_table(args, argv, title: str, lines: list[str]) -> None:
+    """With ``--out``: append ``### title``, the command line that made the table, and its ``lines``."""
+    if not args.out:
+        return
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    with open(args.out, "a") as f:
+        f.write(f"\n### {title}\n\nCommand: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+
+
 def sweep_mode(args, argv, device, dtype, name) -> None:
     D, H, ffn = SHAPES[args.shapes[0]]
     H = args.hidden or H
@@ -317,12 +326,9 @@ def sweep_mode(args, argv, device, dtype, name) -> None:
         cells = [f"{ratio[c]:.2f}" + (f" ({auto})" if c == "auto" else "") if c in ratio else "-" for c in cols]
         lines.append(f"| {point['E']} | {point['k']} | {point['T']} | {ideal * 1e3:.1f} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    if args.out:
-        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-        with open(args.out, "a") as f:
-            alloc = ", glibc default allocator" if args.glibc_default else ""
-            f.write(f"\n### Sweep over {axis}: {name}, {args.dtype}, {ffn} D {D} H {H}, fwd+bwd / ideal, torch "
-                    f"{torch.__version__}{alloc}\n\nCommand: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+    alloc = ", glibc default allocator" if args.glibc_default else ""
+    append_table(args, argv, f"Sweep over {axis}: {name}, {args.dtype}, {ffn} D {D} H {H}, fwd+bwd / ideal, torch "
+                 f"{torch.__version__}{alloc}", lines)
 
 
 def host_memory_child(mode: str, E: int, steps: int) -> dict:
@@ -371,11 +377,8 @@ def host_memory_mode(args, argv, name) -> None:
     lines.append(f"\nreuse / default: step time {res['reuse']['step'] / res['default']['step']:.2f}x, peak RSS "
                  f"{res['reuse']['peak'] / res['default']['peak']:.2f}x")
     print("\n".join(lines))
-    if args.out:
-        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-        with open(args.out, "a") as f:
-            f.write(f"\n### Host memory reuse: {name}, fp32, ViT-S FFN, k 2, 2,048 tokens, {args.steps} steps, torch "
-                    f"{torch.__version__}\n\nCommand: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+    append_table(args, argv, f"Host memory reuse: {name}, fp32, ViT-S FFN, k 2, 2,048 tokens, {args.steps} steps, "
+                 f"torch {torch.__version__}", lines)
 
 
 def gemm_floor_mode(args, argv, name) -> None:
@@ -439,11 +442,8 @@ def gemm_floor_mode(args, argv, name) -> None:
         print(lines[-1], flush=True)
     lines.append(f"\nCopy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write of 512 MiB)")
     print(lines[-1])
-    if args.out:
-        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-        with open(args.out, "a") as f:
-            f.write(f"\n### GEMM floor of many experts: {name}, fp32, one linear map D {D} -> H {H}, {R} rows, "
-                    f"torch {torch.__version__}\n\nCommand: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+    append_table(args, argv, f"GEMM floor of many experts: {name}, fp32, one linear map D {D} -> H {H}, {R} rows, "
+                 f"torch {torch.__version__}", lines)
 
 
 def main(argv=None) -> None:
@@ -509,11 +509,7 @@ def main(argv=None) -> None:
                            f"{r['layer_fwdbwd'] / r['ideal_fwdbwd']:.3f} |")
                     print(row, flush=True)
                     lines.append(row)
-    if args.out:
-        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-        with open(args.out, "a") as f:
-            f.write(f"\n### {name}, {args.dtype}, T={args.tokens} tokens, torch {torch.__version__}\n\n"
-                    f"Command: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+    append_table(args, argv, f"{name}, {args.dtype}, T={args.tokens} tokens, torch {torch.__version__}", lines)
 
 
 def model_mode(args, argv, device, dtype, name) -> None:
@@ -529,11 +525,7 @@ def model_mode(args, argv, device, dtype, name) -> None:
                    f"{r['moe'] / r['dense']:.3f} | {path} |")
             print(row, flush=True)
             lines.append(row)
-    if args.out:
-        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-        with open(args.out, "a") as f:
-            f.write(f"\n### Training step, {name}, {args.dtype}, torch {torch.__version__}\n\n"
-                    f"Command: `{cmd}`\n\n" + "\n".join(lines) + "\n")
+    append_table(args, argv, f"Training step, {name}, {args.dtype}, torch {torch.__version__}", lines)
 
 
 if __name__ == "__main__":
